@@ -1,0 +1,69 @@
+"""The one user-facing error type, with one exit code per failure class.
+
+Every error is one line that says what is wrong and, where there is one, what fixes it.
+The CLI prints ``error: <message>`` and exits with :attr:`StructExportError.exit_code`.
+"""
+from __future__ import annotations
+
+
+class StructExportError(Exception):
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class PathNotFoundError(StructExportError):
+    exit_code, kind = 10, "missing-path"
+
+
+class IsADirectoryCheckpointError(StructExportError):
+    exit_code, kind = 11, "is-a-directory"
+
+
+class EmptyFileError(StructExportError):
+    exit_code, kind = 12, "empty-file"
+
+
+class NotACheckpointError(StructExportError):
+    exit_code, kind = 13, "not-a-checkpoint"
+
+
+class CorruptCheckpointError(StructExportError):
+    exit_code, kind = 14, "corrupt-checkpoint"
+
+
+class UnsafeCheckpointError(StructExportError):
+    exit_code, kind = 15, "unsafe-checkpoint"
+
+
+class ArchitectureMismatchError(StructExportError):
+    exit_code, kind = 16, "architecture-mismatch"
+
+
+class ShapeMismatchError(StructExportError):
+    exit_code, kind = 17, "shape-mismatch"
+
+
+class NonFiniteWeightsError(StructExportError):
+    exit_code, kind = 18, "non-finite-weights"
+
+
+class UnknownArchitectureError(StructExportError):
+    exit_code, kind = 19, "unknown-architecture"
+
+
+class GeneratorMismatchError(StructExportError):
+    exit_code, kind = 20, "generator-mismatch"
+
+
+ALL_ERRORS = [PathNotFoundError, IsADirectoryCheckpointError, EmptyFileError, NotACheckpointError,
+              CorruptCheckpointError, UnsafeCheckpointError, ArchitectureMismatchError,
+              ShapeMismatchError, NonFiniteWeightsError, UnknownArchitectureError,
+              GeneratorMismatchError]
