@@ -46,13 +46,13 @@ def _kind_and_structure(module: nn.Module) -> tuple[str, str, list[int]]:
     if isinstance(module, CSGConv2d):
         g = module.generator
         kind = "BCSG" if g.mode == "binary" else "CSG"
-        return kind, f"slice={list(g.slice_shape)} code={g.code_size}", list(module.kernel_shape)
+        return kind, f"slice {'x'.join(map(str, g.slice_shape))} code {g.code_size}", list(module.kernel_shape)
     if isinstance(module, StructuredConv2d):
-        return ("structured", f"c={module.c} n={module.n} mode={module.mode}",
+        return ("structured", f"{module.c}x{module.n}x{module.n} ({module.mode})",
                 [module.out_channels, module.in_channels // module.groups, module.kernel_size,
                  module.kernel_size])
     if isinstance(module, StructuredLinear):
-        return ("structured", f"c={module.c} mode={module.mode}",
+        return ("structured", f"c={module.c} ({module.mode})",
                 [module.out_features, module.in_features])
     if isinstance(module, SSCConv2d):
         return ("SSC", f"p={module.p} g={module.g}", list(module.weight.shape))

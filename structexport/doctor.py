@@ -1,0 +1,72 @@
+"""``structexport doctor``: what this machine has for building and measuring."""
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+
+PACKAGES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxsim": "onnxsim",
+            "onnxscript": "onnxscript", "tvm": "apache-tvm", "tvm-ffi": "apache-tvm-ffi",
+            "safetensors": "safetensors", "numpy": "numpy"}
+TOOLS = {"aarch64 cross compiler": "aarch64-linux-gnu-g++", "qemu (aarch64 user mode)": "qemu-aarch64-static"}
+SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+        "avx512_bf16", "amx_tile", "neon", "asimd", "sve", "sve2")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    except OSError:
+        pass
+    import os
+    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "simd": [f for f in SIMD if f in flags]}
+
+
+def _tool_version(exe: str) -> str | None:
+    path = shutil.which(exe)
+    if not path:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).splitlines()[0].strip() or path
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return path
+
+
+def tvm_status() -> str | None:
+    """TVM's version, or why it does not import (it is an optional extra)."""
+    if _version("apache-tvm") is None:
+        return None
+    try:
+        tvm = importlib.import_module("tvm")
+        return str(getattr(tvm, "__version__", _version("apache-tvm")))
+    except Exception as exc:  # a broken TVM install must not break doctor
+        return f"installed but fails to import: {type(exc).__name__}: {exc}"
+
+
+def collect() -> dict:
+    from structexport import __version__
+    packages = {name: _version(dist) for name, dist in PACKAGES.items()}
+    packages["tvm"] = tvm_status()
+    return {"structexport": __version__, "python": platform.python_version(),
+            "packages": packages,
+            "tools": {name: _tool_version(exe) for name, exe in TOOLS.items()},
+            "cpu": cpu_info()}
