@@ -178,8 +178,20 @@ def test_csg_conv_forward_equals_conv_with_generated_kernel(in_c, out_c, k, slic
     assert isinstance(dense, nn.Conv2d) and dense.weight.dtype == DT
     assert (dense.stride, dense.padding) == ((stride, stride), (padding, padding))
     assert (dense.bias is None) == (not bias)
-    torch.testing.assert_close(dense.weight.detach(), K.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(dense.weight.detach(), K.detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(dense(x), y, atol=1e-12, rtol=0)
+
+
+def test_csg_to_dense_float64_is_exact():
+    g = CSGGenerator((8, 4, 3, 3), 5, seed=1).double()
+    conv = CSGConv2d(7, 10, 3, g, padding=1, bias=True).double()
+    with torch.no_grad():
+        conv.code.copy_(rand(*conv.code.shape, seed=2))
+        conv.bias.copy_(rand(10, seed=3))
+    dense = conv.to_dense()
+    assert dense.weight.dtype == DT
+    torch.testing.assert_close(dense.weight.detach(), conv.kernel().detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(dense.bias.detach(), conv.bias.detach(), atol=1e-12, rtol=0)
 
 
 def test_csg_conv_rectangular_kernel_size():
@@ -235,6 +247,20 @@ def test_state_dict_round_trip_restores_outputs():
     assert b.conv1.generator is b.generator
 
 
+def test_deepcopy_keeps_generator_shared_within_the_copy():
+    import copy
+
+    a = TwoLayerCSG().double()
+    b = copy.deepcopy(a)
+    assert b.conv1.generator is b.generator and b.conv2.generator is b.generator
+    assert b.generator is not a.generator
+    ka = a.conv1.kernel().detach().clone()
+    with torch.no_grad():
+        b.generator.weight.mul_(2.0)
+    torch.testing.assert_close(b.conv1.kernel().detach(), 2 * ka, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.conv1.kernel().detach(), ka, atol=0, rtol=0)
+
+
 def test_gradients_reach_codes_and_trained_generator_only():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 8, 8)
@@ -263,6 +289,7 @@ def test_binary_generator_is_half_sign_of_kaiming_normal():
     draw = torch.empty(16 * 16 * 9, 64).normal_(0.0, math.sqrt(2.0 / 64),
                                                 generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(w.detach(), 0.5 * torch.where(draw >= 0, 1.0, -1.0), atol=0, rtol=0)
+    assert g.double().weight.requires_grad is False      # dtype moves keep it fixed
 
 
 def test_generator_seed_reproducibility():
@@ -279,8 +306,8 @@ def test_trained_and_frozen_generator_modes():
     t = CSGGenerator((4, 4, 3, 3), 25, mode="trained", seed=0)
     assert t.mode == "trained" and t.weight.requires_grad is True
     assert t.weight.shape == (144, 25)
-    assert float(t.weight.abs().max()) <= 1.0 / math.sqrt(25)
-    assert float(t.weight.abs().max()) > 0.15          # a real uniform draw, not zeros
+    assert float(t.weight.detach().abs().max()) <= 1.0 / math.sqrt(25)
+    assert float(t.weight.detach().abs().max()) > 0.15         # a real uniform draw, not zeros
     f = CSGGenerator((4, 4, 3, 3), 25, mode="frozen", seed=0)
     assert f.mode == "frozen" and f.weight.requires_grad is False
     assert torch.equal(f.weight.detach(), t.weight.detach())

@@ -45,7 +45,7 @@ MASK_CASES = [
     (12, 6, 3, 2, 3),     # more filters than input channels per group
     (16, 16, 5, 4, 1),
     (4, 4, 1, 2, 2),      # 1x1 kernel
-    (8, 8, 3, 5, 1),      # p larger than... not dividing the group
+    (8, 8, 3, 5, 1),      # p not dividing the group size
     (8, 8, 3, 16, 2),     # p larger than the group: mostly point-wise
     (9, 6, 3, 2, 3),
     (32, 64, 3, 2, 4),
@@ -151,6 +151,8 @@ def test_ssc_conv_forward_uses_only_masked_weights(in_c, out_c, K, p, g, stride,
                                atol=1e-6, rtol=0)
     with torch.no_grad():
         dense.weight.copy_(conv.masked_weight())   # exact in float64
+        if bias:
+            dense.bias.copy_(conv.bias)
     torch.testing.assert_close(dense(x), y, atol=1e-12, rtol=0)
 
 

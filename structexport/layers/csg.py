@@ -115,12 +115,13 @@ class CSGConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.bias is not None)
+                         self.padding, bias=self.bias is not None, dtype=self.code.dtype,
+                         device=self.code.device)
         with torch.no_grad():
             conv.weight.copy_(self.kernel())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv.to(self.code.device, self.code.dtype)
+        return conv
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

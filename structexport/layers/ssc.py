@@ -70,7 +70,8 @@ class SSCConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.bias is not None)
+                         self.padding, bias=self.bias is not None, dtype=self.weight.dtype,
+                         device=self.weight.device)
         with torch.no_grad():
             conv.weight.copy_(self.masked_weight())
             if self.bias is not None:

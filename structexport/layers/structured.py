@@ -31,13 +31,28 @@ def box_window(C: int, N: int, c: int, n: int) -> tuple[int, int, int]:
     return (C - c + 1, N - n + 1, N - n + 1)
 
 
+def _box_full(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Full 1-D convolution of ``x`` with ``length`` ones along ``dim`` (running sums)."""
+    if length == 1:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [length - 1, length - 1]
+    c = F.pad(x, pad).cumsum(dim)
+    size = x.shape[dim] + length - 1
+    upper = c.narrow(dim, length - 1, size)
+    lower = F.pad(c.narrow(dim, 0, size - 1), [0, 0] * (x.dim() - 1 - dim) + [1, 0])
+    return upper - lower
+
+
 def compose_kernel(alpha: torch.Tensor, C: int, N: int) -> torch.Tensor:
-    """Dense kernels ``(O, C, N, N)`` from coefficients ``(O, c, n, n)``: sum of box masks."""
+    """Dense kernels ``(O, C, N, N)`` from coefficients ``(O, c, n, n)``: sum of box masks.
+
+    The box is separable, so the full 3-D convolution is three 1-D running sums."""
     O, c, n, _ = alpha.shape
     window = box_window(C, N, c, n)
-    ones = torch.ones((1, 1, *window), dtype=alpha.dtype, device=alpha.device)
-    # A transposed conv with an all-ones kernel is the full convolution with the box.
-    return F.conv_transpose3d(alpha.unsqueeze(1), ones).squeeze(1)
+    out = alpha
+    for dim, length in zip((1, 2, 3), window):
+        out = _box_full(out, dim, length)
+    return out
 
 
 def structure_basis(C: int, N: int, c: int, n: int, dtype=torch.float64) -> torch.Tensor:
@@ -78,11 +93,18 @@ class _StructuredBase(nn.Module):
             raise ValueError(f"unknown structured mode {mode!r}; expected one of {MODES}")
         box_window(C, N, c, n)  # validates c and n
         self.C, self.N, self.c, self.n, self.mode = C, N, c, n, mode
+        # The output variance of nn.Conv2d's default init (std 1/sqrt(3 fan_in)), on the
+        # small conv's real fan-in: each pooled value sums prod(window) inputs.
+        # Zero mean per filter: a box kernel multiplies an input's mean by prod(window), so
+        # without it a deep random network (eval-mode BN) overflows.
         if mode == "coeff":
-            self.alpha = nn.Parameter(torch.randn(out_features, c, n, n) /
-                                      math.sqrt(C * N * N))
+            std = 1.0 / math.sqrt(3.0 * c * n * n * math.prod(box_window(C, N, c, n)))
+            alpha = torch.randn(out_features, c, n, n)
+            if c * n * n > 1:
+                alpha -= alpha.mean(dim=(1, 2, 3), keepdim=True)
+            self.alpha = nn.Parameter(alpha * std)
         else:
-            self.weight = nn.Parameter(torch.randn(out_features, C, N, N) / math.sqrt(C * N * N))
+            self.weight = nn.Parameter(torch.randn(out_features, C, N, N) / math.sqrt(3.0 * C * N * N))
 
     @property
     def window(self) -> tuple[int, int, int]:
@@ -155,10 +177,12 @@ class StructuredConv2d(_StructuredBase):
         return F.conv2d(pooled, alpha.to(x.dtype), self.bias, self.stride, 0, 1, self.groups)
 
     def to_dense(self) -> nn.Conv2d:
+        kernel = self.dense_kernel()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, groups=self.groups, bias=self.bias is not None)
+                         self.padding, groups=self.groups, bias=self.bias is not None,
+                         dtype=kernel.dtype, device=kernel.device)
         with torch.no_grad():
-            conv.weight.copy_(self.dense_kernel())
+            conv.weight.copy_(kernel)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
@@ -183,9 +207,11 @@ class StructuredLinear(_StructuredBase):
         return F.linear(x, self.dense_kernel().reshape(self.out_features, self.in_features), self.bias)
 
     def to_dense(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        kernel = self.dense_kernel()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=kernel.dtype, device=kernel.device)
         with torch.no_grad():
-            lin.weight.copy_(self.dense_kernel().reshape(self.out_features, self.in_features))
+            lin.weight.copy_(kernel.reshape(self.out_features, self.in_features))
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
