@@ -233,7 +233,7 @@ def apply_ssc(model: nn.Module, arch: Architecture, ticket: str) -> nn.Module:
     return model
 
 
-def apply_struct(model: nn.Module, arch: Architecture, which: str) -> nn.Module:
+def apply_struct(model: nn.Module, arch: Architecture, which: str, mode: str = "coeff") -> nn.Module:
     for name, conv in _convs(model, arch.stem):
         if conv.kernel_size != (3, 3):
             continue
@@ -241,12 +241,16 @@ def apply_struct(model: nn.Module, arch: Architecture, which: str) -> nn.Module:
         c = max(1, C // 2) if which == "c2n2" else C
         _replace(model, name, StructuredConv2d(conv.in_channels, conv.out_channels, 3, c, 2,
                                                conv.stride[0], conv.padding[0], conv.groups,
-                                               bias=conv.bias is not None))
+                                               bias=conv.bias is not None, mode=mode))
     return model
 
 
-def build_model(name: str | ModelSpec, seed: int = 0) -> nn.Module:
-    """A freshly initialised zoo model (weights drawn from ``seed``), in eval mode."""
+def build_model(name: str | ModelSpec, seed: int = 0, struct_mode: str = "coeff") -> nn.Module:
+    """A freshly initialised zoo model (weights drawn from ``seed``), in eval mode.
+
+    ``struct_mode="dense"`` builds structured layers that keep a dense weight, for training
+    with :func:`structexport.layers.structural_regularization_loss` and decomposing after.
+    """
     spec = parse_name(name) if isinstance(name, str) else name
     arch = spec.architecture
     torch.manual_seed(seed)
@@ -257,7 +261,7 @@ def build_model(name: str | ModelSpec, seed: int = 0) -> nn.Module:
     elif spec.family == "ssc":
         apply_ssc(model, arch, spec.ticket)
     elif spec.family == "struct":
-        apply_struct(model, arch, spec.struct)
+        apply_struct(model, arch, spec.struct, struct_mode)
     model.structexport_name = spec.name
     return model.eval()
 

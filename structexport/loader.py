@@ -388,7 +388,7 @@ def _candidates(spec: ModelSpec, state: dict, path: Path) -> list[tuple[ModelSpe
             try:
                 slice_shape = _infer_slice(gen, codes, build_model(base), base)
             except E.StructExportError:
-                out.append((spec.__class__(base), s, notes))
+                out.append((ModelSpec(base), s, notes))
                 continue
             binary = bool(torch.all(gen.float().abs() == 0.5))
             family = "bcsg" if binary else "csg"

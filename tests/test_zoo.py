@@ -201,3 +201,26 @@ def test_every_architecture_has_a_stem_that_exists():
     for arch in ARCHITECTURES.values():
         model = arch.build()
         assert isinstance(model.get_submodule(arch.stem), nn.Conv2d)
+
+
+def test_sr_trained_struct_model_decomposes_into_the_coefficient_model():
+    """Train-in-W mode: structured weights give ~0 SR loss and decompose exactly into the
+    coefficient form the zoo builds by default."""
+    from structexport.layers import compose_kernel, structural_regularization_loss
+    model = build_model("resnet20-struct-c2n2", struct_mode="dense").double()
+    layers = [m for m in model.modules() if isinstance(m, StructuredConv2d)]
+    assert len(layers) == 18 and all(m.mode == "dense" for m in layers)
+    assert structural_regularization_loss(model).item() > 1.0  # random W is far from structured
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(compose_kernel(torch.randn(m.out_channels, m.c, m.n, m.n,
+                                                      dtype=torch.float64), m.C, m.N))
+    assert structural_regularization_loss(model).item() < 1e-10
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        for m in layers:
+            m.to_coeff()
+        coeff = build_model("resnet20-struct-c2n2").double()
+        coeff.load_state_dict(model.state_dict(), strict=True)
+        torch.testing.assert_close(coeff(x), before, rtol=1e-9, atol=1e-9)
