@@ -20,7 +20,7 @@ class ZeroPadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, ::self.stride, ::self.stride]
-        return torch.cat([x, x.new_zeros(x.shape[0], self.extra, *x.shape[2:])], 1)
+        return torch.cat([x, x.new_zeros((x.shape[0], self.extra, x.shape[2], x.shape[3]))], 1)
 
 
 class BasicBlock(nn.Module):

@@ -7,6 +7,7 @@ from functools import wraps
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from structexport import __version__
@@ -24,7 +25,7 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except StructExportError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             sys.exit(exc.exit_code)
     return wrapper
 

@@ -67,11 +67,12 @@ def _check_path(path: Path) -> None:
                                "the file was probably not written completely; save it again")
 
 
-def _is_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 9:
+def _is_safetensors(head: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON object (it may be truncated)."""
+    if len(head) < 10:
         return False
     n = struct.unpack("<Q", head[:8])[0]
-    return 2 <= n <= size - 8 and head[8:9] == b"{"
+    return 2 <= n <= 100_000_000 and head[8:10] in (b'{"', b"{}")
 
 
 def _pickle_globals(data: bytes) -> list[str]:
@@ -135,8 +136,8 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
                 tensors[key] = f.get_tensor(key)
         return tensors, meta
     except Exception as exc:
-        raise E.CorruptCheckpointError(f"{path} is a damaged safetensors file: {str(exc)[:160]}",
-                                       "copy or save the file again") from None
+        raise E.CorruptCheckpointError(f"{path} is a truncated or corrupt safetensors file: "
+                                       f"{str(exc)[:160]}", "copy or save the file again") from None
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
@@ -147,7 +148,10 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    if _is_safetensors(head, size):
+    if _is_safetensors(head):
+        if struct.unpack("<Q", head[:8])[0] > size - 8:
+            raise E.CorruptCheckpointError(f"{path} is truncated: its safetensors header ends early",
+                                           "copy or save the file again")
         tensors, meta = _read_safetensors(path)
         fmt = "structexport" if meta.get(FORMAT_KEY) else "safetensors"
         return tensors, fmt, meta
@@ -155,7 +159,7 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except Exception:  # BadZipFile, NotImplementedError for odd versions, ...
             raise E.CorruptCheckpointError(f"{path} is truncated or corrupt: its zip archive is "
                                            "unreadable", "copy or download the file again") from None
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
@@ -164,7 +168,9 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
                     f"{path} is a TorchScript archive, which carries code that runs when loaded; "
                     "refused by default", "pass --allow-torchscript only if you trust it")
             try:
-                module = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch.jit.load's deprecation notice
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    module = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:
                 raise E.CorruptCheckpointError(f"{path} is a damaged TorchScript archive: "
                                                f"{str(exc).splitlines()[0][:160]}") from None
@@ -289,6 +295,8 @@ def canonicalize_csg(state: dict, spec_base: str, path: Path) -> tuple[dict, lis
     names = ARCHITECTURES[spec_base].csg_code_names
     for key in codes:
         module, leaf = _leaf(key)
+        if module.rpartition(".")[2] in names.values():
+            continue  # already the zoo's own name: <conv>.code
         if leaf in names:
             new = ".".join(p for p in (module, names[leaf], "code") if p)
             out[new] = out.pop(key)
