@@ -123,7 +123,7 @@ def zoo(name, as_json):
 @_fail_cleanly
 def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscript, as_json):
     """Load CHECKPOINT and show its layers: kind, shapes, structure, params, MACs."""
-    from structexport.inspect import inspect_checkpoint, render_inspection
+    from structexport.inspection import inspect_checkpoint, render_inspection
     report = inspect_checkpoint(checkpoint, arch, trust_pickle=trust_pickle,
                                 allow_torchscript=allow_torchscript,
                                 residual_structure=residual_structure)

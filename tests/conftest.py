@@ -7,9 +7,11 @@ run without them cannot pass by testing less.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "associativeconv"
@@ -33,3 +35,23 @@ def fixtures_dir() -> Path:
         pytest.fail(f"checkpoint fixtures folder {FIXTURES_DIR} holds no *.t7 files",
                     pytrace=False)
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def project_version() -> str:
+    """The version pyproject.toml declares."""
+    text = (REPO_ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+        return tomllib.loads(text)["project"]["version"]
+    except ImportError:  # Python 3.10
+        return re.search(r'(?m)^version\s*=\s*"([^"]+)"', text).group(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The suite's tensors are small: on a shared 2-core machine intra-op threads only fight."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,14 +24,6 @@ REQUIRED_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "
                   "resnet32x2-ssc-5", "resnet18-struct-c2n2", "densenet-bc-40-36-csg-12x12x3x3-72"]
 
 
-def pyproject_version() -> str:
-    text = (REPO_ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib
-        return tomllib.loads(text)["project"]["version"]
-    except ImportError:  # Python 3.10
-        return re.search(r'(?m)^version\s*=\s*"([^"]+)"', text).group(1)
-
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
@@ -51,10 +43,10 @@ def one_line(text: str) -> str:
 
 # ---------------------------------------------------------------------------- --version
 
-def test_version_matches_pyproject():
+def test_version_matches_pyproject(project_version):
     result = invoke("--version")
     assert result.exit_code == 0
-    assert pyproject_version() in result.output
+    assert project_version in result.output
     assert "structexport" in result.output
 
 
@@ -87,7 +79,7 @@ def test_doctor_json_reports_package_versions(doctor_json, name, dist):
         assert "fails to import" not in packages[name]
 
 
-def test_doctor_json_reports_tools_and_cpu(doctor_json):
+def test_doctor_json_reports_tools_and_cpu(doctor_json, project_version):
     tools = doctor_json["tools"]
     cross = [k for k in tools if "aarch64" in k and "compiler" in k]
     qemu = [k for k in tools if "qemu" in k]
@@ -100,7 +92,7 @@ def test_doctor_json_reports_tools_and_cpu(doctor_json):
     assert isinstance(cpu["model"], str) and cpu["model"]
     assert isinstance(cpu["simd"], list) and all(isinstance(f, str) for f in cpu["simd"])
     assert cpu["cores"] >= 1
-    assert doctor_json["structexport"] == pyproject_version()
+    assert doctor_json["structexport"] == project_version
 
 
 def test_doctor_human_output_mentions_torch_and_cpu():

@@ -48,13 +48,6 @@ FILES = sorted(CASES)
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only slow these small convs down on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gaussian_inputs() -> torch.Tensor:

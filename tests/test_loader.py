@@ -53,13 +53,6 @@ CSG_FIXTURES = [n for n, c in FIXTURE_CASES.items() if "-csg-" in c[1]]
 FP16_FIXTURES = [n for n, c in FIXTURE_CASES.items() if c[2] == "float16"]
 SMALL_FIXTURE = "resnet20-csg-16x16x3x3-72.t7"
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only slow these small tensors down on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -25,14 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 IGNORED = {".venv", ".git", "build", "dist", "out", ".pytest_cache", "__pycache__"}
 
 
-def pyproject_version() -> str:
-    text = (REPO_ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib
-        return tomllib.loads(text)["project"]["version"]
-    except ImportError:  # Python 3.10
-        return re.search(r'(?m)^version\s*=\s*"([^"]+)"', text).group(1)
-
 
 def _ignore(directory: str, names: list[str]) -> set[str]:
     return {n for n in names if n in IGNORED or n.endswith(".egg-info") or n.endswith(".pyc")}
@@ -86,7 +78,7 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     return venv
 
 
-def test_wheel_installs_subpackages_under_structexport(wheel):
+def test_wheel_installs_subpackages_under_structexport(wheel, project_version):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("structexport/__init__.py", "structexport/cli.py", "structexport/models/zoo.py",
                      "structexport/models/__init__.py", "structexport/passes/__init__.py",
@@ -95,7 +87,7 @@ def test_wheel_installs_subpackages_under_structexport(wheel):
     top_level = {n.split("/", 1)[0] for n in names}
     for forbidden in ("models", "passes", "targets", "tests", "benchmarks"):
         assert forbidden not in top_level, f"{wheel.name} installs a top-level {forbidden}/"
-    assert top_level - {"structexport"} == {f"structexport-{pyproject_version()}.dist-info"}, top_level
+    assert top_level - {"structexport"} == {f"structexport-{project_version}.dist-info"}, top_level
 
 
 SMOKE = r"""
@@ -135,8 +127,8 @@ def test_installed_wheel_works_outside_the_source_tree(fresh_venv, tmp_path):
     assert absent == ["models", "passes", "targets"], proc.stdout
 
 
-def test_installed_console_script_reports_version(fresh_venv, tmp_path):
+def test_installed_console_script_reports_version(fresh_venv, tmp_path, project_version):
     script = fresh_venv / "bin" / "structexport"
     assert script.is_file()
     proc = _run([script, "--version"], cwd=tmp_path)
-    assert pyproject_version() in proc.stdout
+    assert project_version in proc.stdout

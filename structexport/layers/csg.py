@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import dense_conv
+
 SliceShape = tuple[int, int, int, int]
 
 
@@ -114,14 +116,7 @@ class CSGConv2d(nn.Module):
         return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding)
 
     def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.bias is not None, dtype=self.code.dtype,
-                         device=self.code.device)
-        with torch.no_grad():
-            conv.weight.copy_(self.kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv(self.kernel().detach(), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import dense_conv
+
 
 def ssc_mask(out_channels: int, in_channels: int, kernel_size: int, p: int, g: int) -> torch.Tensor:
     """Boolean mask ``(out, in, K, K)`` of the weights an SSC layer may use."""
@@ -69,14 +71,7 @@ class SSCConv2d(nn.Module):
         return int(self.mask.sum()) + (self.out_channels if self.bias is not None else 0)
 
     def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.bias is not None, dtype=self.weight.dtype,
-                         device=self.weight.device)
-        with torch.no_grad():
-            conv.weight.copy_(self.masked_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv(self.masked_weight().detach(), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

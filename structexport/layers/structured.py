@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import dense_conv
+
 MODES = ("coeff", "dense")
 
 
@@ -177,15 +179,8 @@ class StructuredConv2d(_StructuredBase):
         return F.conv2d(pooled, alpha.to(x.dtype), self.bias, self.stride, 0, 1, self.groups)
 
     def to_dense(self) -> nn.Conv2d:
-        kernel = self.dense_kernel()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, groups=self.groups, bias=self.bias is not None,
-                         dtype=kernel.dtype, device=kernel.device)
-        with torch.no_grad():
-            conv.weight.copy_(kernel)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv(self.dense_kernel().detach(), self.bias, self.stride, self.padding,
+                          self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
