@@ -34,6 +34,9 @@ def inspect_checkpoint(path: str, arch: str | None = None, trust_pickle: bool = 
         if isinstance(module, StructuredConv2d) and module.mode == "dense":
             row.residual = module.decompose()[1]
         elif type(module) is nn.Conv2d and row.name != stem:
+            density = float(module.weight.count_nonzero()) / module.weight.numel()
+            if density < 0.999:  # e.g. weights pruned to a structured-sparse pattern
+                row.structure = (row.structure + " " if row.structure else "") + f"density {density:.3f}"
             cn = _residual_structure(module, residual_structure)
             if cn:
                 row.residual = structured_residual(module.weight, *cn)

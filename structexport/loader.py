@@ -99,9 +99,20 @@ def _unsafe_refusal(path: Path, names: list[str]) -> E.UnsafeCheckpointError:
         "pass --trust-pickle only if you trust where the file came from")
 
 
+def _numpy_data_globals() -> list:
+    """NumPy scalars and arrays are data, not code: training scripts often store
+    ``acc``/``epoch`` as NumPy values beside the weights. Anything they hold that needs
+    another import is still refused."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    names += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object())) if n.endswith("DType")]
+    return names
+
+
 def _torch_load(path: Path, trust_pickle: bool, is_zip: bool):
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_data_globals()):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (E.StructExportError, KeyboardInterrupt):
@@ -189,6 +200,17 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _plain_scalar(value):
+    """A JSON-friendly scalar for training metadata (``acc``, ``epoch``), else None."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # NumPy scalars
+        return value.item()
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return None
+
+
 def unwrap_state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
     """Find the state dict in a training checkpoint; returns ``(state, wrapper key, extras)``."""
     if isinstance(obj, nn.Module):
@@ -204,7 +226,8 @@ def unwrap_state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], str | N
         if isinstance(value, nn.Module):
             value = value.state_dict()
         if _is_tensor_dict(value):
-            extras = {k: v for k, v in obj.items() if k != key and isinstance(v, (int, float, str, bool))}
+            extras = {str(k): _plain_scalar(v) for k, v in obj.items()
+                      if k != key and _plain_scalar(v) is not None}
             return {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}, key, extras
     if _is_tensor_dict(obj):
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, None, {}
@@ -438,7 +461,23 @@ def load_state_into_model(state: dict, spec: ModelSpec, path: Path, seed: int = 
         notes.append(f"growth rate read from the weights: this is {cand.base}, not {spec.base}")
     converted = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in s.items()}
     model.load_state_dict(converted, strict=True)
+    _check_ssc_zero_pattern(model, cand)
     return model.eval(), cand, notes
+
+
+def _check_ssc_zero_pattern(model: nn.Module, spec: ModelSpec) -> None:
+    """The SSC mask is a working reading of (p, g): weights it would drop must be zero,
+    or the model would silently compute something else than the source."""
+    from structexport.layers import SSCConv2d
+    off = [(name, int((m.weight.detach() * ~m.mask).count_nonzero()), m.p, m.g)
+           for name, m in model.named_modules() if isinstance(m, SSCConv2d)]
+    off = [o for o in off if o[1]]
+    if off:
+        name, count, p, g = off[0]
+        raise E.ArchitectureMismatchError(
+            f"{len(off)} SSC layers of {spec.name} hold non-zero weights outside their (p, g) "
+            f"mask (first: {name}, {count} weights outside p={p} g={g}): the checkpoint follows "
+            "another sparsity pattern", f"load it as the dense --arch {spec.base} to keep every weight")
 
 
 # ---------------------------------------------------------------------------- entry point

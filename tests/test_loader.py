@@ -893,3 +893,51 @@ def test_cli_error_quoting_file_bytes_with_markup(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"[/]not a checkpoint at all\n")
     assert_cli_error(inspect_cli(path, "--arch", "resnet20"), 13, "is not a checkpoint")
+
+
+# ---------------------------------------------------------------------------- NumPy metadata, SSC
+
+def test_numpy_training_metadata_loads_weights_only(tmp_path):
+    """NumPy scalars and arrays beside the weights are data: no --trust-pickle needed."""
+    import numpy as np
+    source = source_model()
+    path = tmp_path / "np.pt"
+    torch.save({"state_dict": source.state_dict(), "best_acc": np.float64(91.25),
+                "epoch": np.int64(7), "history": np.zeros(3), "lr": torch.tensor(0.1)}, path)
+    loaded = load_checkpoint(path, arch="resnet20")
+    assert loaded.wrapper_key == "state_dict"
+    assert loaded.metadata == {"best_acc": 91.25, "epoch": 7, "lr": pytest.approx(0.1)}
+    assert type(loaded.metadata["epoch"]) is int
+    assert_same_model(loaded.model, source)
+    json.dumps(loaded.metadata)  # inspect --json must be able to print it
+
+
+def test_numpy_object_arrays_still_cannot_smuggle_code(tmp_path):
+    import numpy as np
+    marker = tmp_path / "pwned"
+    payload = _payloads(marker)["os.system"]
+    arr = np.empty(1, dtype=object)
+    arr[0] = payload()
+    path = tmp_path / "np-evil.pt"
+    torch.save({"state_dict": source_model().state_dict(), "extra": arr}, path)
+    msg = load_error(E.UnsafeCheckpointError, path, arch="resnet20")
+    assert "--trust-pickle" in msg and not marker.exists()
+
+
+def test_ssc_checkpoint_round_trip_and_foreign_sparsity_is_refused(tmp_path):
+    ssc = build_model("resnet32x2-ssc-10", seed=3)
+    path = tmp_path / "ssc.pt"
+    torch.save(ssc.state_dict(), path)
+    loaded = load_checkpoint(path, arch="resnet32x2-ssc-10")
+    assert_same_model(loaded.model, ssc)
+    # dense weights cannot be read as SSC: the mask would silently drop them
+    dense_path = tmp_path / "dense.pt"
+    torch.save(build_model("resnet32x2").state_dict(), dense_path)
+    msg = load_error(E.ArchitectureMismatchError, dense_path, arch="resnet32x2-ssc-10")
+    assert "outside their (p, g) mask" in msg and "--arch resnet32x2" in msg
+    # ... and the SSC weights load as the dense base model, where inspect shows their density
+    report = json.loads(inspect_cli(str(path), "--arch", "resnet32x2", "--json").output)
+    assert report["arch"] == "resnet32x2"
+    row = next(r for r in report["layers"] if r["name"] == "stage_1.0.conv_a")
+    mask_density = float(ssc.stage_1[0].conv_a.mask.float().mean())
+    assert f"density {mask_density:.3f}" in row["structure"]
