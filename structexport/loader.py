@@ -525,8 +525,12 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pick
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write the project's own format: safetensors weights plus the zoo name, atomically."""
+                    extra: dict | None = None, storage_dtype: torch.dtype | None = None) -> Path:
+    """Write the project's own format: safetensors weights plus the zoo name, atomically.
+
+    ``storage_dtype=torch.float16`` stores floating tensors in FP16 (the CSG paper pairs
+    CSG with FP16 storage); a tensor that would overflow FP16 stays in its own dtype.
+    """
     from safetensors.torch import save_file
     path = Path(path)
     name = name or getattr(model, "structexport_name", None)
@@ -534,7 +538,14 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None 
         raise ValueError("pass name=: the model does not carry a zoo name")
     parse_name(name)
     meta = {FORMAT_KEY: FORMAT_VERSION, "model": name, "config": json.dumps(extra or {})}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous()
+        if storage_dtype is not None and value.is_floating_point():
+            cast = value.to(storage_dtype)
+            if torch.isfinite(cast).sum() == torch.isfinite(value).sum():
+                value = cast
+        state[key] = value
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(state, str(tmp), metadata=meta)

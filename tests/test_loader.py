@@ -941,3 +941,29 @@ def test_ssc_checkpoint_round_trip_and_foreign_sparsity_is_refused(tmp_path):
     row = next(r for r in report["layers"] if r["name"] == "stage_1.0.conv_a")
     mask_density = float(ssc.stage_1[0].conv_a.mask.float().mean())
     assert f"density {mask_density:.3f}" in row["structure"]
+
+
+def test_fp16_storage_halves_the_file_and_keeps_outputs(tmp_path):
+    source = load_checkpoint(FIXTURES / "resnet56-csg-16x16x3x3-128.t7", arch="resnet56").model
+    full = save_checkpoint(source, tmp_path / "fp32.safetensors")
+    half = save_checkpoint(source, tmp_path / "fp16.safetensors", storage_dtype=torch.float16)
+    ratio = half.stat().st_size / full.stat().st_size
+    assert 0.45 < ratio < 0.55, ratio
+    loaded = load_checkpoint(half)  # the name comes from the file
+    assert loaded.arch == "resnet56-csg-16x16x3x3-128"
+    assert loaded.stored_dtypes == ["float16"] or "float16" in loaded.stored_dtypes
+    assert any("upcast to float32" in n for n in loaded.notes)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    x = inputs(4)
+    with torch.no_grad():
+        ref, got = source(x), loaded.model(x)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_fp16_storage_keeps_values_that_would_overflow(tmp_path):
+    model = build_model("resnet20")
+    model.bn_1.running_var[0] = 1e6  # beyond FP16's range
+    path = save_checkpoint(model, tmp_path / "m.safetensors", storage_dtype=torch.float16)
+    loaded = load_checkpoint(path)
+    assert float(loaded.model.bn_1.running_var[0]) == 1e6
+    assert loaded.model.conv_1_3x3.weight.dtype == torch.float32
