@@ -10,7 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 PACKAGES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxsim": "onnxsim",
             "onnxscript": "onnxscript", "tvm": "apache-tvm", "tvm-ffi": "apache-tvm-ffi",
             "safetensors": "safetensors", "numpy": "numpy"}
-TOOLS = {"aarch64 cross compiler": "aarch64-linux-gnu-g++", "qemu (aarch64 user mode)": "qemu-aarch64-static"}
+# Each tool with the executable names Debian's packages install it under.
+TOOLS = {"aarch64 cross compiler": ("aarch64-linux-gnu-g++", "aarch64-linux-gnu-gcc"),
+         "qemu (aarch64 user mode)": ("qemu-aarch64-static", "qemu-aarch64")}
 SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
         "avx512_bf16", "amx_tile", "neon", "asimd", "sve", "sve2")
 
@@ -40,8 +42,8 @@ def cpu_info() -> dict:
             "simd": [f for f in SIMD if f in flags]}
 
 
-def _tool_version(exe: str) -> str | None:
-    path = shutil.which(exe)
+def _tool_version(names: tuple[str, ...]) -> str | None:
+    path = next((p for p in map(shutil.which, names) if p), None)
     if not path:
         return None
     try:
@@ -68,5 +70,5 @@ def collect() -> dict:
     packages["tvm"] = tvm_status()
     return {"structexport": __version__, "python": platform.python_version(),
             "packages": packages,
-            "tools": {name: _tool_version(exe) for name, exe in TOOLS.items()},
+            "tools": {name: _tool_version(names) for name, names in TOOLS.items()},
             "cpu": cpu_info()}
