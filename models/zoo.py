@@ -14,7 +14,6 @@ variant keeps the base model's module names.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -270,6 +269,3 @@ def input_shape(name: str | ModelSpec) -> tuple[int, int, int, int]:
     spec = parse_name(name) if isinstance(name, str) else name
     return spec.architecture.input_shape
 
-
-def slice_count(out_channels: int, in_channels: int, slice_shape) -> int:
-    return math.ceil(out_channels / slice_shape[0]) * math.ceil(in_channels / slice_shape[1])

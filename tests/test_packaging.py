@@ -10,7 +10,6 @@ editable install of the source tree cannot leak in (the test checks that it did 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
