@@ -1,6 +1,10 @@
 """Graph passes that rewrite structured layers (installed as ``structexport.passes``).
 
-The pass infrastructure and the passes themselves (decompose_structured,
-realize_sumpool, materialize_csg, lower_ssc, fold_batchnorm) arrive with the convert
-work; this package is the place they live.
+One pass per file, named ``<verb>_<noun>_pass.py``; :mod:`.infra` holds the pass base
+class, the context, the records and the manager.
 """
+from .infra import (LayerRecord, Pass, PassContext, PassError, PassManager, PassResult, PassRun,
+                    replace_module)
+
+__all__ = ["LayerRecord", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
+           "PassRun", "replace_module"]

@@ -1,0 +1,162 @@
+"""Pass infrastructure: small named rewrites of a torch model, and a manager that runs them.
+
+A pass checks its preconditions (:meth:`Pass.requires`), rewrites the model
+(:meth:`Pass.call`), checks its postconditions (:meth:`Pass.ensures`) and returns a
+:class:`PassResult`: the model, whether it changed, and one record per layer it touched.
+
+Passes rewrite at the level of ``nn.Module``s: every structured layer is a module, so
+replacing modules keeps the source model's layer names for per-layer records and for
+mapping profiles back, and the rewritten model stays an ordinary eager model that the
+ONNX exporter traces. Graph-shaped questions (which BN follows which conv) use a
+``torch.fx`` trace read-only.
+
+The :class:`PassManager` orders passes, times each one, can compare the model's outputs
+after each pass with the outputs before the first, and on failure names the failing pass
+and the passes that ran before it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from structexport.errors import StructExportError
+
+
+class PassError(StructExportError):
+    """A pass refused its input or broke its promise; names the pass and those before it."""
+    exit_code, kind = 30, "pass-failed"
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the target, the example input shape and user options."""
+    target: str = "onnx"
+    input_shape: tuple[int, ...] = (1, 3, 32, 32)
+    options: dict = field(default_factory=dict)
+
+    def option(self, key: str, default=None):
+        return self.options.get(key, default)
+
+
+@dataclass
+class LayerRecord:
+    layer: str
+    action: str
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    module: nn.Module
+    modified: bool
+    records: list[LayerRecord] = field(default_factory=list)
+
+
+@dataclass
+class PassRun:
+    name: str
+    modified: bool
+    seconds: float
+    records: list[LayerRecord]
+    max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` and ``description`` and implement :meth:`call`."""
+    name = ""
+    description = ""
+
+    def requires(self, module: nn.Module, ctx: PassContext) -> None:
+        """Raise :class:`PassError` when the model cannot take this pass."""
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, module: nn.Module, ctx: PassContext) -> None:
+        """Raise :class:`PassError` when the rewrite left what it should have removed."""
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        self.requires(module, ctx)
+        result = self.call(module, ctx)
+        self.ensures(result.module, ctx)
+        return result
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def modules_of(root: nn.Module, kinds) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, kinds)]
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+class PassManager:
+    """Runs passes in order on a copy of the model.
+
+    ``check_inputs``: example inputs; when given, the outputs after every pass are compared
+    with the source model's, and a pass whose outputs move by more than ``atol + rtol *
+    |reference|`` fails, named with the passes before it.
+    """
+
+    def __init__(self, passes: list[Pass], check_inputs: torch.Tensor | None = None,
+                 atol: float = 1e-4, rtol: float = 1e-4,
+                 progress: Callable[[str], None] | None = None):
+        names = [p.name for p in passes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a pass appears twice: {names}")
+        self.passes, self.check_inputs = passes, check_inputs
+        self.atol, self.rtol, self.progress = atol, rtol, progress
+
+    def run(self, module: nn.Module, ctx: PassContext) -> tuple[nn.Module, list[PassRun]]:
+        module = copy.deepcopy(module).eval()
+        reference = None
+        if self.check_inputs is not None:
+            with torch.no_grad():
+                reference = module(self.check_inputs)
+        runs: list[PassRun] = []
+        for p in self.passes:
+            if self.progress:
+                self.progress(p.name)
+            before = [r.name for r in runs]
+            start = time.perf_counter()
+            try:
+                result = p(module, ctx)
+            except PassError as exc:
+                raise PassError(f"pass {p.name} failed: {exc.message}"
+                                + (f" (after {', '.join(before)})" if before else ""),
+                                exc.hint) from None
+            except StructExportError:
+                raise
+            except Exception as exc:
+                raise PassError(f"pass {p.name} crashed: {type(exc).__name__}: {exc}"
+                                + (f" (after {', '.join(before)})" if before else ""),
+                                "rerun with --skip-pass " + p.name + " to convert without it") from exc
+            module = result.module.eval()
+            run = PassRun(p.name, result.modified, time.perf_counter() - start, result.records)
+            if reference is not None:
+                with torch.no_grad():
+                    out = module(self.check_inputs)
+                run.max_abs_diff = max_abs_diff(out, reference)
+                bound = self.atol + self.rtol * float(reference.abs().max())
+                if out.shape != reference.shape or not run.max_abs_diff <= bound:
+                    raise PassError(
+                        f"pass {p.name} changed the model's outputs: max abs difference "
+                        f"{run.max_abs_diff:.3g} > {bound:.3g}"
+                        + (f" (after {', '.join(before)})" if before else ""),
+                        f"rerun with --skip-pass {p.name} to convert without it")
+            runs.append(run)
+        return module, runs
