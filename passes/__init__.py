@@ -1,10 +1,45 @@
 """Graph passes that rewrite structured layers (installed as ``structexport.passes``).
 
 One pass per file, named ``<verb>_<noun>_pass.py``; :mod:`.infra` holds the pass base
-class, the context, the records and the manager.
+class, the context, the records and the manager. ``PIPELINE`` is the default order.
 """
+from structexport.errors import StructExportError
+
+from .decompose_structured_pass import DecomposeStructuredPass
 from .infra import (LayerRecord, Pass, PassContext, PassError, PassManager, PassResult, PassRun,
                     replace_module)
+from .materialize_csg_pass import MaterializeCSGPass
+from .realize_sumpool_pass import RealizeSumPoolPass
+
+PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass]
+try:  # written alongside; registered when present
+    from .lower_ssc_pass import LowerSSCPass
+    PASS_CLASSES.append(LowerSSCPass)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from .fold_batchnorm_pass import FoldBatchNormPass
+    PASS_CLASSES.append(FoldBatchNormPass)
+except ImportError:  # pragma: no cover
+    pass
+
+PASSES = {cls.name: cls for cls in PASS_CLASSES}
+PIPELINE = [cls.name for cls in PASS_CLASSES]
+
+
+class UnknownPassError(StructExportError):
+    exit_code, kind = 36, "unknown-pass"
+
+
+def select_passes(default: list[str], only: list[str] | None = None,
+                  skip: list[str] | None = None) -> list[Pass]:
+    """The passes to run: ``only`` (in pipeline order) or ``default``, minus ``skip``."""
+    for name in (only or []) + (skip or []):
+        if name not in PASSES:
+            raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(PIPELINE)}")
+    chosen = [n for n in PIPELINE if n in only] if only else list(default)
+    return [PASSES[n]() for n in chosen if n not in (skip or [])]
+
 
 __all__ = ["LayerRecord", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
-           "PassRun", "replace_module"]
+           "PassRun", "replace_module", "PASSES", "PIPELINE", "select_passes", "UnknownPassError"]

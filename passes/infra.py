@@ -142,7 +142,8 @@ class PassManager:
             except StructExportError:
                 raise
             except Exception as exc:
-                raise PassError(f"pass {p.name} crashed: {type(exc).__name__}: {exc}"
+                first_line = (str(exc).splitlines() or [""])[0][:200]
+                raise PassError(f"pass {p.name} crashed: {type(exc).__name__}: {first_line}"
                                 + (f" (after {', '.join(before)})" if before else ""),
                                 "rerun with --skip-pass " + p.name + " to convert without it") from exc
             module = result.module.eval()

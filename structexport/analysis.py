@@ -21,15 +21,17 @@ import torch.nn as nn
 
 from structexport.layers import (CSGConv2d, CSGGenerator, SSCConv2d, StructuredConv2d,
                                  StructuredLinear)
+from structexport.layers.sumpool import SumPool
 
-LAYER_TYPES = (nn.Conv2d, nn.Linear, CSGConv2d, SSCConv2d, StructuredConv2d, StructuredLinear)
+LAYER_TYPES = (nn.Conv2d, nn.Linear, CSGConv2d, SSCConv2d, StructuredConv2d, StructuredLinear,
+               SumPool)
 
 
 @dataclass
 class LayerInfo:
     name: str
-    kind: str                      # dense | structured | CSG | BCSG | SSC | linear
-    op: str                        # conv2d | linear
+    kind: str                      # dense | structured | CSG | BCSG | SSC | linear | sumpool
+    op: str                        # conv2d | linear | sumpool
     weight_shape: list[int]        # the dense-equivalent kernel shape
     structure: str                 # e.g. "c=8 n=2", "slice=[16,16,3,3] code=128", "p=2 g=4"
     params: int
@@ -43,6 +45,9 @@ class LayerInfo:
 
 
 def _kind_and_structure(module: nn.Module) -> tuple[str, str, list[int]]:
+    if isinstance(module, SumPool):
+        return ("sumpool", f"window {'x'.join(map(str, module.window))} ({module.realization})",
+                [module.out_channels, module.channels])
     if isinstance(module, CSGConv2d):
         g = module.generator
         kind = "BCSG" if g.mode == "binary" else "CSG"
@@ -70,6 +75,8 @@ def _own_params(module: nn.Module) -> int:
 
 
 def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+    if isinstance(module, SumPool):
+        return 0, x.shape[0] * module.additions(x.shape[-2], x.shape[-1])
     if isinstance(module, (nn.Linear, StructuredLinear)):
         in_f = module.in_features
         rows = out.numel() // out.shape[-1]
@@ -108,8 +115,9 @@ def layer_table(model: nn.Module, input_shape=None, example: torch.Tensor | None
             rows[name].adds += adds
             return
         kind, structure, shape = _kind_and_structure(module)
-        rows[name] = LayerInfo(name, kind, "linear" if kind == "linear" or
-                               isinstance(module, StructuredLinear) else "conv2d",
+        op = ("linear" if kind == "linear" or isinstance(module, StructuredLinear)
+              else "sumpool" if kind == "sumpool" else "conv2d")
+        rows[name] = LayerInfo(name, kind, op,
                                shape, structure, _own_params(module), macs, adds,
                                list(output.shape))
         order.append(name)

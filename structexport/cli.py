@@ -133,5 +133,114 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
         render_inspection(report, out)
 
 
+def _declared_structures(values) -> dict:
+    """``GLOB=c2n2|c1n2|CxN`` -> {glob: spec}."""
+    out = {}
+    for value in values:
+        glob, sep, spec = value.partition("=")
+        if not sep or not glob:
+            raise click.BadParameter(f"{value!r}: write GLOB=c2n2, GLOB=c1n2 or GLOB=CxN",
+                                     param_hint="--declare-structured")
+        if spec in ("c2n2", "c1n2"):
+            out[glob] = spec
+        else:
+            try:
+                c, n = (int(v) for v in spec.lower().split("x"))
+            except ValueError:
+                raise click.BadParameter(f"{value!r}: structure must be c2n2, c1n2 or CxN",
+                                         param_hint="--declare-structured") from None
+            out[glob] = (c, n)
+    return out
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--arch", help="Zoo name of the checkpoint's architecture (base name is enough).")
+@click.option("--target", "target", default="onnx", show_default=True,
+              type=click.Choice(["onnx", "ort-cpu"]), help="What to build for.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=str),
+              help="Output folder (replaced atomically; left as it was on failure).")
+@click.option("--input-shape", help="N,C,H,W of the example input (default: the model's).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--passes", help="Comma-separated passes to run instead of the target's default.")
+@click.option("--skip-pass", "skip_passes", multiple=True, help="A pass not to run (repeatable).")
+@click.option("--inputs", "inputs_file", type=click.Path(path_type=str),
+              help=".npz of your own inputs to verify on (besides random ones).")
+@click.option("--atol", type=float, help="Absolute tolerance of the verification.")
+@click.option("--rtol", type=float, help="Relative tolerance of the verification.")
+@click.option("--force", is_flag=True, help="Write the artifact even if verification fails (the "
+              "manifest records it), and project declared layers above --max-residual.")
+@click.option("--keep-csg-codes", is_flag=True, help="Keep CSG codes and generator as initializers "
+              "(smaller artifact) instead of materialized kernels.")
+@click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
+              help="Force one sum-pool realization instead of the cost model's per-layer choice.")
+@click.option("--declare-structured", multiple=True, metavar="GLOB=SPEC",
+              help="Dense convs trained toward a structure, e.g. 'layer*.conv2=c2n2' or 'conv3=8x2'.")
+@click.option("--max-residual", type=float, default=0.01, show_default=True,
+              help="Largest relative residual a declared layer may have.")
+@click.option("--trust-pickle", is_flag=True, help="Allow arbitrary unpickling (trusted files only).")
+@click.option("--allow-torchscript", is_flag=True, help="Allow TorchScript archives (trusted files only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
+@_fail_cleanly
+def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, skip_passes,
+            inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization,
+            declare_structured, max_residual, trust_pickle, allow_torchscript, as_json):
+    """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
+    source model and write OUTDIR/model.onnx and OUTDIR/manifest.json."""
+    from structexport.convert import ConvertOptions
+    from structexport.convert import convert as run_convert
+    pass_options = {"keep_csg_codes": keep_csg_codes, "max_residual": max_residual,
+                    "declared_structures": _declared_structures(declare_structured)}
+    if sumpool_realization:
+        pass_options["sumpool_realization"] = sumpool_realization
+    options = ConvertOptions(
+        target=target, input_shape=input_shape, precision=precision,
+        passes=[p.strip() for p in passes.split(",") if p.strip()] if passes else None,
+        skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
+        pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript)
+    with err.status("converting", spinner="dots") as status:
+        result = run_convert(checkpoint, outdir, arch, options,
+                             progress=lambda stage: status.update(f"converting: {stage}"))
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+    else:
+        _render_convert(manifest, result.outdir)
+    if not result.verified:
+        sys.exit(32)
+
+
+def _render_convert(m: dict, outdir) -> None:
+    from collections import Counter
+    out.print(f"[bold]{m['source']['arch']}[/] -> {m['target']} ({m['precision']}), "
+              f"input {m['input_shape']}")
+    table = Table(title="passes", title_justify="left")
+    for col in ("pass", "changed", "layers", "actions", "max abs diff", "seconds"):
+        table.add_column(col)
+    for r in m["passes"]:
+        actions = Counter(rec["action"] for rec in r["records"])
+        table.add_row(r["name"], "yes" if r["modified"] else "no", str(len(r["records"])),
+                      ", ".join(f"{n} {a}" for a, n in actions.items()),
+                      "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2g}",
+                      f"{r['seconds']:.2f}")
+    out.print(table)
+    b, a = m["before"], m["after"]
+    summary = Table(show_header=True)
+    for col in ("", "before", "after"):
+        summary.add_column(col, justify="right")
+    summary.add_row("params", f"{b['params']:,}", f"{a['params']:,}")
+    summary.add_row("MACs", f"{b['macs']:,}", f"{a['macs']:,}")
+    summary.add_row("sum-pool additions", f"{b['sumpool_adds']:,}", f"{a['sumpool_adds']:,}")
+    out.print(summary)
+    v = m["verification"]
+    mark = "[green]passed[/]" if v["passed"] else "[red]FAILED[/]"
+    out.print(f"verification {mark}: {len(v['checks'])} output checks on ONNX Runtime "
+              f"(optimizations off), max abs diff {v['max_abs_diff']:.3g}, max rel diff "
+              f"{v['max_rel_diff']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    for name, art in m["artifacts"].items():
+        out.print(f"  {outdir}/{name}  {art['bytes']:,} bytes  {art['description']}")
+    out.print(f"  {outdir}/manifest.json")
+
+
 if __name__ == "__main__":
     main()

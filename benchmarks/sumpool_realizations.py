@@ -1,0 +1,86 @@
+"""Time each sum-pool realization of a C/2x2x2 structured 3x3 layer against the dense conv
+under ONNX Runtime (CPU, 1 thread, batch 1), interleaved in one process.
+
+    .venv/bin/python benchmarks/sumpool_realizations.py [--repeat 200]
+
+Prints per layer shape: median latency of the dense conv and of each realization
+(the whole decomposed layer: sum-pool + small conv), and the speedup over dense.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from passes.decompose_structured_pass import decompose  # noqa: E402
+from structexport.layers.sumpool import REALIZATIONS  # noqa: E402
+
+SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def export(module: nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        import contextlib
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(module.eval(), (x,), dynamo=True, opset_version=18).save(str(path))
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
+          f"threads {args.threads}, batch 1, median of {args.repeat} interleaved runs")
+    print("| layer | dense ms | " + " | ".join(f"{r} ms (speedup)" for r in REALIZATIONS) + " |")
+    print("|---|---|" + "---|" * len(REALIZATIONS))
+    tmp = Path(tempfile.mkdtemp())
+    for C, H in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(1, C, H, H)
+        dense = nn.Conv2d(C, C, 3, 1, 1, bias=False)
+        alpha = torch.randn(C, C // 2, 2, 2) * 0.01
+        models = {"dense": dense}
+        for r in REALIZATIONS:
+            models[r] = decompose(C, alpha, None, 3, 1, 1, 1, r)
+        sessions = {}
+        for name, m in models.items():
+            export(m, x, tmp / f"{name}.onnx")
+            sessions[name] = session(tmp / f"{name}.onnx", args.threads)
+        feed = x.numpy()
+        times = {name: [] for name in sessions}
+        for name, s in sessions.items():  # warm-up
+            for _ in range(10):
+                s.run(None, {s.get_inputs()[0].name: feed})
+        for _ in range(args.repeat):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, {s.get_inputs()[0].name: feed})
+                times[name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        cells = [f"{med[r]:.3f} ({med['dense'] / med[r]:.2f}x)" for r in REALIZATIONS]
+        print(f"| {C}, {H}x{H} | {med['dense']:.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

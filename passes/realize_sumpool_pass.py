@@ -1,0 +1,100 @@
+"""realize_sumpool: write each sum-pool in the form that is fast on the target.
+
+The realizations (see :mod:`structexport.layers.sumpool`) compute the same values; a
+cost model picks one per layer from its shape. The model counts element-wise passes over
+memory, dense 1x1 multiply-accumulates (cheap: a GEMM) and depthwise ones, with weights
+fitted by eye to ``benchmarks/sumpool_realizations.py`` on ONNX Runtime CPU (one thread).
+AveragePool-3D is the reference form: never chosen, 8-12x slower than the dense conv.
+``ctx.options["sumpool_realization"]`` forces one realization for every layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from structexport.layers.sumpool import REALIZATIONS, SumPool
+
+from .infra import LayerRecord, Pass, PassContext, PassError, PassResult, modules_of
+
+# Relative cost of one unit of each kind of work (element-wise element = 1).
+GEMM_MAC = 0.05
+DEPTHWISE_MAC = 1.0
+ELEMENTWISE_PASSES = 4  # a running sum along one axis: cumsum, two slices, subtract, concat
+
+
+def estimate_costs(pool: SumPool, height: int, width: int) -> dict[str, float]:
+    """Estimated cost of each realization for an input of ``height x width`` (unpadded)."""
+    kc, kh, kw = pool.window
+    Hp, Wp = height + 2 * pool.padding, width + 2 * pool.padding
+    C, c = pool.channels, pool.out_channels
+    Ho, Wo = Hp - kh + 1, Wp - kw + 1
+    channel_running = ELEMENTWISE_PASSES * C * Hp * Wp if kc > 1 else 0
+    spatial_box = DEPTHWISE_MAC * c * Ho * Wo * kh * kw if kh * kw > 1 else 0
+    spatial_running = ELEMENTWISE_PASSES * c * (Hp * Wp * (kh > 1) + Hp * Wo * (kw > 1))
+    banded_channel = GEMM_MAC * c * (C // pool.groups) * Hp * Wp if kc > 1 else 0
+    return {
+        "avgpool3d": float(c * Ho * Wo * kc * kh * kw * 10),  # measured ~10x the adds it does
+        "cumsum": float(channel_running + spatial_running),
+        "banded": float(banded_channel + spatial_box),
+        "box": float(channel_running + spatial_box),
+    }
+
+
+def _input_sizes(module: nn.Module, pools: list[tuple[str, SumPool]], shape) -> dict[str, tuple]:
+    sizes, hooks = {}, []
+
+    def record(name):
+        def hook(_module, inputs, _output):
+            sizes.setdefault(name, tuple(inputs[0].shape[-2:]))  # returns None: output kept
+        return hook
+
+    for name, pool in pools:
+        hooks.append(pool.register_forward_hook(record(name)))
+    try:
+        param = next(module.parameters(), None)
+        with torch.no_grad():
+            module(torch.zeros(shape, dtype=param.dtype if param is not None else torch.float32))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+class RealizeSumPoolPass(Pass):
+    name = "realize_sumpool"
+    description = "each sum-pool written in its cheapest form for the target (cost model)"
+
+    def requires(self, module: nn.Module, ctx: PassContext) -> None:
+        forced = ctx.option("sumpool_realization")
+        if forced is not None and forced not in REALIZATIONS:
+            raise PassError(f"unknown sum-pool realization {forced!r}",
+                            f"choose one of {', '.join(REALIZATIONS)}")
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        pools = modules_of(module, SumPool)
+        if not pools:
+            return PassResult(module, False, [])
+        forced = ctx.option("sumpool_realization")
+        sizes = _input_sizes(module, pools, ctx.input_shape)
+        records, modified = [], False
+        for name, pool in pools:
+            if name not in sizes:
+                records.append(LayerRecord(name, "unused", {"realization": pool.realization}))
+                continue
+            costs = estimate_costs(pool, *sizes[name])
+            choice = forced or min((r for r in REALIZATIONS if r != "avgpool3d"), key=costs.get)
+            modified |= choice != pool.realization
+            pool.realization = choice
+            records.append(LayerRecord(name, "realized", {
+                "realization": choice, "forced": forced is not None,
+                "input": list(sizes[name]), "window": list(pool.window),
+                "estimated_cost": {k: round(v) for k, v in costs.items()},
+                "additions": pool.additions(*sizes[name])}))
+        return PassResult(module, modified, records)
+
+    def ensures(self, module: nn.Module, ctx: PassContext) -> None:
+        if ctx.option("sumpool_realization") == "avgpool3d":
+            return  # asked for explicitly
+        naive = [n for n, p in modules_of(module, SumPool) if p.realization == "avgpool3d"]
+        if naive:
+            raise PassError(f"sum-pools left as AveragePool-3D: {', '.join(naive[:3])}")

@@ -1,0 +1,258 @@
+"""``convert``: load -> passes -> ONNX export -> verification -> target artifacts -> manifest.
+
+Nothing is written to OUTDIR until every stage has passed: the run builds everything in a
+temporary folder beside OUTDIR and swaps it in at the end, so an interrupted or failed run
+leaves OUTDIR as it was. A failed verification writes nothing unless ``force``; then the
+manifest records the failure.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from structexport import __version__
+from structexport.analysis import count_params, layer_table
+from structexport.errors import StructExportError
+from structexport.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
+from structexport.loader import load_checkpoint
+from structexport.models import input_shape as default_input_shape
+from structexport.models import parse_name
+
+
+class OutputDirError(StructExportError):
+    exit_code, kind = 33, "output-dir"
+
+
+class InputShapeError(StructExportError):
+    exit_code, kind = 34, "input-shape"
+
+
+class InputsFileError(StructExportError):
+    exit_code, kind = 37, "inputs-file"
+
+
+@dataclass
+class ConvertOptions:
+    target: str = "onnx"
+    input_shape: tuple[int, ...] | None = None
+    precision: str = "fp32"
+    passes: list[str] | None = None
+    skip_passes: list[str] = field(default_factory=list)
+    inputs_file: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    force: bool = False
+    random_inputs: int = 3
+    seed: int = 0
+    pass_options: dict = field(default_factory=dict)
+    trust_pickle: bool = False
+    allow_torchscript: bool = False
+
+
+@dataclass
+class ConvertResult:
+    outdir: Path
+    manifest: dict
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.manifest["verification"]["passed"])
+
+
+def _check_outdir(outdir: Path) -> None:
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputDirError(f"{outdir} exists and is not a directory", "choose another -o OUTDIR")
+    parent = outdir.resolve().parent
+    if not parent.is_dir():
+        raise OutputDirError(f"cannot create {outdir}: {parent} does not exist",
+                             "create the parent folder first or choose another -o OUTDIR")
+    if not os.access(parent, os.W_OK) or (outdir.exists() and not os.access(outdir, os.W_OK)):
+        raise OutputDirError(f"cannot write to {outdir}: permission denied", "choose another -o OUTDIR")
+
+
+def _parse_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, str):
+        try:
+            shape = tuple(int(v) for v in shape.replace("x", ",").split(","))
+        except ValueError:
+            raise InputShapeError(f"bad --input-shape {shape!r}", "write it like 1,3,32,32") from None
+    shape = tuple(shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise InputShapeError(f"bad input shape {list(shape)}: need 4 positive sizes (N,C,H,W)",
+                              "write it like --input-shape 1,3,32,32")
+    return shape
+
+
+def _check_shape(model: nn.Module, shape: tuple[int, ...], arch: str) -> None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except Exception as exc:
+        raise InputShapeError(f"{arch} cannot take an input of shape {list(shape)}: "
+                              f"{(str(exc).splitlines() or [''])[0][:160]}",
+                              f"its default is {list(default_input_shape(arch))}") from None
+
+
+def _load_inputs(path: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputsFileError(f"no such inputs file: {path}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise InputsFileError(f"{path} is not a readable .npz file: {type(exc).__name__}",
+                              "write it with numpy.savez(path, input=array)") from None
+    if not arrays:
+        raise InputsFileError(f"{path} holds no arrays")
+    out = {}
+    for key, arr in arrays.items():
+        if tuple(arr.shape) != tuple(shape) and tuple(arr.shape) != tuple(shape[1:]):
+            raise InputsFileError(f"{path}: array {key!r} has shape {list(arr.shape)}, the model "
+                                  f"takes {list(shape)}", "match --input-shape to your inputs")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InputsFileError(f"{path}: array {key!r} is {arr.dtype}, not floating point")
+        arr = arr.reshape(shape)
+        out[f"user:{key}"] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from structexport.doctor import _version
+    return {"structexport": __version__, "torch": torch.__version__,
+            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+            "onnxsim": _version("onnxsim"), "onnxscript": _version("onnxscript")}
+
+
+def _totals(model: nn.Module, shape) -> dict:
+    rows = layer_table(model, shape)
+    params, _ = count_params(model)
+    return {"params": params, "macs": sum(r.macs for r in rows),
+            "sumpool_adds": sum(r.adds for r in rows)}
+
+
+def _swap_in(staging: Path, outdir: Path) -> None:
+    """Replace OUTDIR by the staging folder with renames only."""
+    if outdir.exists():
+        old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
+        os.replace(outdir, old)
+        os.replace(staging, outdir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, outdir)
+
+
+def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
+            options: ConvertOptions | None = None,
+            progress: Callable[[str], None] | None = None) -> ConvertResult:
+    from structexport.passes import PassContext, PassManager, select_passes
+    from structexport.targets import get_target
+
+    opts = options or ConvertOptions()
+    say = progress or (lambda _msg: None)
+    outdir = Path(outdir)
+    target = get_target(opts.target)
+    if opts.precision not in TOLERANCES:
+        raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32 or fp16")
+    _check_outdir(outdir)
+    steps = select_passes(target.default_passes(), opts.passes, opts.skip_passes)
+    timings: dict[str, float] = {}
+
+    say("load")
+    t = time.perf_counter()
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=opts.trust_pickle,
+                             allow_torchscript=opts.allow_torchscript)
+    source = loaded.model.eval()
+    timings["load"] = time.perf_counter() - t
+    shape = _parse_shape(opts.input_shape) if opts.input_shape else default_input_shape(loaded.arch)
+    _check_shape(source, shape, loaded.arch)
+    user_inputs = _load_inputs(opts.inputs_file, shape) if opts.inputs_file else {}
+    gen = torch.Generator().manual_seed(opts.seed)
+    inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
+    inputs.update(user_inputs)
+
+    say("passes")
+    t = time.perf_counter()
+    ctx = PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force))
+    tol = TOLERANCES[opts.precision]
+    manager = PassManager(steps, check_inputs=next(iter(inputs.values())),
+                          atol=tol["atol"] if opts.atol is None else opts.atol,
+                          rtol=tol["rtol"] if opts.rtol is None else opts.rtol,
+                          progress=lambda name: say(f"pass {name}"))
+    rewritten, runs = manager.run(source, ctx)
+    timings["passes"] = time.perf_counter() - t
+
+    parent = outdir.resolve().parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUTDIR should not be
+    try:
+        say("export")
+        t = time.perf_counter()
+        export_model = rewritten.half() if opts.precision == "fp16" else rewritten
+        example = next(iter(inputs.values())).to(next(export_model.parameters()).dtype)
+        onnx_path = staging / "model.onnx"
+        export_info = export_onnx(export_model, example, onnx_path,
+                                  fold_constants=not ctx.option("keep_csg_codes", False))
+        timings["export"] = time.perf_counter() - t
+
+        say("verify")
+        t = time.perf_counter()
+        verification = verify_onnx(source, onnx_path, inputs, opts.precision, opts.atol, opts.rtol)
+        timings["verify"] = time.perf_counter() - t
+        if not verification.passed and not opts.force:
+            raise VerificationError(f"verification failed: {verification.summary()}",
+                                    "nothing was written; loosen --atol/--rtol if the differences "
+                                    "are expected, or pass --force to keep the artifact")
+
+        say("target")
+        t = time.perf_counter()
+        artifacts = {"model.onnx": "the verified ONNX model"}
+        artifacts.update(target.write_artifacts(onnx_path, staging))
+        timings["target"] = time.perf_counter() - t
+
+        rewritten = rewritten.float()
+        manifest = {
+            "structexport_manifest": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(checkpoint), "sha256": loaded.sha256, "format": loaded.source_format,
+                       "arch": loaded.arch, "family": parse_name(loaded.arch).family,
+                       "stored_dtypes": loaded.stored_dtypes, "notes": loaded.notes,
+                       "metadata": loaded.metadata},
+            "target": target.name, "precision": opts.precision, "input_shape": list(shape),
+            "passes": [r.to_dict() for r in runs],
+            "before": _totals(source, shape), "after": _totals(rewritten, shape),
+            "export": export_info,
+            "verification": verification.to_dict(),
+            "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
+                                 "sha256": _sha256(staging / name)} for name, desc in artifacts.items()},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "versions": _versions(),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _swap_in(staging, outdir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ConvertResult(outdir, manifest)

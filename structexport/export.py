@@ -1,0 +1,195 @@
+"""ONNX export and verification against the PyTorch source model.
+
+Export: torch's dynamo exporter at opset 18, simplified with onnxsim, checked with
+``onnx.checker``. Verification (after Optimum's and onnxsim's checks): run the ONNX model
+under ONNX Runtime with its graph optimizations *off* on several random inputs and on the
+user's own, and compare each output with the source model's -- shapes first, then values
+-- collecting every failure with its max absolute and relative difference and the
+tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from structexport.errors import StructExportError
+
+OPSET = 18
+# Elementwise |got - want| <= atol + rtol * |want|, per precision (overridable).
+TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-4}, "fp16": {"atol": 2e-2, "rtol": 2e-2}}
+
+
+class ExportError(StructExportError):
+    exit_code, kind = 31, "export-failed"
+
+
+class VerificationError(StructExportError):
+    exit_code, kind = 32, "verification-failed"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warnings of its own; keep the user's terminal ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: bool = True,
+                fold_constants: bool = True) -> dict:
+    """Export ``model`` to ``path``; returns what was done (opset, simplification, op counts)."""
+    import onnx
+    model = model.eval()
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
+                                        input_names=["input"], output_names=["output"])
+            program.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
+    info = {"opset": OPSET, "exporter": "torch.onnx dynamo", "simplified": False}
+    if simplify:
+        import onnxsim
+        try:
+            with _quiet():
+                simplified, ok = onnxsim.simplify(onnx.load(str(path)),
+                                                  skip_constant_folding=not fold_constants)
+        except Exception as exc:  # keep the unsimplified model, say why
+            info["simplify_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        else:
+            if ok:
+                onnx.save(simplified, str(path))
+                info["simplified"] = True
+            else:
+                info["simplify_error"] = "onnxsim's own check failed; kept the unsimplified model"
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the exported model: {str(exc).splitlines()[0][:200]}") from exc
+    graph = onnx.load(str(path)).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    info["ops"] = dict(sorted(ops.items()))
+    return info
+
+
+@dataclass
+class OutputCheck:
+    input: str
+    output: str
+    shape_ok: bool
+    expected_shape: list[int]
+    got_shape: list[int]
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    atol: float = 0.0
+    rtol: float = 0.0
+    passed: bool = False
+
+
+@dataclass
+class Verification:
+    passed: bool
+    precision: str
+    atol: float
+    rtol: float
+    runtime: str
+    checks: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff or 0.0 for c in self.checks), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((c.max_rel_diff or 0.0 for c in self.checks), default=0.0)
+
+    def failures(self) -> list[OutputCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        bad = self.failures()
+        if not bad:
+            return (f"{len(self.checks)} output checks passed (max abs diff {self.max_abs_diff:.3g}, "
+                    f"max rel diff {self.max_rel_diff:.3g}; atol {self.atol:g}, rtol {self.rtol:g})")
+        parts = []
+        for c in bad[:3]:
+            if not c.shape_ok:
+                parts.append(f"{c.input}/{c.output}: shape {c.got_shape} != {c.expected_shape}")
+            else:
+                parts.append(f"{c.input}/{c.output}: max abs diff {c.max_abs_diff:.3g}, "
+                             f"max rel diff {c.max_rel_diff:.3g}")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return (f"{len(bad)} of {len(self.checks)} output checks failed ({'; '.join(parts)}{more}; "
+                f"atol {self.atol:g}, rtol {self.rtol:g})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["max_abs_diff"], d["max_rel_diff"] = self.max_abs_diff, self.max_rel_diff
+        return d
+
+
+def ort_session(path: Path, optimize: bool = False, threads: int = 1):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],
+                precision: str = "fp32", atol: float | None = None, rtol: float | None = None
+                ) -> Verification:
+    """Compare ONNX Runtime (optimizations off) with ``reference`` (float32 or float64)."""
+    tol = TOLERANCES[precision]
+    atol = tol["atol"] if atol is None else atol
+    rtol = tol["rtol"] if rtol is None else rtol
+    session = ort_session(onnx_path, optimize=False)
+    in_meta = session.get_inputs()[0]
+    out_names = [o.name for o in session.get_outputs()]
+    np_dtype = np.float16 if precision == "fp16" else np.float32
+    result = Verification(True, precision, atol, rtol, "onnxruntime (graph optimizations off)")
+    for label, x in inputs.items():
+        with torch.no_grad():
+            want = reference(x.to(next(reference.parameters()).dtype))
+        wants = [want] if isinstance(want, torch.Tensor) else list(want)
+        try:
+            gots = session.run(None, {in_meta.name: x.numpy().astype(np_dtype)})
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime could not run the model on input {label} "
+                                    f"{list(x.shape)}: {(str(exc).splitlines() or [''])[0][:200]}",
+                                    "check --input-shape and the --inputs file") from None
+        for name, w, g in zip(out_names, wants, gots):
+            w = w.detach().double().numpy()
+            g = np.asarray(g, dtype=np.float64)
+            check = OutputCheck(label, name, list(w.shape) == list(g.shape), list(w.shape),
+                                list(g.shape), atol=atol, rtol=rtol)
+            if check.shape_ok:
+                diff = np.abs(g - w)
+                check.max_abs_diff = float(diff.max()) if diff.size else 0.0
+                check.max_rel_diff = float((diff / np.maximum(np.abs(w), 1e-12)).max()) if diff.size else 0.0
+                check.passed = bool(np.all(diff <= atol + rtol * np.abs(w)))
+            result.checks.append(check)
+            result.passed &= check.passed
+    return result
