@@ -6,23 +6,15 @@ class, the context, the records and the manager. ``PIPELINE`` is the default ord
 from structexport.errors import StructExportError
 
 from .decompose_structured_pass import DecomposeStructuredPass
+from .fold_batchnorm_pass import FoldBatchNormPass
 from .infra import (LayerRecord, Pass, PassContext, PassError, PassManager, PassResult, PassRun,
                     replace_module)
+from .lower_ssc_pass import LowerSSCPass
 from .materialize_csg_pass import MaterializeCSGPass
 from .realize_sumpool_pass import RealizeSumPoolPass
 
-PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass]
-try:  # written alongside; registered when present
-    from .lower_ssc_pass import LowerSSCPass
-    PASS_CLASSES.append(LowerSSCPass)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .fold_batchnorm_pass import FoldBatchNormPass
-    PASS_CLASSES.append(FoldBatchNormPass)
-except ImportError:  # pragma: no cover
-    pass
-
+PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass, LowerSSCPass,
+                FoldBatchNormPass]
 PASSES = {cls.name: cls for cls in PASS_CLASSES}
 PIPELINE = [cls.name for cls in PASS_CLASSES]
 

@@ -32,6 +32,20 @@ class DecomposedStructuredConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pool(x))
 
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make this layer compute ``scale[c] * y[c] + shift[c]`` (folds a following BN):
+        the pool is linear, so only the small conv changes."""
+        w = self.conv.weight
+        scale, shift = scale.detach().double(), shift.detach().double()
+        bias = shift if self.conv.bias is None else self.conv.bias.detach().double() * scale + shift
+        with torch.no_grad():
+            w.copy_((w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
+        self.conv.bias = nn.Parameter(bias.to(w.dtype))
+
 
 def decompose(in_channels: int, alpha: torch.Tensor, bias, kernel_size: int, stride: int,
               padding: int, groups: int, realization: str = "cumsum") -> DecomposedStructuredConv:

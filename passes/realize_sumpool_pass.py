@@ -50,11 +50,13 @@ def _input_sizes(module: nn.Module, pools: list[tuple[str, SumPool]], shape) -> 
 
     for name, pool in pools:
         hooks.append(pool.register_forward_hook(record(name)))
+    training = module.training
     try:
         param = next(module.parameters(), None)
-        with torch.no_grad():
-            module(torch.zeros(shape, dtype=param.dtype if param is not None else torch.float32))
+        with torch.no_grad():  # eval mode: a probe must not move batch-norm statistics
+            module.eval()(torch.zeros(shape, dtype=param.dtype if param is not None else torch.float32))
     finally:
+        module.train(training)
         for h in hooks:
             h.remove()
     return sizes
@@ -78,7 +80,11 @@ class RealizeSumPoolPass(Pass):
         sizes = _input_sizes(module, pools, ctx.input_shape)
         records, modified = [], False
         for name, pool in pools:
-            if name not in sizes:
+            if name not in sizes:  # never reached at this input: no shape for the cost model
+                if pool.realization == "avgpool3d" and not forced:
+                    pool.realization, modified = "cumsum", True
+                elif forced:
+                    pool.realization = forced
                 records.append(LayerRecord(name, "unused", {"realization": pool.realization}))
                 continue
             costs = estimate_costs(pool, *sizes[name])
