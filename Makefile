@@ -15,9 +15,10 @@ VPY     := $(VENV)/bin/python
 INSTALL_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read() + b'$(EXTRAS)').hexdigest()[:16])" 2>/dev/null)
 STAMP   := $(VENV)/.installed-$(INSTALL_HASH)
 
-# The main job on the bundled default model. Today that is `inspect`; it becomes `convert`.
+# The main job on the bundled default model: convert it for ONNX Runtime on CPU, verified.
 DEMO_CKPT ?= models/checkpoints/resnet20-csg-16x16x3x3-72.t7
-DEMO_CMD  ?= $(VENV)/bin/structexport inspect $(DEMO_CKPT) --arch resnet20
+DEMO_OUT  ?= out/demo
+DEMO_CMD  ?= $(VENV)/bin/structexport convert $(DEMO_CKPT) --arch resnet20 --target ort-cpu -o $(DEMO_OUT)
 
 PYTEST_ARGS ?=
 

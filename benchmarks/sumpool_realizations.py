@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn as nn

@@ -71,15 +71,20 @@ class ConvertResult:
         return bool(self.manifest["verification"]["passed"])
 
 
-def _check_outdir(outdir: Path) -> None:
+def _check_outdir(outdir: Path) -> list[Path]:
+    """Refuse an OUTDIR that cannot be written; returns its missing parent folders."""
     if outdir.exists() and not outdir.is_dir():
         raise OutputDirError(f"{outdir} exists and is not a directory", "choose another -o OUTDIR")
-    parent = outdir.resolve().parent
+    missing, parent = [], outdir.resolve().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
     if not parent.is_dir():
-        raise OutputDirError(f"cannot create {outdir}: {parent} does not exist",
-                             "create the parent folder first or choose another -o OUTDIR")
+        raise OutputDirError(f"cannot create {outdir}: {parent} is not a directory",
+                             "choose another -o OUTDIR")
     if not os.access(parent, os.W_OK) or (outdir.exists() and not os.access(outdir, os.W_OK)):
         raise OutputDirError(f"cannot write to {outdir}: permission denied", "choose another -o OUTDIR")
+    return missing[::-1]
 
 
 def _parse_shape(shape) -> tuple[int, ...]:
@@ -174,7 +179,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     target = get_target(opts.target)
     if opts.precision not in TOLERANCES:
         raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32 or fp16")
-    _check_outdir(outdir)
+    missing_parents = _check_outdir(outdir)
     steps = select_passes(target.default_passes(), opts.passes, opts.skip_passes)
     timings: dict[str, float] = {}
 
@@ -203,6 +208,8 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     timings["passes"] = time.perf_counter() - t
 
     parent = outdir.resolve().parent
+    for folder in missing_parents:  # created now, removed again if the run fails
+        folder.mkdir()
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -255,4 +262,10 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not outdir.exists():
+            for folder in reversed(missing_parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return ConvertResult(outdir, manifest)

@@ -183,13 +183,22 @@ def test_unwritable_outdir(tmp_path):
     _assert_one_line(_cli(SMALL, "--arch", "resnet20", "-o", str(locked / "o")), 33, "permission denied")
 
 
-def test_outdir_whose_parent_is_missing_or_a_file(tmp_path):
-    _assert_one_line(_cli(SMALL, "--arch", "resnet20", "-o", str(tmp_path / "no" / "o")), 33,
-                     "does not exist")
+def test_outdir_under_a_file_or_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
+    _assert_one_line(_cli(SMALL, "--arch", "resnet20", "-o", str(f / "o")), 33, "is not a directory")
     _assert_one_line(_cli(SMALL, "--arch", "resnet20", "-o", str(f)), 33, "not a directory")
-    assert f.read_text() == "x"
+    assert f.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
+    deep = tmp_path / "a" / "b" / "o"
+    r = _cli(SMALL, "--arch", "resnet20", "-o", str(deep), "--atol", "0", "--rtol", "0")
+    assert r.exit_code == 32
+    assert list(tmp_path.iterdir()) == []
+    r = _cli(SMALL, "--arch", "resnet20", "-o", str(deep))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in deep.iterdir()) == ["manifest.json", "model.onnx"]
 
 
 def test_inputs_file_with_wrong_shapes(tmp_path):

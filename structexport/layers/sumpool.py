@@ -17,7 +17,6 @@ to and in cost.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
