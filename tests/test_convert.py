@@ -235,3 +235,13 @@ def test_unknown_pass_and_skip_pass(tmp_path):
     assert [p["name"] for p in manifest["passes"]] == ["decompose_structured", "realize_sumpool",
                                                        "lower_ssc", "fold_batchnorm"]
     assert manifest["verification"]["passed"]
+
+
+def test_fp16_precision_exports_half_and_verifies_with_fp16_tolerances(tmp_path):
+    result = convert(SMALL, tmp_path / "o", "resnet20", ConvertOptions(target="onnx", precision="fp16"))
+    v = result.manifest["verification"]
+    assert v["passed"] and (v["atol"], v["rtol"]) == (2e-2, 2e-2)
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert result.manifest["precision"] == "fp16"
+    assert 0 < v["max_abs_diff"] < 2e-2
