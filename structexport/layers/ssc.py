@@ -62,7 +62,8 @@ class SSCConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.mask.to(self.weight.dtype)
+        # where(), not a product: a non-finite value outside the mask must not leak in
+        return torch.where(self.mask, self.weight, torch.zeros((), dtype=self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.masked_weight(), self.bias, self.stride, self.padding)
