@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from functools import wraps
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -208,6 +209,53 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
         _render_convert(manifest, result.outdir)
     if not result.verified:
         sys.exit(32)
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(path_type=str))
+@click.option("--arch", help="Zoo name; without PATH, weights are drawn from --seed.")
+@click.option("--target", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu"]))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--input-shape", help="N,C,H,W (the batch is taken from --batch).")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(3, 100000),
+              help="Interleaved timed runs of each model.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 10000))
+@click.option("--per-layer", is_flag=True, help="Add a per-operator breakdown (ONNX Runtime profiler).")
+@click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
+              help="Force one sum-pool realization (default: the cost model's choice per layer).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
+@_fail_cleanly
+def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer,
+          sumpool_realization, seed, json_file):
+    """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
+    counterpart, interleaved in one process: measured vs theoretical speedup."""
+    from structexport.bench import BenchOptions, run_bench
+    opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
+                        repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
+                        pass_options={"sumpool_realization": sumpool_realization} if sumpool_realization else {})
+    with err.status("bench", spinner="dots") as status:
+        result = run_bench(path, arch, opts, progress=lambda m: status.update(f"bench: {m}"))
+    if json_file:
+        Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
+    s, d = result["latency_ms"], result["dense_latency_ms"]
+    table = Table(title=f"{result['arch']} on {result['target']}, {result['threads']} thread(s), "
+                        f"input {result['input_shape']}", title_justify="left")
+    for col in ("model", "median ms", "p10 ms", "p90 ms", "MACs"):
+        table.add_column(col, justify="right")
+    table.add_row("structured", f"{s['median']:.3f}", f"{s['p10']:.3f}", f"{s['p90']:.3f}",
+                  f"{result['macs']['structured']:,}")
+    table.add_row("dense", f"{d['median']:.3f}", f"{d['p10']:.3f}", f"{d['p90']:.3f}",
+                  f"{result['macs']['dense']:,}")
+    out.print(table)
+    eff = result["realization_efficiency"]
+    out.print(f"speedup measured {result['speedup_measured']:.2f}x, theoretical "
+              f"{result['speedup_theoretical']:.2f}x, realization efficiency "
+              f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs, "
+              f"{result['machine']['cpu']['model']})")
+    for which, ops in result.get("per_op_ms", {}).items():
+        out.print(f"{which}: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(ops.items())[:8]))
 
 
 def _render_convert(m: dict, outdir) -> None:
