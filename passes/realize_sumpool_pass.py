@@ -28,13 +28,15 @@ def estimate_costs(pool: SumPool, height: int, width: int) -> dict[str, float]:
     Hp, Wp = height + 2 * pool.padding, width + 2 * pool.padding
     C, c = pool.channels, pool.out_channels
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
-    channel_running = ELEMENTWISE_PASSES * C * Hp * Wp if kc > 1 else 0
+    # The box-filter forms pad inside their depthwise conv: channel sums run unpadded.
+    channel_running_padded = ELEMENTWISE_PASSES * C * Hp * Wp if kc > 1 else 0
+    channel_running = ELEMENTWISE_PASSES * C * height * width if kc > 1 else 0
     spatial_box = DEPTHWISE_MAC * c * Ho * Wo * kh * kw if kh * kw > 1 else 0
     spatial_running = ELEMENTWISE_PASSES * c * (Hp * Wp * (kh > 1) + Hp * Wo * (kw > 1))
-    banded_channel = GEMM_MAC * c * (C // pool.groups) * Hp * Wp if kc > 1 else 0
+    banded_channel = GEMM_MAC * c * (C // pool.groups) * height * width if kc > 1 else 0
     return {
         "avgpool3d": float(c * Ho * Wo * kc * kh * kw * 10),  # measured ~10x the adds it does
-        "cumsum": float(channel_running + spatial_running),
+        "cumsum": float(channel_running_padded + spatial_running),
         "banded": float(banded_channel + spatial_box),
         "box": float(channel_running + spatial_box),
     }

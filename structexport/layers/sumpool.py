@@ -79,9 +79,13 @@ class SumPool(nn.Module):
                 f"groups={self.groups}, realization={self.realization}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding:
-            x = F.pad(x, (self.padding,) * 4)
         kc, kh, kw = self.window
+        # The channel sum commutes with zero padding, so the box-filter forms let their
+        # depthwise conv pad (no Pad node, no channel sums over the border).
+        conv_pads = self.realization in ("banded", "box") and kh * kw > 1
+        if self.padding and not conv_pads:
+            x = F.pad(x, (self.padding,) * 4)
+        pad = self.padding if conv_pads else 0
         B, C, H, W = x.shape
         if self.realization == "avgpool3d":
             pooled = F.avg_pool3d(x.reshape(B * self.groups, 1, C // self.groups, H, W),
@@ -90,13 +94,13 @@ class SumPool(nn.Module):
         if self.realization == "banded":
             if kc > 1:
                 x = F.conv2d(x, self.band.to(x.dtype), groups=self.groups)
-            return F.conv2d(x, self.ones.to(x.dtype), groups=self.out_channels) if kh * kw > 1 else x
+            return F.conv2d(x, self.ones.to(x.dtype), padding=pad, groups=self.out_channels) if kh * kw > 1 else x
         # channel sums by running sums, per group
         if kc > 1:
             x = x.reshape(B, self.groups, C // self.groups, H, W)
             x = _running_sum(x, 2, kc).reshape(B, self.out_channels, H, W)
         if self.realization == "box":
-            return F.conv2d(x, self.ones.to(x.dtype), groups=self.out_channels) if kh * kw > 1 else x
+            return F.conv2d(x, self.ones.to(x.dtype), padding=pad, groups=self.out_channels) if kh * kw > 1 else x
         return _running_sum(_running_sum(x, 2, kh), 3, kw)
 
     def additions(self, height: int, width: int) -> int:
