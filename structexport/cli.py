@@ -13,6 +13,7 @@ from rich.table import Table
 
 from structexport import __version__
 from structexport.errors import StructExportError
+from structexport.targets import TARGETS
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -158,7 +159,7 @@ def _declared_structures(values) -> dict:
 @click.argument("checkpoint", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--arch", help="Zoo name of the checkpoint's architecture (base name is enough).")
 @click.option("--target", "target", default="onnx", show_default=True,
-              type=click.Choice(["onnx", "ort-cpu"]), help="What to build for.")
+              type=click.Choice(sorted(TARGETS)), help="What to build for.")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=str),
               help="Output folder (replaced atomically; left as it was on failure).")
 @click.option("--input-shape", help="N,C,H,W of the example input (default: the model's).")
