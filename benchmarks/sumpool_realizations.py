@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,8 +48,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
-          f"threads {args.threads}, batch 1, median of {args.repeat} interleaved runs")
+    from structexport.bench import machine
+    cpu = machine()["cpu"]
+    print(f"# {cpu['model']} ({cpu['machine']}, {' '.join(cpu['simd'])}), onnxruntime "
+          f"{ort.__version__}, threads {args.threads}, batch 1, median of {args.repeat} interleaved runs")
     print("| layer | dense ms | " + " | ".join(f"{r} ms (speedup)" for r in REALIZATIONS) + " |")
     print("|---|---|" + "---|" * len(REALIZATIONS))
     tmp = Path(tempfile.mkdtemp())
