@@ -5,7 +5,10 @@ cost model picks one per layer from its shape. The model counts element-wise pas
 memory, dense 1x1 multiply-accumulates (cheap: a GEMM) and depthwise ones, with weights
 fitted by eye to ``benchmarks/sumpool_realizations.py`` on ONNX Runtime CPU (one thread).
 AveragePool-3D is the reference form: never chosen, 8-12x slower than the dense conv.
-``ctx.options["sumpool_realization"]`` forces one realization for every layer.
+``ctx.options["sumpool_realization"]`` forces one realization for every layer;
+``ctx.options["autotune"]`` chooses by measurement instead (:mod:`.autotune`), cached per
+target, machine and layer shape in ``ctx.options["tuning_cache"]`` (default
+``~/.cache/structexport/sumpool-autotune.json``).
 """
 from __future__ import annotations
 
@@ -64,6 +67,30 @@ def _input_sizes(module: nn.Module, pools: list[tuple[str, SumPool]], shape) -> 
     return sizes
 
 
+class _Tuner:
+    """``--autotune``: time the candidates per layer shape, once per machine (cached)."""
+
+    def __init__(self, ctx: PassContext):
+        from .autotune import AutotuneCache, _machine_key
+        self.cache = AutotuneCache(ctx.option("tuning_cache"))
+        self.threads = int(ctx.option("threads", 1))
+        self.machine = _machine_key(ctx.target, self.threads)
+
+    def choose(self, module: nn.Module, name: str, pool: SumPool, size, batch: int):
+        from .autotune import layer_key, measure
+        parent_name = name.rpartition(".")[0]
+        parent = module.get_submodule(parent_name) if parent_name else None
+        layer = parent if getattr(parent, "pool", None) is pool else pool
+        key = layer_key(layer, pool, size)
+        entry = self.cache.get(self.machine, key)
+        cached = entry is not None
+        if not cached:
+            times = measure(layer, pool, (batch, pool.channels, *size), self.threads)
+            entry = {"choice": min(times, key=times.get), "ms": times}
+            self.cache.put(self.machine, key, entry)
+        return entry["choice"], entry["ms"], cached
+
+
 class RealizeSumPoolPass(Pass):
     name = "realize_sumpool"
     description = "each sum-pool written in its cheapest form for the target (cost model)"
@@ -80,6 +107,7 @@ class RealizeSumPoolPass(Pass):
             return PassResult(module, False, [])
         forced = ctx.option("sumpool_realization")
         sizes = _input_sizes(module, pools, ctx.input_shape)
+        tuner = _Tuner(ctx) if ctx.option("autotune", False) else None
         records, modified = [], False
         for name, pool in pools:
             if name not in sizes:  # never reached at this input: no shape for the cost model
@@ -91,13 +119,21 @@ class RealizeSumPoolPass(Pass):
                 continue
             costs = estimate_costs(pool, *sizes[name])
             choice = forced or min((r for r in REALIZATIONS if r != "avgpool3d"), key=costs.get)
+            details = {"estimated_cost": {k: round(v) for k, v in costs.items()}}
+            if tuner and not forced:
+                choice, details["measured_ms"], details["cached"] = tuner.choose(
+                    module, name, pool, sizes[name], ctx.input_shape[0])
+                details["chosen_by"] = "measurement"
+            else:
+                details["chosen_by"] = "forced" if forced else "cost model"
             modified |= choice != pool.realization
             pool.realization = choice
             records.append(LayerRecord(name, "realized", {
                 "realization": choice, "forced": forced is not None,
                 "input": list(sizes[name]), "window": list(pool.window),
-                "estimated_cost": {k: round(v) for k, v in costs.items()},
-                "additions": pool.additions(*sizes[name])}))
+                "additions": pool.additions(*sizes[name]), **details}))
+        if tuner:
+            tuner.cache.save()
         return PassResult(module, modified, records)
 
     def ensures(self, module: nn.Module, ctx: PassContext) -> None:

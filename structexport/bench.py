@@ -186,8 +186,9 @@ def run_bench(path: str | None, arch: str | None, opts: BenchOptions,
             say("load")
             source = load_checkpoint(source_path, arch).model
             onnx_path = Path(path) / "model.onnx"
-            if wanted != shape or manifest.get("precision") != "fp32":
-                say("convert (other input shape)")
+            retune = opts.pass_options.get("autotune") or opts.pass_options.get("sumpool_realization")
+            if wanted != shape or manifest.get("precision") != "fp32" or retune:
+                say("convert (other input shape or sum-pool realization)")
                 result = convert(source_path, work / "converted", arch,
                                  ConvertOptions(target="ort-cpu", input_shape=wanted,
                                                 pass_options=opts.pass_options), progress=say)

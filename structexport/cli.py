@@ -176,6 +176,10 @@ def _declared_structures(values) -> dict:
               "(smaller artifact) instead of materialized kernels.")
 @click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
               help="Force one sum-pool realization instead of the cost model's per-layer choice.")
+@click.option("--autotune", is_flag=True, help="Choose each sum-pool realization by measuring "
+              "the candidates on this machine (cached per target and layer shape).")
+@click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),
+              help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--declare-structured", multiple=True, metavar="GLOB=SPEC",
               help="Dense convs trained toward a structure, e.g. 'layer*.conv2=c2n2' or 'conv3=8x2'.")
 @click.option("--max-residual", type=float, default=0.01, show_default=True,
@@ -185,14 +189,16 @@ def _declared_structures(values) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
 @_fail_cleanly
 def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, skip_passes,
-            inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization,
-            declare_structured, max_residual, trust_pickle, allow_torchscript, as_json):
+            inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
+            tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
+            as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write OUTDIR/model.onnx and OUTDIR/manifest.json."""
     from structexport.convert import ConvertOptions
     from structexport.convert import convert as run_convert
     pass_options = {"keep_csg_codes": keep_csg_codes, "max_residual": max_residual,
-                    "declared_structures": _declared_structures(declare_structured)}
+                    "declared_structures": _declared_structures(declare_structured),
+                    "autotune": autotune, "tuning_cache": tuning_cache}
     if sumpool_realization:
         pass_options["sumpool_realization"] = sumpool_realization
     options = ConvertOptions(
@@ -225,17 +231,23 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @click.option("--per-layer", is_flag=True, help="Add a per-operator breakdown (ONNX Runtime profiler).")
 @click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
               help="Force one sum-pool realization (default: the cost model's choice per layer).")
+@click.option("--autotune", is_flag=True, help="Choose sum-pool realizations by measurement (cached).")
+@click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),
+              help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @_fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer,
-          sumpool_realization, seed, json_file):
+          sumpool_realization, autotune, tuning_cache, seed, json_file):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     counterpart, interleaved in one process: measured vs theoretical speedup."""
     from structexport.bench import BenchOptions, run_bench
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
-                        pass_options={"sumpool_realization": sumpool_realization} if sumpool_realization else {})
+                        pass_options={"autotune": autotune, "tuning_cache": tuning_cache,
+                                      "threads": threads,
+                                      **({"sumpool_realization": sumpool_realization}
+                                         if sumpool_realization else {})})
     with err.status("bench", spinner="dots") as status:
         result = run_bench(path, arch, opts, progress=lambda m: status.update(f"bench: {m}"))
     if json_file:

@@ -3,6 +3,7 @@ model's outputs do not move (float64 where the rewrite is exact); the manager's 
 copies, timings, output checks and failure messages; pass selection."""
 from __future__ import annotations
 
+import json
 import copy
 import math
 import re
@@ -642,3 +643,41 @@ def test_select_unknown_pass(where):
     assert "'fold_bn'" in err.message
     for name in PIPELINE:
         assert name in str(err)
+
+
+def test_autotune_measures_once_then_reuses_the_cache(tmp_path, monkeypatch):
+    """--autotune: the fastest measured candidate wins, and a second run only reads the cache."""
+    from structexport.passes import autotune as at
+    from structexport.passes import select_passes
+    calls = []
+
+    def fake_measure(layer, pool, in_shape, threads=1, repeat=30):
+        calls.append(tuple(in_shape))
+        return {"cumsum": 3.0, "banded": 2.0, "box": 1.0}  # box fastest everywhere
+
+    monkeypatch.setattr(at, "measure", fake_measure)
+    cache = tmp_path / "tune.json"
+    ctx = PassContext("ort-cpu", (1, 3, 32, 32), {"autotune": True, "tuning_cache": str(cache)})
+    model = build_model("resnet20-struct-c2n2")
+    passes = lambda: select_passes(["decompose_structured", "realize_sumpool"])  # noqa: E731
+    _, runs = PassManager(passes()).run(model, ctx)
+    records = runs[1].records
+    assert {r.details["realization"] for r in records} == {"box"}
+    assert all(r.details["chosen_by"] == "measurement" for r in records)
+    distinct = len(calls)
+    assert 0 < distinct < len(records)  # one measurement per distinct layer shape
+    assert cache.is_file() and len(next(iter(json.loads(cache.read_text()).values()))) == distinct
+    _, runs = PassManager(passes()).run(model, ctx)
+    assert len(calls) == distinct  # nothing measured again
+    assert all(r.details["cached"] for r in runs[1].records)
+
+
+def test_autotune_cache_that_is_damaged_is_rebuilt(tmp_path):
+    from structexport.passes.autotune import AutotuneCache
+    path = tmp_path / "tune.json"
+    path.write_text("{not json")
+    cache = AutotuneCache(path)
+    assert cache.data == {}
+    cache.put("m", "k", {"choice": "box", "ms": {}})
+    cache.save()
+    assert AutotuneCache(path).get("m", "k")["choice"] == "box"

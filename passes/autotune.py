@@ -1,0 +1,82 @@
+"""Measured choice of a sum-pool realization, cached per target, machine and layer shape.
+
+For each decomposed layer the candidate realizations are exported as a one-layer ONNX
+model (sum-pool + small conv) and timed under ONNX Runtime, interleaved; the fastest
+wins. Results are kept in a JSON cache so converting again does not measure again.
+The key holds everything the timing depends on: target, ONNX Runtime version, CPU model,
+threads, and the layer's channels, window, padding, groups, small-conv shape and input size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CANDIDATES = ("cumsum", "banded", "box")
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "structexport" / "sumpool-autotune.json"
+
+
+def _machine_key(target: str, threads: int) -> str:
+    import onnxruntime as ort
+
+    from structexport.doctor import cpu_info
+    return f"{target}|ort {ort.__version__}|{cpu_info()['model']}|threads {threads}"
+
+
+def layer_key(layer: nn.Module, pool, size: tuple[int, int]) -> str:
+    conv = getattr(layer, "conv", None)
+    conv_shape = "x".join(map(str, conv.weight.shape)) + f"/s{conv.stride[0]}" if conv is not None else "-"
+    return (f"C{pool.channels} w{'x'.join(map(str, pool.window))} p{pool.padding} g{pool.groups} "
+            f"conv {conv_shape} in {size[0]}x{size[1]}")
+
+
+class AutotuneCache:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else default_cache_path()
+        try:
+            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            self.data = {}  # a damaged cache is rebuilt, never trusted
+
+    def get(self, machine: str, layer: str) -> dict | None:
+        return self.data.get(machine, {}).get(layer)
+
+    def put(self, machine: str, layer: str, entry: dict) -> None:
+        self.data.setdefault(machine, {})[layer] = entry
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
+            repeat: int = 30) -> dict[str, float]:
+    """Median milliseconds of ``layer`` with each candidate realization of ``pool``."""
+    from structexport.bench import _session, time_interleaved
+    from structexport.export import export_onnx
+    original = pool.realization
+    sessions = {}
+    x = torch.randn(in_shape, dtype=next(layer.parameters()).dtype)
+    with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
+        try:
+            for cand in CANDIDATES:
+                pool.realization = cand
+                path = Path(tmp) / f"{cand}.onnx"
+                export_onnx(layer, x.float(), path, simplify=False)
+                sessions[cand] = _session(path, threads)
+        finally:
+            pool.realization = original
+        stats = time_interleaved(sessions, x.float().numpy(), repeat, warmup=5)
+    return {cand: stats[cand]["median"] for cand in CANDIDATES}
