@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
