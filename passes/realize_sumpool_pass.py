@@ -3,7 +3,8 @@
 The realizations (see :mod:`structexport.layers.sumpool`) compute the same values; a
 cost model picks one per layer from its shape. The model counts element-wise passes over
 memory, dense 1x1 multiply-accumulates (cheap: a GEMM) and depthwise ones, with weights
-fitted by eye to ``benchmarks/sumpool_realizations.py`` on ONNX Runtime CPU (one thread).
+fitted to ``benchmarks/sumpool_realizations.py`` and ``--autotune`` timings on ONNX Runtime
+CPU (one thread).
 AveragePool-3D is the reference form: never chosen, 8-12x slower than the dense conv.
 ``ctx.options["sumpool_realization"]`` forces one realization for every layer;
 ``ctx.options["autotune"]`` chooses by measurement instead (:mod:`.autotune`), cached per
@@ -19,8 +20,10 @@ from structexport.layers.sumpool import REALIZATIONS, SumPool
 
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult, modules_of
 
-# Relative cost of one unit of each kind of work (element-wise element = 1).
-GEMM_MAC = 0.05
+# Relative cost of one unit of each kind of work (element-wise element = 1), fitted to
+# --autotune measurements of the ResNet-18 layers on an AVX2 CPU (docs/benchmarks.md):
+# there the running-sum channel pool ("box") beat the banded 1x1 GEMM at every shape.
+GEMM_MAC = 0.2
 DEPTHWISE_MAC = 1.0
 ELEMENTWISE_PASSES = 4  # a running sum along one axis: cumsum, two slices, subtract, concat
 
