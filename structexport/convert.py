@@ -243,7 +243,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
         manifest = {
             "structexport_manifest": 1,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(checkpoint), "sha256": loaded.sha256, "format": loaded.source_format,
+            "source": {"path": str(Path(checkpoint).resolve()), "sha256": loaded.sha256, "format": loaded.source_format,
                        "arch": loaded.arch, "family": parse_name(loaded.arch).family,
                        "stored_dtypes": loaded.stored_dtypes, "notes": loaded.notes,
                        "metadata": loaded.metadata},
