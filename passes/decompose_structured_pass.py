@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from structexport.layers import StructuredConv2d, StructuredLinear, box_window, project_to_structure
+from structexport.layers.common import dense_linear
 from structexport.layers.sumpool import SumPool
 
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult, modules_of, replace_module
@@ -137,12 +138,7 @@ class DecomposeStructuredPass(Pass):
         for name, layer in modules_of(module, StructuredLinear):
             alpha, residual = layer.decompose()
             pool = SumPool(layer.in_features, layer.window, 0, 1, realization)
-            linear = nn.Linear(layer.c, layer.out_features, bias=layer.bias is not None,
-                               dtype=alpha.dtype, device=alpha.device)
-            with torch.no_grad():
-                linear.weight.copy_(alpha.reshape(layer.out_features, layer.c))
-                if layer.bias is not None:
-                    linear.bias.copy_(layer.bias)
+            linear = dense_linear(alpha.reshape(layer.out_features, layer.c), layer.bias)
             replace_module(module, name, DecomposedStructuredLinear(pool, linear))
             records.append(LayerRecord(name, "decomposed", {
                 "structure": [layer.c], "residual": residual, "source": "structured linear"}))

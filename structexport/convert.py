@@ -8,7 +8,6 @@ manifest records the failure.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from structexport import __version__
 from structexport.analysis import count_params, layer_table
 from structexport.errors import StructExportError
 from structexport.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
-from structexport.loader import load_checkpoint
+from structexport.loader import file_sha256, load_checkpoint
 from structexport.models import input_shape as default_input_shape
 from structexport.models import parse_name
 
@@ -132,14 +131,6 @@ def _load_inputs(path: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         arr = arr.reshape(shape)
         out[f"user:{key}"] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -253,7 +244,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
             "export": export_info,
             "verification": verification.to_dict(),
             "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
-                                 "sha256": _sha256(staging / name)} for name, desc in artifacts.items()},
+                                 "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": _versions(),
         }

@@ -16,3 +16,15 @@ def dense_conv(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
         if bias is not None:
             conv.bias.copy_(bias)
     return conv
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` ``(out, in)`` (and ``bias``)."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear

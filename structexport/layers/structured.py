@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import dense_conv
+from .common import dense_conv, dense_linear
 
 MODES = ("coeff", "dense")
 
@@ -202,14 +202,8 @@ class StructuredLinear(_StructuredBase):
         return F.linear(x, self.dense_kernel().reshape(self.out_features, self.in_features), self.bias)
 
     def to_dense(self) -> nn.Linear:
-        kernel = self.dense_kernel()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=kernel.dtype, device=kernel.device)
-        with torch.no_grad():
-            lin.weight.copy_(kernel.reshape(self.out_features, self.in_features))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return dense_linear(self.dense_kernel().detach().reshape(self.out_features, self.in_features),
+                            self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
