@@ -93,8 +93,8 @@ def time_interleaved(sessions: dict[str, object], feed: np.ndarray, repeat: int,
     return {n: _stats(t) for n, t in times.items()}
 
 
-def _op_profile(path: Path, feed: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
-    """Milliseconds per run spent in each operator type (ONNX Runtime's profiler)."""
+def _profile_events(path: Path, feed: np.ndarray, threads: int, runs: int = 20) -> list[tuple[str, str, float]]:
+    """``(node name, operator, ms per run)`` from ONNX Runtime's profiler."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.enable_profiling = True
@@ -107,12 +107,49 @@ def _op_profile(path: Path, feed: np.ndarray, threads: int, runs: int = 20) -> d
         for _ in range(runs):
             session.run(None, {name: feed})
         events = json.loads(Path(session.end_profiling()).read_text())
-    per_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / runs
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    return [(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"), e["dur"] / 1e3 / runs)
+            for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+
+
+def _by(events, key) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for ev in events:
+        out[key(ev)] = out.get(key(ev), 0.0) + ev[2]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def per_layer_breakdown(source: nn.Module, shape, structured_onnx: Path, dense_onnx: Path,
+                        feed: np.ndarray, threads: int) -> list[dict]:
+    """Time and MACs per source layer, structured beside dense (ONNX nodes mapped back to
+    layers through the names of the weights they read; unmapped nodes under "(input)").
+    ORT's own layout nodes (NCHWc reorders) are not in the ONNX graph: listed as "(runtime)"."""
+    from structexport.analysis import layer_table
+    from structexport.costmodel import node_layers
+    rows = {r.name: r for r in layer_table(source, shape)}
+    layers = set(rows)
+    table = {}
+    for which, path in (("structured", structured_onnx), ("dense", dense_onnx)):
+        owners = node_layers(path, layers)
+        costs = {c.name: c for c in node_costs(path)}
+        for node, _op, ms in _profile_events(path, feed, threads):
+            layer = owners.get(node) or owners.get(node.removesuffix("_nchwc"), "(runtime)")
+            entry = table.setdefault(layer, {"layer": layer, "structured_ms": 0.0, "dense_ms": 0.0,
+                                             "structured_macs": 0, "dense_macs": 0})
+            entry[f"{which}_ms"] += ms
+        for name, cost in costs.items():
+            layer = owners.get(name, "(runtime)")
+            if layer in table:
+                table[layer][f"{which}_macs"] += cost.macs
+    out = []
+    for entry in table.values():
+        s_ms, d_ms = entry["structured_ms"], entry["dense_ms"]
+        entry["speedup_measured"] = d_ms / s_ms if s_ms else None
+        entry["speedup_theoretical"] = (entry["dense_macs"] / entry["structured_macs"]
+                                        if entry["structured_macs"] else None)
+        entry["realization_efficiency"] = (entry["speedup_measured"] / entry["speedup_theoretical"]
+                                           if entry["speedup_measured"] and entry["speedup_theoretical"] else None)
+        out.append(entry)
+    return sorted(out, key=lambda e: -e["dense_ms"])
 
 
 def machine() -> dict:
@@ -156,8 +193,12 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
     }
     if opts.per_layer:
         say("profiling")
-        result["per_op_ms"] = {"structured": _op_profile(structured_onnx, x.numpy(), opts.threads),
-                               "dense": _op_profile(dense_path, x.numpy(), opts.threads)}
+        feed = x.numpy()
+        result["per_op_ms"] = {
+            "structured": _by(_profile_events(structured_onnx, feed, opts.threads), lambda e: e[1]),
+            "dense": _by(_profile_events(dense_path, feed, opts.threads), lambda e: e[1])}
+        result["per_layer"] = per_layer_breakdown(source, shape, structured_onnx, dense_path,
+                                                  feed, opts.threads)
     return result
 
 

@@ -269,6 +269,16 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
               f"{result['machine']['cpu']['model']})")
     for which, ops in result.get("per_op_ms", {}).items():
         out.print(f"{which}: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(ops.items())[:8]))
+    if result.get("per_layer"):
+        layers = Table(title="per layer (ONNX Runtime profiler)", title_justify="left")
+        for col in ("layer", "structured ms", "dense ms", "measured", "theoretical", "efficiency"):
+            layers.add_column(col, justify="right" if col != "layer" else "left")
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        for e in result["per_layer"]:
+            layers.add_row(e["layer"], f"{e['structured_ms']:.3f}", f"{e['dense_ms']:.3f}",
+                           fmt(e["speedup_measured"], ".2f"), fmt(e["speedup_theoretical"], ".2f"),
+                           fmt(e["realization_efficiency"], ".2f"))
+        out.print(layers)
 
 
 def _render_convert(m: dict, outdir) -> None:

@@ -95,3 +95,59 @@ def node_costs(path: str | Path) -> list[NodeCost]:
 def totals(costs: list[NodeCost]) -> dict:
     return {"macs": sum(c.macs for c in costs), "adds": sum(c.adds for c in costs),
             "params": sum(c.params for c in costs), "nodes": len(costs)}
+
+
+# Weightless operators that prepare a layer's input (running sums, pads, reshapes): they
+# are attributed forward, to their consumer; activations and residual adds backward.
+FORWARD_OPS = {"CumSum", "Slice", "Sub", "Concat", "Pad", "Reshape", "AveragePool", "Gather",
+               "Transpose"}
+
+
+def node_layers(path: str | Path, layers: set[str]) -> dict[str, str]:
+    """Source layer of each ONNX node, by the names of the weights it reads.
+
+    The exporter names initializers after the torch parameters and buffers they come from
+    (``stage_1.0.conv_a.conv.weight``), so a node that reads one belongs to the longest
+    layer name in ``layers`` that prefixes it. A node that reads no weight belongs to the
+    layer it feeds (:data:`FORWARD_OPS`: a sum-pool's running sums, pads, reshapes) or to
+    the layer of the node producing its first input (activations, residual adds).
+    Output tensor names map too: ONNX Runtime names the nodes it rewrites after them.
+    """
+    import onnx
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    by_name: dict[str, str] = {}
+
+    def owner(name: str) -> str | None:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in layers:
+                return prefix
+        return None
+
+    def layer_of(node, depth: int = 0) -> str:
+        key = node.name or node.output[0]
+        if key in by_name:
+            return by_name[key]
+        found = next((o for o in (owner(i) for i in node.input if i in inits) if o), None)
+        if found is None and depth < 50 and node.op_type in FORWARD_OPS:
+            # data movement of a sum-pool belongs to the layer that consumes it
+            nxt = next((c for c in consumers.get(node.output[0], [])), None)
+            found = layer_of(nxt, depth + 1) if nxt is not None else None
+        if found is None and depth < 50:
+            src = next((producer[i] for i in node.input if i in producer), None)
+            found = layer_of(src, depth + 1) if src is not None else None
+        by_name[key] = found or "(unattributed)"
+        return by_name[key]
+
+    for node in model.graph.node:
+        layer = layer_of(node)
+        for out in node.output:  # runtimes name fused nodes after the tensor they produce
+            by_name.setdefault(out, layer)
+    return by_name

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -94,3 +95,31 @@ def test_bench_csg_has_theoretical_speedup_one():
 def test_bench_without_anything_is_a_clear_error():
     r = CliRunner().invoke(main, ["bench"])
     assert r.exit_code == 40 and "pass OUTDIR, a checkpoint, or --arch NAME" in r.stderr
+
+
+def test_onnx_nodes_map_back_to_source_layers(converted_struct):
+    """Weights carry their torch names through export: every conv of the converted graph
+    maps to its source layer, and a sum-pool's running sums to the layer they feed."""
+    from structexport.analysis import layer_table
+    from structexport.costmodel import node_layers
+    model, result = converted_struct
+    layers = {r.name for r in layer_table(model, (1, 3, 32, 32))}
+    path = result.outdir / "model.onnx"
+    owners = node_layers(path, layers)
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert {owners[n.name] for n in convs} == {r for r in layers if r != "classifier"}
+    for n in graph.node:
+        if n.op_type == "CumSum":
+            assert owners[n.name].startswith("stage_")
+
+
+def test_bench_per_layer_breakdown(tmp_path):
+    result = run_bench(None, "resnet20-struct-c2n2", BenchOptions(repeat=3, warmup=1, per_layer=True))
+    rows = {r["layer"]: r for r in result["per_layer"]}
+    assert "stage_2.1.conv_a" in rows and "conv_1_3x3" in rows
+    row = rows["stage_2.1.conv_a"]
+    assert row["speedup_theoretical"] == pytest.approx(4.5)
+    assert row["structured_ms"] > 0 and row["dense_ms"] > 0
+    assert rows["conv_1_3x3"]["speedup_theoretical"] == pytest.approx(1.0)
+    assert set(result["per_op_ms"]) == {"structured", "dense"}
