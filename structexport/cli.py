@@ -313,5 +313,21 @@ def _render_convert(m: dict, outdir) -> None:
     out.print(f"  {outdir}/manifest.json")
 
 
+def run() -> None:
+    """Console entry point: like ``main``, but a usage error is one ``error:`` line too."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "structexport"
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())} (see `{escape(command)} --help`)")
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())}")
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

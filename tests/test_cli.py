@@ -173,3 +173,15 @@ def test_inspect_missing_file_exits_10_with_one_line(tmp_path):
 def test_inspect_without_checkpoint_is_a_usage_error():
     result = invoke("inspect")
     assert result.exit_code == 2
+
+
+def test_console_script_usage_errors_are_one_line(repo_root):
+    """The installed `structexport` command reports usage errors like every other error."""
+    exe = Path(sys.executable).with_name("structexport")
+    for args, fragment in ((["convert"], "Missing argument 'CHECKPOINT'"),
+                           (["convrt"], "No such command 'convrt'"),
+                           (["zoo", "--bogus"], "No such option '--bogus'")):
+        proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
