@@ -308,6 +308,11 @@ def _render_convert(m: dict, outdir) -> None:
     out.print(f"verification {mark}: {len(v['checks'])} output checks on ONNX Runtime "
               f"(optimizations off), max abs diff {v['max_abs_diff']:.3g}, max rel diff "
               f"{v['max_rel_diff']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    tv = m.get("target_verification")
+    if tv:
+        mark = "[green]passed[/]" if tv["passed"] else "[red]FAILED[/]"
+        out.print(f"{m['target']} artifact {mark}: {len(tv['checks'])} output checks on {tv['runtime']}, "
+                  f"max abs diff {tv['max_abs_diff']:.3g} (atol {tv['atol']:g}, rtol {tv['rtol']:g})")
     for name, art in m["artifacts"].items():
         out.print(f"  {outdir}/{name}  {art['bytes']:,} bytes  {art['description']}")
     out.print(f"  {outdir}/manifest.json")

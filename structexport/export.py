@@ -158,33 +158,32 @@ def ort_session(path: Path, optimize: bool = False, threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],
-                precision: str = "fp32", atol: float | None = None, rtol: float | None = None
-                ) -> Verification:
-    """Compare ONNX Runtime (optimizations off) with ``reference`` (float32 or float64)."""
+def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], precision: str = "fp32",
+                  atol: float | None = None, rtol: float | None = None,
+                  runtime: str = "onnxruntime (graph optimizations off)") -> Verification:
+    """Compare ``run(x: np.ndarray) -> list[np.ndarray]`` with ``reference`` on every input:
+    per output, shapes first, then values; every failure is kept."""
     tol = TOLERANCES[precision]
     atol = tol["atol"] if atol is None else atol
     rtol = tol["rtol"] if rtol is None else rtol
-    session = ort_session(onnx_path, optimize=False)
-    in_meta = session.get_inputs()[0]
-    out_names = [o.name for o in session.get_outputs()]
     np_dtype = np.float16 if precision == "fp16" else np.float32
-    result = Verification(True, precision, atol, rtol, "onnxruntime (graph optimizations off)")
+    result = Verification(True, precision, atol, rtol, runtime)
     for label, x in inputs.items():
         with torch.no_grad():
             want = reference(x.to(next(reference.parameters()).dtype))
         wants = [want] if isinstance(want, torch.Tensor) else list(want)
         try:
-            gots = session.run(None, {in_meta.name: x.numpy().astype(np_dtype)})
+            gots = run(x.numpy().astype(np_dtype))
         except Exception as exc:
-            raise VerificationError(f"ONNX Runtime could not run the model on input {label} "
+            raise VerificationError(f"{runtime} could not run the model on input {label} "
                                     f"{list(x.shape)}: {(str(exc).splitlines() or [''])[0][:200]}",
                                     "check --input-shape and the --inputs file") from None
-        for name, w, g in zip(out_names, wants, gots):
+        for i, (w, g) in enumerate(zip(wants, gots)):
             w = w.detach().double().numpy()
             g = np.asarray(g, dtype=np.float64)
-            check = OutputCheck(label, name, list(w.shape) == list(g.shape), list(w.shape),
-                                list(g.shape), atol=atol, rtol=rtol)
+            check = OutputCheck(label, f"output{i}" if len(wants) > 1 else "output",
+                                list(w.shape) == list(g.shape), list(w.shape), list(g.shape),
+                                atol=atol, rtol=rtol)
             if check.shape_ok:
                 diff = np.abs(g - w)
                 check.max_abs_diff = float(diff.max()) if diff.size else 0.0
@@ -193,3 +192,13 @@ def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.T
             result.checks.append(check)
             result.passed &= check.passed
     return result
+
+
+def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],
+                precision: str = "fp32", atol: float | None = None, rtol: float | None = None
+                ) -> Verification:
+    """Compare ONNX Runtime (optimizations off) with ``reference`` (float32 or float64)."""
+    session = ort_session(onnx_path, optimize=False)
+    name = session.get_inputs()[0].name
+    return verify_runner(reference, lambda x: session.run(None, {name: x}), inputs, precision,
+                         atol, rtol)

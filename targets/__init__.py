@@ -1,14 +1,15 @@
 """Target backends (installed as ``structexport.targets``): one interface for all.
 
-Today: ``onnx`` and ``ort-cpu``. Apache TVM targets (x86, 64-bit ARM, CUDA) arrive with the
-TVM work and register here the same way.
+Today: ``onnx``, ``ort-cpu`` and ``tvm-llvm`` (this host, untuned). The other Apache TVM
+targets (64-bit ARM, CUDA) register here the same way.
 """
 from structexport.errors import StructExportError
 
 from .base import Target
 from .onnx_targets import OnnxTarget, OrtCpuTarget
+from .tvm_targets import TvmLlvmTarget
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget())}
+TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget())}
 
 
 class UnknownTargetError(StructExportError):

@@ -18,3 +18,8 @@ class Target:
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         """Write target-specific files into ``outdir``; returns {file name: what it is}."""
         return {}
+
+    def verify(self, outdir: Path, reference, inputs, precision, atol, rtol):
+        """Run the target's own artifact against the source model (a ``Verification``), or
+        return None when the ONNX verification already covers what the target runs."""
+        return None

@@ -245,3 +245,20 @@ def test_fp16_precision_exports_half_and_verifies_with_fp16_tolerances(tmp_path)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert result.manifest["precision"] == "fp16"
     assert 0 < v["max_abs_diff"] < 2e-2
+
+
+def test_tvm_llvm_target_builds_a_library_that_verifies_on_the_host(tmp_path):
+    import tvm
+    from tvm import relax
+    result = convert(SMALL, tmp_path / "o", "resnet20", ConvertOptions(target="tvm-llvm"))
+    m = result.manifest
+    assert m["verification"]["passed"] and m["target_verification"]["passed"]
+    assert m["target_verification"]["max_abs_diff"] < 1e-4
+    assert "TVM" in m["target_verification"]["runtime"]
+    assert json.loads((tmp_path / "o" / "tvm_target.json").read_text()) == {"kind": "llvm"}
+    # the library runs on its own and reproduces the reference implementation
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "o" / "model.so")), tvm.cpu())
+    x = _cifar_like(1)
+    got = torch.from_numpy(vm["main"](tvm.runtime.tensor(x.numpy())).numpy()).double()
+    want = R.forward(R.raw_state(FIXTURES / "resnet20-csg-16x16x3x3-72.t7"), x, torch.float64)
+    assert float((got - want).norm() / want.norm()) < 1e-4
