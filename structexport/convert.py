@@ -68,7 +68,8 @@ class ConvertResult:
     @property
     def verified(self) -> bool:
         target = self.manifest.get("target_verification")
-        return bool(self.manifest["verification"]["passed"]) and (target is None or bool(target["passed"]))
+        return bool(self.manifest["verification"]["passed"]) and (
+            target is None or target["passed"] is None or bool(target["passed"]))
 
 
 def _check_outdir(outdir: Path) -> list[Path]:
@@ -231,7 +232,12 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
         artifacts.update(target.write_artifacts(onnx_path, staging))
         timings["target"] = time.perf_counter() - t
         target_verification = target.verify(staging, source, inputs, opts.precision, opts.atol, opts.rtol)
-        if target_verification is not None and not target_verification.passed and not opts.force:
+        if isinstance(target_verification, str):  # could not run here: say so in the manifest
+            target_check = {"passed": None, "skipped": target_verification}
+        else:
+            target_check = target_verification.to_dict() if target_verification else None
+        if target_verification is not None and not isinstance(target_verification, str) \
+                and not target_verification.passed and not opts.force:
             raise VerificationError(f"{target.name} artifact failed verification: "
                                     f"{target_verification.summary()}",
                                     "nothing was written; pass --force to keep the artifact")
@@ -249,7 +255,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
             "before": _totals(source, shape), "after": _totals(rewritten, shape),
             "export": export_info,
             "verification": verification.to_dict(),
-            "target_verification": target_verification.to_dict() if target_verification else None,
+            "target_verification": target_check,
             "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
                                  "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},

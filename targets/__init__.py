@@ -1,15 +1,15 @@
 """Target backends (installed as ``structexport.targets``): one interface for all.
 
-Today: ``onnx``, ``ort-cpu`` and ``tvm-llvm`` (this host, untuned). The other Apache TVM
-targets (64-bit ARM, CUDA) register here the same way.
+Today: ``onnx``, ``ort-cpu``, ``tvm-llvm`` (this host) and ``tvm-cuda`` (compiles anywhere,
+verifies where a GPU is), TVM ones untuned. ``tvm-arm`` registers here the same way.
 """
 from structexport.errors import StructExportError
 
 from .base import Target
 from .onnx_targets import OnnxTarget, OrtCpuTarget
-from .tvm_targets import TvmLlvmTarget
+from .tvm_targets import TvmCudaTarget, TvmLlvmTarget
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget())}
+TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget(), TvmCudaTarget())}
 
 
 class UnknownTargetError(StructExportError):

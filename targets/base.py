@@ -20,6 +20,7 @@ class Target:
         return {}
 
     def verify(self, outdir: Path, reference, inputs, precision, atol, rtol):
-        """Run the target's own artifact against the source model (a ``Verification``), or
-        return None when the ONNX verification already covers what the target runs."""
+        """Run the target's own artifact against the source model (a ``Verification``); a
+        string says why it could not run here (no such device); None when the ONNX
+        verification already covers what the target runs."""
         return None

@@ -1,4 +1,5 @@
-"""Apache TVM targets. Today: ``tvm-llvm``, this host's CPU, untuned.
+"""Apache TVM targets. Today: ``tvm-llvm`` (this host's CPU) and ``tvm-cuda`` (compiles on
+any machine, runs and verifies where a CUDA GPU is), both untuned.
 
 The verified ONNX model is imported with TVM's Relax ONNX frontend, compiled with
 ``tvm.compile`` and exported as a shared library; the library is then loaded back and run
@@ -51,6 +52,9 @@ class TvmLlvmTarget(Target):
     def tvm_target(self) -> dict:
         return {"kind": "llvm"}
 
+    def _target(self, tvm):
+        return tvm.target.Target(self.tvm_target())
+
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         import onnx
         tvm, relax = _tvm()
@@ -58,7 +62,7 @@ class TvmLlvmTarget(Target):
         try:
             with _quiet_native_stderr():
                 mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
-                executable = tvm.compile(mod, target=tvm.target.Target(self.tvm_target()))
+                executable = tvm.compile(mod, target=self._target(tvm))
                 executable.export_library(str(outdir / self.library))
         except Exception as exc:
             raise TvmError(f"TVM could not compile the model: {type(exc).__name__}: "
@@ -67,14 +71,34 @@ class TvmLlvmTarget(Target):
         return {self.library: f"TVM library for {json.dumps(self.tvm_target())} (untuned)",
                 "tvm_target.json": "the TVM target the library was built for"}
 
+    def _device(self, tvm):
+        return tvm.cpu()
+
     def verify(self, outdir: Path, reference, inputs, precision, atol, rtol):
         from structexport.export import verify_runner
         tvm, relax = _tvm()
+        device = self._device(tvm)
+        if not device.exist:
+            return f"not run: no {device} on this machine; the library runs where one is"
         with _quiet_native_stderr():
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / self.library)), tvm.cpu())
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / self.library)), device)
 
         def run(x):
-            out = vm["main"](tvm.runtime.tensor(x))
+            out = vm["main"](tvm.runtime.tensor(x, device=device))
             return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
         return verify_runner(reference, run, inputs, precision, atol, rtol,
-                             runtime=f"TVM VM, {self.library} on this host")
+                             runtime=f"TVM VM, {self.library} on {device}")
+
+
+class TvmCudaTarget(TvmLlvmTarget):
+    name = "tvm-cuda"
+    description = "Apache TVM for NVIDIA GPUs (CUDA, sm_80 by default), untuned: model.so"
+
+    def tvm_target(self) -> dict:
+        return {"kind": "cuda", "arch": "sm_80"}
+
+    def _target(self, tvm):
+        return tvm.target.Target(self.tvm_target(), host={"kind": "llvm"})
+
+    def _device(self, tvm):
+        return tvm.cuda(0)

@@ -262,3 +262,17 @@ def test_tvm_llvm_target_builds_a_library_that_verifies_on_the_host(tmp_path):
     got = torch.from_numpy(vm["main"](tvm.runtime.tensor(x.numpy())).numpy()).double()
     want = R.forward(R.raw_state(FIXTURES / "resnet20-csg-16x16x3x3-72.t7"), x, torch.float64)
     assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_tvm_cuda_target_compiles_here_and_verifies_where_a_gpu_is(tmp_path):
+    import tvm
+    result = convert(SMALL, tmp_path / "o", "resnet20", ConvertOptions(target="tvm-cuda"))
+    m = result.manifest
+    assert json.loads((tmp_path / "o" / "tvm_target.json").read_text())["kind"] == "cuda"
+    assert (tmp_path / "o" / "model.so").stat().st_size == m["artifacts"]["model.so"]["bytes"] > 0
+    if tvm.cuda(0).exist:
+        assert m["target_verification"]["passed"] is True
+    else:  # recorded as not run, never as passed
+        assert m["target_verification"]["passed"] is None
+        assert "no cuda" in m["target_verification"]["skipped"]
+    assert result.verified
