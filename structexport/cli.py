@@ -320,6 +320,10 @@ def _render_convert(m: dict, outdir) -> None:
     out.print(f"  {outdir}/manifest.json")
 
 
+# Commands that live in their own modules (they import out, err and _fail_cleanly from here).
+# Add one line per module here, below this comment.
+
+
 def run() -> None:
     """Console entry point: like ``main``, but a usage error is one ``error:`` line too."""
     try:

@@ -63,7 +63,31 @@ class GeneratorMismatchError(StructExportError):
     exit_code, kind = 20, "generator-mismatch"
 
 
+# Devices and toolchains (TVM targets, RPC, the emulated aarch64 device).
+class DeviceUnreachableError(StructExportError):
+    exit_code, kind = 42, "device-unreachable"
+
+
+class DeviceLostError(StructExportError):
+    """The device answered, then died or stopped answering mid-run."""
+    exit_code, kind = 43, "device-lost"
+
+
+class CrossCompilerMissingError(StructExportError):
+    exit_code, kind = 44, "cross-compiler-missing"
+
+
+class EmulatorError(StructExportError):
+    """The emulated aarch64 device cannot be installed or started."""
+    exit_code, kind = 45, "emulator-failed"
+
+
+class TuningError(StructExportError):
+    exit_code, kind = 46, "tuning-failed"
+
+
 ALL_ERRORS = [PathNotFoundError, IsADirectoryCheckpointError, EmptyFileError, NotACheckpointError,
               CorruptCheckpointError, UnsafeCheckpointError, ArchitectureMismatchError,
               ShapeMismatchError, NonFiniteWeightsError, UnknownArchitectureError,
-              GeneratorMismatchError]
+              GeneratorMismatchError, DeviceUnreachableError, DeviceLostError,
+              CrossCompilerMissingError, EmulatorError, TuningError]

@@ -134,7 +134,9 @@ def test_error_classes_have_distinct_documented_exit_codes():
         "PathNotFoundError": 10, "IsADirectoryCheckpointError": 11, "EmptyFileError": 12,
         "NotACheckpointError": 13, "CorruptCheckpointError": 14, "UnsafeCheckpointError": 15,
         "ArchitectureMismatchError": 16, "ShapeMismatchError": 17, "NonFiniteWeightsError": 18,
-        "UnknownArchitectureError": 19, "GeneratorMismatchError": 20}
+        "UnknownArchitectureError": 19, "GeneratorMismatchError": 20,
+        "DeviceUnreachableError": 42, "DeviceLostError": 43, "CrossCompilerMissingError": 44,
+        "EmulatorError": 45, "TuningError": 46}
     assert all(issubclass(cls, E.StructExportError) for cls in E.ALL_ERRORS)
     assert str(E.CorruptCheckpointError("bad", "fix it")) == "bad (fix it)"
     assert str(E.CorruptCheckpointError("bad")) == "bad"
