@@ -135,6 +135,44 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
         render_inspection(report, out)
 
 
+def device_options(fn):
+    """--rpc / --tracker / --key / --rpc-timeout: where a TVM library runs (one code path)."""
+    for decorator in reversed([
+        click.option("--rpc", metavar="HOST:PORT", help="Run on the device whose TVM RPC server "
+                     "listens there (e.g. the emulated one: structexport device start-emulated-arm)."),
+        click.option("--tracker", metavar="HOST:PORT", help="Ask this TVM RPC tracker (a device farm) "
+                     "for a device of kind --key."),
+        click.option("--key", metavar="KEY", help="Device kind to request from --tracker."),
+        click.option("--rpc-timeout", type=click.FloatRange(1, 86400), default=900, show_default=True,
+                     help="Seconds an RPC session may last before it is ended as hung."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def tvm_build_options(fn):
+    """--tvm-target / --tvm-preset / --tune-trials / --tuning-db (TVM targets only)."""
+    from structexport.targets import ARM_PRESETS
+    for decorator in reversed([
+        click.option("--tvm-preset", type=click.Choice(sorted(ARM_PRESETS)),
+                     help="Board preset for --target tvm-arm (default: any aarch64 with NEON)."),
+        click.option("--tvm-target", metavar="JSON", help="TVM target as JSON, overriding the "
+                     "target's default and --tvm-preset, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}'."),
+        click.option("--tune-trials", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+                     help="MetaSchedule trials in all (0: untuned). Tasks already in the tuning "
+                          "database are not tuned again."),
+        click.option("--tuning-db", type=click.Path(file_okay=False, path_type=str),
+                     help="Tuning database folder (default ~/.cache/structexport/tvm-tuning)."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _device_spec(rpc, tracker, key, rpc_timeout):
+    from structexport.rpc import parse_device
+    return parse_device(rpc, tracker, key, rpc_timeout)
+
+
 def _declared_structures(values) -> dict:
     """``GLOB=c2n2|c1n2|CxN`` -> {glob: spec}."""
     out = {}
@@ -186,11 +224,14 @@ def _declared_structures(values) -> dict:
               help="Largest relative residual a declared layer may have.")
 @click.option("--trust-pickle", is_flag=True, help="Allow arbitrary unpickling (trusted files only).")
 @click.option("--allow-torchscript", is_flag=True, help="Allow TorchScript archives (trusted files only).")
+@tvm_build_options
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
 @_fail_cleanly
 def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
+            tvm_preset, tvm_target, tune_trials, tuning_db, rpc, tracker, key, rpc_timeout,
             as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write OUTDIR/model.onnx and OUTDIR/manifest.json."""
@@ -205,7 +246,10 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
         target=target, input_shape=input_shape, precision=precision,
         passes=[p.strip() for p in passes.split(",") if p.strip()] if passes else None,
         skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
-        pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript)
+        pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
+        target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
+                        "device": _device_spec(rpc, tracker, key, rpc_timeout),
+                        "tune_trials": tune_trials, "tuning_db": tuning_db})
     with err.status("converting", spinner="dots") as status:
         result = run_convert(checkpoint, outdir, arch, options,
                              progress=lambda stage: status.update(f"converting: {stage}"))
@@ -315,6 +359,15 @@ def _render_convert(m: dict, outdir) -> None:
         mark = "[green]passed[/]" if tv["passed"] else "[red]FAILED[/]"
         out.print(f"{m['target']} artifact {mark}: {len(tv['checks'])} output checks on {tv['runtime']}, "
                   f"max abs diff {tv['max_abs_diff']:.3g} (atol {tv['atol']:g}, rtol {tv['rtol']:g})")
+    build = m.get("target_build") or {}
+    if build.get("tuning"):
+        tu = build["tuning"]
+        out.print(f"tuning: {tu['trials_run']} MetaSchedule trials run on {tu['measured_on']} "
+                  f"({tu['tasks_from_database']} of {tu['tasks']} tasks from the database "
+                  f"{tu['database']}), {tu['seconds']:.0f} s")
+    if (m.get("device") or {}).get("emulated"):
+        out.print("device: emulated aarch64 (qemu user mode) -- it proves the library runs and is "
+                  "correct; its timings are not ARM latency")
     for name, art in m["artifacts"].items():
         out.print(f"  {outdir}/{name}  {art['bytes']:,} bytes  {art['description']}")
     out.print(f"  {outdir}/manifest.json")
@@ -322,6 +375,7 @@ def _render_convert(m: dict, outdir) -> None:
 
 # Commands that live in their own modules (they import out, err and _fail_cleanly from here).
 # Add one line per module here, below this comment.
+from structexport.cli_regress import regress as _regress; main.add_command(_regress)  # noqa: E402
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from structexport import __version__
 from structexport.analysis import count_params, layer_table
-from structexport.errors import StructExportError
+from structexport.errors import DeviceLostError, DeviceUnreachableError, StructExportError
 from structexport.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
 from structexport.loader import file_sha256, load_checkpoint
 from structexport.models import input_shape as default_input_shape
@@ -56,6 +56,9 @@ class ConvertOptions:
     random_inputs: int = 3
     seed: int = 0
     pass_options: dict = field(default_factory=dict)
+    # TVM targets: tvm_target (JSON), tvm_preset, device (a structexport.rpc.DeviceSpec),
+    # tune_trials, tuning_db.
+    target_options: dict = field(default_factory=dict)
     trust_pickle: bool = False
     allow_torchscript: bool = False
 
@@ -139,7 +142,8 @@ def _versions() -> dict:
     from structexport.doctor import _version
     return {"structexport": __version__, "torch": torch.__version__,
             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
-            "onnxsim": _version("onnxsim"), "onnxscript": _version("onnxscript")}
+            "onnxsim": _version("onnxsim"), "onnxscript": _version("onnxscript"),
+            "apache-tvm": _version("apache-tvm"), "apache-tvm-ffi": _version("apache-tvm-ffi")}
 
 
 def _totals(model: nn.Module, shape) -> dict:
@@ -169,7 +173,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
     outdir = Path(outdir)
-    target = get_target(opts.target)
+    target = get_target(opts.target, dict(opts.target_options, progress=say, final_outdir=str(outdir)))
     if opts.precision not in TOLERANCES:
         raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32 or fp16")
     missing_parents = _check_outdir(outdir)
@@ -229,9 +233,24 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
         say("target")
         t = time.perf_counter()
         artifacts = {"model.onnx": "the verified ONNX model"}
-        artifacts.update(target.write_artifacts(onnx_path, staging))
-        timings["target"] = time.perf_counter() - t
-        target_verification = target.verify(staging, source, inputs, opts.precision, opts.atol, opts.rtol)
+        device_lost: StructExportError | None = None
+        with target.device_scope(say) as device:
+            if hasattr(target, "options"):
+                target.options["device"] = device
+            artifacts.update(target.write_artifacts(onnx_path, staging))
+            timings["target"] = time.perf_counter() - t
+            t = time.perf_counter()
+            say(f"verify on {device.describe()}" if hasattr(device, "describe") else "verify target artifact")
+            try:
+                target_verification = target.verify(staging, source, inputs, opts.precision,
+                                                    opts.atol, opts.rtol)
+            except (DeviceUnreachableError, DeviceLostError) as exc:
+                # The artifact is built and the ONNX model verified: keep them, record that
+                # the device check did not run, and report the device error after writing.
+                device_lost = exc
+                target_verification = f"not run: {exc.message}"
+            if target_verification is not None:
+                timings["target_verify"] = time.perf_counter() - t
         if isinstance(target_verification, str):  # could not run here: say so in the manifest
             target_check = {"passed": None, "skipped": target_verification}
         else:
@@ -251,6 +270,8 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
                        "stored_dtypes": loaded.stored_dtypes, "notes": loaded.notes,
                        "metadata": loaded.metadata},
             "target": target.name, "precision": opts.precision, "input_shape": list(shape),
+            "target_build": target.build_info or None,
+            "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
             "before": _totals(source, shape), "after": _totals(rewritten, shape),
             "export": export_info,
@@ -263,6 +284,10 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_in(staging, outdir)
+        if device_lost is not None:
+            raise type(device_lost)(device_lost.message,
+                                    f"{outdir} holds the built artifact, verified under ONNX Runtime "
+                                    "but not on the device; run the conversion again when the device is back")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

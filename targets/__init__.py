@@ -1,25 +1,28 @@
 """Target backends (installed as ``structexport.targets``): one interface for all.
 
-Today: ``onnx``, ``ort-cpu``, ``tvm-llvm`` (this host) and ``tvm-cuda`` (compiles anywhere,
-verifies where a GPU is), TVM ones untuned. ``tvm-arm`` registers here the same way.
+``onnx``, ``ort-cpu``, ``tvm-llvm`` (this host), ``tvm-arm`` (64-bit ARM, cross-compiled,
+verified over RPC) and ``tvm-cuda`` (compiles anywhere, verifies where a GPU is).
 """
 from structexport.errors import StructExportError
 
 from .base import Target
 from .onnx_targets import OnnxTarget, OrtCpuTarget
-from .tvm_targets import TvmCudaTarget, TvmLlvmTarget
+from .tvm_targets import ARM_PRESETS, TvmArmTarget, TvmCudaTarget, TvmLlvmTarget
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget(), TvmCudaTarget())}
+TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget(),
+                                                  TvmArmTarget(), TvmCudaTarget())}
 
 
 class UnknownTargetError(StructExportError):
     exit_code, kind = 35, "unknown-target"
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, options: dict | None = None) -> Target:
+    """The target called ``name``, configured with per-run ``options`` (TVM: tvm_target,
+    tvm_preset, device, tune_trials, tuning_db, progress)."""
     if name not in TARGETS:
         raise UnknownTargetError(f"unknown target {name!r}", f"choose one of {', '.join(TARGETS)}")
-    return TARGETS[name]
+    return TARGETS[name].configure(dict(options or {}))
 
 
-__all__ = ["TARGETS", "Target", "get_target", "UnknownTargetError"]
+__all__ = ["TARGETS", "ARM_PRESETS", "Target", "get_target", "UnknownTargetError"]

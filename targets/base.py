@@ -1,8 +1,22 @@
-"""One interface for every target: what the target needs from the passes, and what it
-writes beside the verified ``model.onnx``."""
+"""One interface for every target: what the target needs from the passes, what it writes
+beside the verified ``model.onnx``, the device it verifies on, and how it checks its own
+artifact."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+from structexport.errors import StructExportError
+
+
+class TargetOptionError(StructExportError):
+    exit_code, kind = 2, "usage"
+
+
+# Options only the TVM targets understand (the CLI flag that sets each).
+TVM_ONLY_OPTIONS = {"tvm_target": "--tvm-target", "tvm_preset": "--tvm-preset",
+                    "device": "--rpc/--tracker", "tune_trials": "--tune-trials",
+                    "tuning_db": "--tuning-db"}
 
 
 class Target:
@@ -10,10 +24,25 @@ class Target:
     description = ""
     # Whether the target's runtime folds batch norm into convs itself.
     folds_batchnorm = False
+    build_info: dict = {}
+
+    def configure(self, options: dict) -> "Target":
+        """A copy of this target set up with per-run options (TVM targets take some)."""
+        given = [flag for key, flag in TVM_ONLY_OPTIONS.items() if options.get(key)]
+        if given:
+            raise TargetOptionError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for the "
+                                    f"TVM targets, not {self.name}",
+                                    "use --target tvm-llvm, tvm-arm or tvm-cuda")
+        return self
 
     def default_passes(self) -> list[str]:
         from structexport.passes import PIPELINE
         return [p for p in PIPELINE if not (p == "fold_batchnorm" and self.folds_batchnorm)]
+
+    @contextlib.contextmanager
+    def device_scope(self, progress=None):
+        """The device the artifact is verified on for this run (None: this host)."""
+        yield None
 
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         """Write target-specific files into ``outdir``; returns {file name: what it is}."""

@@ -1,18 +1,24 @@
-"""Apache TVM targets. Today: ``tvm-llvm`` (this host's CPU) and ``tvm-cuda`` (compiles on
-any machine, runs and verifies where a CUDA GPU is), both untuned.
+"""Apache TVM targets: ``tvm-llvm`` (this host's CPU), ``tvm-arm`` (64-bit ARM with NEON,
+cross-compiled, with board presets) and ``tvm-cuda`` (compiles on any machine, runs where a
+CUDA GPU is).
 
 The verified ONNX model is imported with TVM's Relax ONNX frontend, compiled with
-``tvm.compile`` and exported as a shared library; the library is then loaded back and run
-on the same inputs as the ONNX verification, against the PyTorch source model.
+``tvm.compile`` -- or, with ``--tune-trials N``, tuned with MetaSchedule and compiled with
+its database -- and exported as a shared library. The library is then loaded on its
+device (this host, or a device over TVM's RPC: ``--rpc``, ``--tracker``, or for ARM the
+emulated aarch64 device by default) and run on the same inputs as the ONNX verification,
+against the PyTorch source model.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
-from structexport.errors import StructExportError
+from structexport.errors import CrossCompilerMissingError, StructExportError
 
 from .base import Target
 
@@ -21,9 +27,42 @@ class TvmError(StructExportError):
     exit_code, kind = 41, "tvm-failed"
 
 
+class TvmTargetSpecError(StructExportError):
+    exit_code, kind = 2, "usage"
+
+
+CROSS_CXX = "aarch64-linux-gnu-g++"
+
+# Board presets for --target tvm-arm (--tvm-preset NAME). LLVM CPU names; NEON everywhere.
+ARM_PRESETS: dict[str, dict] = {
+    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    "rpi4": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
+             "mattr": ["+neon"], "num-cores": 4},
+    "rpi5": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+             "mattr": ["+neon", "+dotprod", "+fullfp16"], "num-cores": 4},
+    "jetson-orin-cpu": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae",
+                        "mattr": ["+neon", "+dotprod", "+fullfp16"], "num-cores": 12},
+    "graviton2": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1",
+                  "mattr": ["+neon", "+dotprod", "+fullfp16"]},
+    "graviton3": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1",
+                  "mattr": ["+neon", "+sve", "+dotprod", "+fullfp16"]},
+}
+PRESET_DESCRIPTIONS = {
+    "aarch64": "any 64-bit ARM CPU with NEON (the default)",
+    "rpi4": "Raspberry Pi 4 (Cortex-A72, 4 cores)",
+    "rpi5": "Raspberry Pi 5 (Cortex-A76, 4 cores)",
+    "jetson-orin-cpu": "NVIDIA Jetson AGX Orin's CPU (Cortex-A78AE, 12 cores)",
+    "graviton2": "AWS Graviton2 (Neoverse N1)",
+    "graviton3": "AWS Graviton3 (Neoverse V1, SVE)",
+}
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """TVM's C++ runtime logs warnings straight to file descriptor 2."""
+    if os.environ.get("STRUCTEXPORT_TVM_LOG"):
+        yield
+        return
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
@@ -44,61 +83,183 @@ def _tvm():
     return tvm, relax
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
 class TvmLlvmTarget(Target):
     name = "tvm-llvm"
-    description = "Apache TVM for this host's CPU (LLVM), untuned: model.so"
+    description = "Apache TVM for this host's CPU (LLVM): model.so"
     library = "model.so"
+    device_kind = "cpu"
 
-    def tvm_target(self) -> dict:
+    def __init__(self, options: dict | None = None):
+        self.options = dict(options or {})
+        self.build_info: dict = {}
+
+    def configure(self, options: dict) -> "TvmLlvmTarget":
+        configured = copy.copy(self)
+        configured.options = {k: v for k, v in options.items() if v is not None}
+        configured.build_info = {}
+        configured.tvm_target()  # validate now, before any work
+        return configured
+
+    # ------------------------------------------------------------------ the TVM target
+    def default_tvm_target(self) -> dict:
         return {"kind": "llvm"}
 
+    def tvm_target(self) -> dict:
+        """``--tvm-target JSON`` wins over ``--tvm-preset``, which wins over the default."""
+        raw = self.options.get("tvm_target")
+        if raw:
+            try:
+                spec = json.loads(raw) if isinstance(raw, str) else dict(raw)
+            except json.JSONDecodeError as exc:
+                raise TvmTargetSpecError(f"--tvm-target is not JSON: {exc.msg} at column {exc.colno}",
+                                         'write it like \'{"kind": "llvm", "mcpu": "cortex-a72"}\'') from None
+            if not isinstance(spec, dict) or "kind" not in spec:
+                raise TvmTargetSpecError("--tvm-target must be a JSON object with a \"kind\"",
+                                         'e.g. \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}\'')
+            return spec
+        if self.options.get("tvm_preset"):
+            raise TvmTargetSpecError(f"--tvm-preset applies to --target tvm-arm, not {self.name}",
+                                     "use --tvm-target JSON to change this target")
+        return self.default_tvm_target()
+
     def _target(self, tvm):
-        return tvm.target.Target(self.tvm_target())
+        try:
+            return tvm.target.Target(self.tvm_target())
+        except Exception as exc:
+            raise TvmTargetSpecError(f"TVM does not accept the target {json.dumps(self.tvm_target())}: "
+                                     f"{_first_line(exc)}", "fix --tvm-target") from None
+
+    # ------------------------------------------------------------------ build
+    def _export(self, executable, path: Path) -> None:
+        executable.export_library(str(path))
+
+    def cross_compile(self) -> bool:
+        return False
 
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         import onnx
         tvm, relax = _tvm()
         from tvm.relax.frontend.onnx import from_onnx
+        target = self._target(tvm)
+        trials = int(self.options.get("tune_trials") or 0)
+        say = self.options.get("progress") or (lambda _m: None)
         try:
             with _quiet_native_stderr():
                 mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
-                executable = tvm.compile(mod, target=self._target(tvm))
-                executable.export_library(str(outdir / self.library))
+                if trials > 0:
+                    from structexport.tuning import tune_and_compile
+                    executable, tuning = tune_and_compile(
+                        mod, target, self.tvm_target(), trials, self.options.get("tuning_db"),
+                        device=self.options.get("device"), cross_compile=self.cross_compile(),
+                        progress=say)
+                    self.build_info["tuning"] = tuning.to_dict()
+                else:
+                    executable = tvm.compile(mod, target=target)
+                self._export(executable, outdir / self.library)
+        except StructExportError:
+            raise
         except Exception as exc:
-            raise TvmError(f"TVM could not compile the model: {type(exc).__name__}: "
-                           f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+            raise TvmError(f"TVM could not compile the model: {type(exc).__name__}: {_first_line(exc)}") from None
+        self.build_info["tvm_target"] = self.tvm_target()
+        self.build_info.setdefault("tuning", None)
         (outdir / "tvm_target.json").write_text(json.dumps(self.tvm_target()) + "\n")
-        return {self.library: f"TVM library for {json.dumps(self.tvm_target())} (untuned)",
+        tuned = (f"tuned, {self.build_info['tuning']['tasks']} tasks" if self.build_info["tuning"]
+                 else "untuned")
+        return {self.library: f"TVM library for {json.dumps(self.tvm_target())} ({tuned})",
                 "tvm_target.json": "the TVM target the library was built for"}
 
-    def _device(self, tvm):
-        return tvm.cpu()
+    # ------------------------------------------------------------------ run and verify
+    @contextlib.contextmanager
+    def device_scope(self, progress=None):
+        """The device to verify (and tune) on: ``--rpc``/``--tracker`` when given, else this host."""
+        yield self.options.get("device")
+
+    def _local_device_missing(self) -> str | None:
+        return None
 
     def verify(self, outdir: Path, reference, inputs, precision, atol, rtol):
         from structexport.export import verify_runner
-        tvm, relax = _tvm()
-        device = self._device(tvm)
-        if not device.exist:
-            return f"not run: no {device} on this machine; the library runs where one is"
+        from structexport.rpc import LoadedLibrary
+        _tvm()
+        device = self.options.get("device")
+        if isinstance(device, str):          # no device: the reason it was not run
+            return device
+        if device is None and (missing := self._local_device_missing()):
+            return missing
+        kept = self.options.get("final_outdir")
         with _quiet_native_stderr():
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / self.library)), device)
+            loaded = LoadedLibrary(outdir / self.library, device, self.device_kind, kept=kept)
+        where = device.describe() if device is not None else f"this host ({self.device_kind})"
+        return verify_runner(reference, loaded.run, inputs, precision, atol, rtol,
+                             runtime=f"TVM VM, {self.library} on {where}")
 
-        def run(x):
-            out = vm["main"](tvm.runtime.tensor(x, device=device))
-            return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
-        return verify_runner(reference, run, inputs, precision, atol, rtol,
-                             runtime=f"TVM VM, {self.library} on {device}")
+
+class TvmArmTarget(TvmLlvmTarget):
+    name = "tvm-arm"
+    description = ("Apache TVM for 64-bit ARM with NEON (cross-compiled; --tvm-preset rpi4, rpi5, "
+                   "jetson-orin-cpu, graviton2, graviton3): model.so, verified over RPC")
+
+    def default_tvm_target(self) -> dict:
+        return copy.deepcopy(ARM_PRESETS["aarch64"])
+
+    def tvm_target(self) -> dict:
+        preset = self.options.get("tvm_preset")
+        if preset and not self.options.get("tvm_target"):
+            if preset not in ARM_PRESETS:
+                raise TvmTargetSpecError(f"unknown --tvm-preset {preset!r}",
+                                         f"choose one of {', '.join(ARM_PRESETS)}, or pass --tvm-target JSON")
+            return copy.deepcopy(ARM_PRESETS[preset])
+        return super().tvm_target() if self.options.get("tvm_target") else self.default_tvm_target()
+
+    def cross_compile(self) -> bool:
+        return True
+
+    def _export(self, executable, path: Path) -> None:
+        from tvm.support import cc
+        executable.export_library(str(path), fcompile=cc.cross_compiler(CROSS_CXX))
+
+    def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
+        if not shutil.which(CROSS_CXX):
+            raise CrossCompilerMissingError(
+                f"the aarch64 cross compiler {CROSS_CXX} is not on PATH",
+                "install it with `apt-get install g++-aarch64-linux-gnu` or "
+                "`structexport device setup-emulated-arm`")
+        return super().write_artifacts(onnx_path, outdir)
+
+    @contextlib.contextmanager
+    def device_scope(self, progress=None):
+        """``--rpc``/``--tracker`` when given; else the emulated aarch64 device (the running
+        one, or one started for this run when it is installed); else why there is none."""
+        if self.options.get("device") is not None:
+            yield self.options["device"]
+            return
+        from structexport.rpc import default_device_for_arm
+        with default_device_for_arm(progress) as device:
+            yield device
 
 
 class TvmCudaTarget(TvmLlvmTarget):
     name = "tvm-cuda"
-    description = "Apache TVM for NVIDIA GPUs (CUDA, sm_80 by default), untuned: model.so"
+    description = "Apache TVM for NVIDIA GPUs (CUDA, sm_80 by default): model.so"
+    device_kind = "cuda"
 
-    def tvm_target(self) -> dict:
+    def default_tvm_target(self) -> dict:
         return {"kind": "cuda", "arch": "sm_80"}
 
     def _target(self, tvm):
-        return tvm.target.Target(self.tvm_target(), host={"kind": "llvm"})
+        try:
+            return tvm.target.Target(self.tvm_target(), host={"kind": "llvm"})
+        except Exception as exc:
+            raise TvmTargetSpecError(f"TVM does not accept the target {json.dumps(self.tvm_target())}: "
+                                     f"{_first_line(exc)}", "fix --tvm-target") from None
 
-    def _device(self, tvm):
-        return tvm.cuda(0)
+    def _local_device_missing(self) -> str | None:
+        tvm, _ = _tvm()
+        if not tvm.cuda(0).exist:
+            return "not run: no CUDA GPU on this machine; the library runs where one is"
+        return None

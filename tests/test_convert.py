@@ -274,5 +274,5 @@ def test_tvm_cuda_target_compiles_here_and_verifies_where_a_gpu_is(tmp_path):
         assert m["target_verification"]["passed"] is True
     else:  # recorded as not run, never as passed
         assert m["target_verification"]["passed"] is None
-        assert "no cuda" in m["target_verification"]["skipped"]
+        assert "no CUDA GPU" in m["target_verification"]["skipped"]
     assert result.verified
