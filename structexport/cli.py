@@ -375,6 +375,7 @@ def _render_convert(m: dict, outdir) -> None:
 
 # Commands that live in their own modules (they import out, err and _fail_cleanly from here).
 # Add one line per module here, below this comment.
+from structexport.cli_device import device as _device; main.add_command(_device)  # noqa: E402
 from structexport.cli_profile import profile as _profile; main.add_command(_profile)  # noqa: E402
 from structexport.cli_regress import regress as _regress; main.add_command(_regress)  # noqa: E402
 

@@ -55,3 +55,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def emulated_arm():
+    """A running emulated aarch64 device (TVM's RPC server under qemu): installed on first use
+    (apt + debootstrap + aarch64 wheels, ~2 min, then reused from the cache), started once per
+    session (~10-30 s) and stopped at its end -- unless one was already running, which is used
+    and left running. Yields a ``structexport.emulated_arm.EmulatedDevice``."""
+    from structexport import emulated_arm as emu
+    emu.ensure_installed()
+    with emu.temporary_device() as device:
+        yield device
