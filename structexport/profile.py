@@ -345,15 +345,21 @@ def onnx_node_layers(path: Path, layers: set[str]) -> dict[str, str]:
 
 
 def _ort_owner(path: Path, optimized: Path | None, layers):
-    """Profile node names are those of ONNX Runtime's optimized graph: map that graph, then
-    fall back to the exported graph (names ONNX Runtime kept, ``_nchwc`` suffixes dropped)."""
+    """Profile node names are those of ONNX Runtime's optimized graph. Its nodes that ONNX
+    Runtime kept or renamed after an exported node or tensor (``conv2d_44_nchwc``) take that
+    node's layer; the ones it added (layout reorders, whose weights it renamed too) follow
+    the rules of :func:`call_layers` from their neighbours in the optimized graph."""
     owners = onnx_node_layers(path, layers)
-    opt = onnx_node_layers(optimized, layers) if optimized and optimized.is_file() else {}
 
-    def owner(call: dict) -> str | None:
-        name = call["name"]
-        return opt.get(name) or owners.get(name) or owners.get(name.removesuffix("_nchwc"))
-    return owner
+    def exported(name: str, outputs=()) -> str | None:
+        return (owners.get(name) or owners.get(name.removesuffix("_nchwc"))
+                or next((owners[o] for o in outputs if o in owners), None))
+    opt: dict[str, str] = {}
+    if optimized and optimized.is_file():
+        calls = onnx_calls(optimized)
+        known = {i: layer for i, c in enumerate(calls) if (layer := exported(c["name"], c["outputs"]))}
+        opt = {c["name"]: layer for c, layer in zip(calls, call_layers(calls, layers, known)) if layer}
+    return lambda call: opt.get(call["name"]) or exported(call["name"])
 
 
 # ---- TVM (host)
@@ -426,19 +432,21 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
             "device": tvm.cpu(0), "target": target}
 
 
-def call_layers(calls: list[dict], layers: set[str]) -> list[str | None]:
+def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | None = None
+                ) -> list[str | None]:
     """Source layer of each call (a TVM PrimFunc call or an ONNX node, in execution order,
     each ``{"op", "weights", "inputs", "outputs"}``): by the weights it reads (the longest
     layer name that prefixes a weight's ONNX initializer name); else, for data movement
     (:data:`FORWARD_OPS`), the layer of a call that reads its output; else the layer of a
     call producing one of its inputs (activations, residual adds). Cycles through a
-    residual's shortcut are cut, and every input is tried, not only the first; None: none."""
+    residual's shortcut are cut, and every input is tried, not only the first; None: none.
+    ``known``: layers already known for some calls (by index), taken as they are."""
     producer = {o: i for i, c in enumerate(calls) for o in c["outputs"]}
     readers: dict[str, list[int]] = {}
     for i, c in enumerate(calls):
         for a in c["inputs"]:
             readers.setdefault(a, []).append(i)
-    memo: dict[int, str] = {}
+    memo: dict[int, str] = dict(known or {})
 
     def owner(name: str) -> str | None:
         parts = name.split(".")
