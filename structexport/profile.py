@@ -111,7 +111,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             measured = _measure_ort(src["onnx"], dense_onnx, feed, opts, say, work)
         else:
             measured = _measure_tvm(src["onnx"], dense_onnx, feed, opts, say,
-                                    tvm_target=src.get("tvm_target"))
+                                    tvm_target=src.get("tvm_target"), artifact=src["artifact"])
         peak = measure_peak(opts.threads) if opts.peak else None
         report = assemble(src, target, dense_onnx, measured, peak, opts)
         report["seconds"] = round(time.perf_counter() - started, 2)
@@ -130,7 +130,7 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
     from structexport.loader import load_checkpoint, save_checkpoint
     from structexport.models import build_model, input_shape, parse_name
     manifest_path = Path(path) / "manifest.json" if path else None
-    outdir = None
+    outdir, artifact, notes = None, None, []
     if manifest_path and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         ckpt, arch = manifest["source"]["path"], manifest["source"]["arch"]
@@ -149,6 +149,13 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
             outdir = Path(path)
             onnx_path, passes = outdir / "model.onnx", [p["name"] for p in manifest["passes"]]
             tvm_target = _read_json(outdir / "tvm_target.json")
+            if manifest["target"] == target == "tvm-llvm":
+                artifact = outdir / "model.so"
+            tuning = (manifest.get("target_build") or {}).get("tuning")
+            if tuning and target.startswith("tvm"):
+                notes.append(f"{outdir}/model.so was tuned ({tuning.get('tasks', '?')} tasks); the "
+                             "profiled builds are untuned, so per-layer times are the untuned "
+                             "kernels' (model.so's own latency is in the totals)")
         shape = wanted
     else:
         if path:
@@ -181,7 +188,7 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
         tvm_target = _read_json(result.outdir / "tvm_target.json")
     return {"source": source, "arch": arch, "checkpoint": str(ckpt), "outdir": str(outdir) if outdir else None,
             "target": target, "shape": tuple(shape), "onnx": onnx_path, "passes": passes,
-            "tvm_target": tvm_target}
+            "tvm_target": tvm_target, "artifact": artifact, "notes": notes}
 
 
 def _compatible(converted: str, wanted: str) -> bool:
@@ -481,7 +488,9 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
 
 
 def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
-                 tvm_target: dict | None = None) -> dict:
+                 tvm_target: dict | None = None, artifact: Path | None = None) -> dict:
+    """``artifact``: the OUTDIR's model.so, timed beside the two profiled builds (it is not
+    profiled itself: its weights are baked-in constants, without names)."""
     tvm, relax = _tvm_modules()
     from structexport.targets.tvm_targets import _quiet_native_stderr
     say("compile for TVM (weights as inputs, to map calls to layers)")
@@ -495,12 +504,19 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
         args[n] = [tvm.runtime.tensor(feed, device=dev)] + [
             tvm.runtime.tensor(w.numpy(), device=dev) for w in p["weights"]]
     names = list(vms)
+    timed = dict(vms)
+    if artifact is not None and artifact.is_file():
+        dev = programs["structured"]["device"]
+        with _quiet_native_stderr():
+            timed["artifact"] = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), dev)
+        args["artifact"] = args["structured"][:1]
+    order = list(timed)
     say(f"timing ({opts.repeat} interleaved runs)")
-    times = {n: [] for n in names}
+    times = {n: [] for n in order}
     for i in range(opts.warmup + opts.repeat):
-        for n in (names if i % 2 == 0 else names[::-1]):
+        for n in (order if i % 2 == 0 else order[::-1]):
             start = time.perf_counter()
-            vms[n]["main"](*args[n])
+            timed[n]["main"](*args[n])
             if i >= opts.warmup:
                 times[n].append(time.perf_counter() - start)
     from structexport.bench import _stats
@@ -673,6 +689,8 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
                              "kernels_ms": kernels, "unmapped_ms": sum(lost.values()),
                              "outside_ms": m["profiled_ms"] - kernels, "runs_kept": m["runs_kept"],
                              "calls": len(m["calls"]), "macs": t["macs"], "adds": t["adds"]}
+        if which == "structured" and "artifact" in measured["latency"]:
+            totals_out[which]["artifact_latency_ms"] = measured["latency"]["artifact"]
         unmapped_calls[which] = dict(sorted(lost.items(), key=lambda kv: -kv[1]))
     peak_gmacs = peak["gmacs"] if peak else None
     out_rows = []
@@ -699,6 +717,17 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
     theo = (totals_out["dense"]["macs"] / totals_out["structured"]["macs"]
             if totals_out["structured"]["macs"] else None)
     meas = d_lat["median"] / s_lat["median"]
+    notes = list(src.get("notes", []))
+    over = [r["layer"] for r in out_rows if peak_gmacs and max(r["structured_gmacs"] or 0,
+                                                              r["dense_gmacs"] or 0) > peak_gmacs]
+    if over:
+        notes.append(f"{len(over)} layer(s) ran above the measured peak ({', '.join(over[:5])}): "
+                     "the peak was measured while the machine was busier, or the runtime "
+                     "overlapped work across kernels")
+    if target.startswith("tvm"):
+        notes.append("the profiled TVM builds are compiled from the same model.onnx with the same "
+                     "target and pipeline as model.so, weights passed as inputs (named, so that "
+                     "each PrimFunc call can be mapped to the layer whose weights it reads)")
     mach = machine()
     if target.startswith("tvm"):
         mach["tvm"] = _version("apache-tvm")
@@ -712,7 +741,7 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         "totals": totals_out,
         "speedup_measured": meas, "speedup_theoretical": theo,
         "efficiency": meas / theo if theo else None,
-        "peak": peak, "machine": mach,
+        "peak": peak, "machine": mach, "notes": notes,
         "layers": out_rows,
         "mapping": {
             "rule": "a kernel belongs to the source layer whose weights it reads (longest layer "
@@ -737,7 +766,8 @@ TOP_KEYS = {"schema": str, "created": str, "arch": str, "target": str, "device":
             "source": dict, "input_shape": list, "threads": int, "repeat": int, "warmup": int,
             "runtime": str, "profiler": str, "totals": dict, "speedup_measured": float,
             "speedup_theoretical": (float, type(None)), "efficiency": (float, type(None)),
-            "peak": (dict, type(None)), "machine": dict, "layers": list, "mapping": dict}
+            "peak": (dict, type(None)), "machine": dict, "notes": list, "layers": list,
+            "mapping": dict}
 
 
 def validate(report: dict) -> list[str]:
@@ -810,6 +840,8 @@ def summary_lines(report: dict) -> list[str]:
         f"(unmapped {d['unmapped_ms']:.3f} ms)",
         f"MACs: structured {s['macs']:,}, dense {d['macs']:,}",
     ]
+    if s.get("artifact_latency_ms"):
+        lines.append(f"model.so itself (profiler off, median): {s['artifact_latency_ms']['median']:.3f} ms")
     if peak:
         lines.append(f"machine peak ({peak['label']}): {peak['gmacs']:.1f} GMAC/s, {peak['method']}")
     cpu = report["machine"].get("cpu", {})
@@ -817,6 +849,7 @@ def summary_lines(report: dict) -> list[str]:
                  f"cores, {' '.join(cpu.get('simd', []))}); onnxruntime {report['machine'].get('onnxruntime')}"
                  + (f", TVM {report['machine']['tvm']}" if report["machine"].get("tvm") else "")
                  + f", torch {report['machine'].get('torch')}")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
     return lines
 
 
