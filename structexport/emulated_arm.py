@@ -133,7 +133,7 @@ def _privilege_prefix(command: str, error: type) -> list[str]:
     if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"],
                                                capture_output=True).returncode == 0:
         return ["sudo", "-n"]
-    raise error(f"installing Debian packages needs root: run `sudo {command}`",
+    raise error(f"installing Debian packages needs root: run `{command}` as root",
                 "then run this again")
 
 
@@ -147,8 +147,15 @@ def _apt_install(packages: list[str], error: type, progress: Progress = None) ->
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     wait_lock = ["-o", "DPkg::Lock::Timeout=600"]
     _say(progress, f"apt-get install {' '.join(packages)}")
-    _run(sudo + ["apt-get", "-q", *wait_lock, "update"], "apt-get update", error,
-         f"check the network, or run `{command}` yourself", env)
+    for attempt in range(3):  # another apt-get may hold the lists' lock for a while
+        try:
+            _run(sudo + ["apt-get", "-q", *wait_lock, "update"], "apt-get update", error,
+                 f"check the network, or run `{command}` yourself", env)
+            break
+        except error as exc:
+            if "lock" not in str(exc).lower() or attempt == 2:
+                raise
+            time.sleep(20)
     _run(sudo + ["apt-get", "-q", "-y", "--no-install-recommends", *wait_lock, "install",
                  *packages], f"`{command}`", error, "run it yourself to see why", env)
 

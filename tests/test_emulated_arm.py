@@ -208,3 +208,14 @@ def test_start_with_a_broken_rootfs_is_exit_45_in_one_line(tmp_path, emulated_ar
     assert "setup-emulated-arm --force" in lines[0]
     assert done.stdout == ""
     assert not (broken / "device.json").exists()  # nothing left behind
+
+
+def test_install_without_root_names_the_apt_get_command(monkeypatch):
+    monkeypatch.setattr(emu.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(emu.shutil, "which", lambda name: None if name == "sudo" else "/usr/bin/" + name)
+    with pytest.raises(EmulatorError) as info:
+        emu._apt_install(["qemu-user-static", "debootstrap"], EmulatorError)
+    assert str(info.value) == ("installing Debian packages needs root: run `apt-get install -y "
+                               "--no-install-recommends qemu-user-static debootstrap` as root "
+                               "(then run this again)")
+    assert info.value.exit_code == 45
