@@ -656,7 +656,8 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         return rows.setdefault(name, {"layer": name, "kind": "layer" if name in layers else
                                       ("outside" if name == OUTSIDE else "unmapped"),
                                       "structured_ms": 0.0, "dense_ms": 0.0,
-                                      "structured_macs": 0, "dense_macs": 0})
+                                      "structured_macs": 0, "dense_macs": 0,
+                                      "structured_ops": {}, "dense_ops": {}})
     for name in order:
         row(name)
     totals_out, unmapped_calls = {}, {}
@@ -668,7 +669,9 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         lost: dict[str, float] = {}
         for call in m["calls"]:
             layer = owner(call) or UNMAPPED
-            row(layer)[f"{which}_ms"] += call["ms"]
+            r = row(layer)
+            r[f"{which}_ms"] += call["ms"]
+            r[f"{which}_ops"][call["op"]] = r[f"{which}_ops"].get(call["op"], 0.0) + call["ms"]
             kernels += call["ms"]
             if layer == UNMAPPED:
                 lost[call["op"]] = lost.get(call["op"], 0.0) + call["ms"]
@@ -704,6 +707,8 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
             r[f"{which}_share"] = r[f"{which}_ms"] / total if total else None
             ms, macs = r[f"{which}_ms"], r[f"{which}_macs"]
             r[f"{which}_gmacs"] = macs / (ms * 1e6) if ms > 0 and macs else None
+        for which in ("structured", "dense"):
+            r[f"{which}_ops"] = dict(sorted(r[f"{which}_ops"].items(), key=lambda kv: -kv[1]))
         s, d = r["structured_ms"], r["dense_ms"]
         r["speedup_measured"] = d / s if s > 0 and d > 0 else None
         r["speedup_theoretical"] = (r["dense_macs"] / r["structured_macs"]
@@ -761,7 +766,8 @@ LAYER_KEYS = {"layer": str, "kind": str, "structured_ms": float, "dense_ms": flo
               "structured_macs": int, "dense_macs": int,
               "structured_gmacs": (float, type(None)), "dense_gmacs": (float, type(None)),
               "speedup_measured": (float, type(None)), "speedup_theoretical": (float, type(None)),
-              "efficiency": (float, type(None)), "peak_fraction": (float, type(None))}
+              "efficiency": (float, type(None)), "peak_fraction": (float, type(None)),
+              "structured_ops": dict, "dense_ops": dict}
 TOP_KEYS = {"schema": str, "created": str, "arch": str, "target": str, "device": str,
             "source": dict, "input_shape": list, "threads": int, "repeat": int, "warmup": int,
             "runtime": str, "profiler": str, "totals": dict, "speedup_measured": float,
@@ -965,7 +971,10 @@ def render_html(report: dict) -> str:
     parts.append("<h2>Per layer</h2><table><thead><tr>"
                  + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
     for r, cells in zip(report["layers"], body):
-        parts.append(f'<tr class="{r["kind"]}">' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+        ops = "; ".join(f"{w}: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in r.get(f"{w}_ops", {}).items())
+                        for w in ("structured", "dense"))
+        parts.append(f'<tr class="{r["kind"]}" title="{esc(ops)}">'
+                     + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</tbody></table>")
     unm = report["mapping"]["unmapped_ms_by_op"]
     parts.append(f"<p><code>{esc(UNMAPPED)}</code>: kernels no source layer was found for: "
