@@ -86,7 +86,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 
 
 def parse_tolerance(text: str | float) -> float:
-    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number must be a fraction below 1."""
+    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number must be a fraction below 1 (``"10"``
+    is refused as ambiguous); with ``%`` any non-negative value (``"150%"``: a
+    lower-is-better ratio may grow 2.5x)."""
     raw = str(text).strip()
     try:
         if raw.endswith("%"):
@@ -99,9 +101,9 @@ def parse_tolerance(text: str | float) -> float:
     except ValueError:
         raise RegressUsageError(f"bad tolerance {raw!r}",
                                 "write a percentage or a fraction, e.g. --tolerance 10% or 0.1") from None
-    if not math.isfinite(value) or not 0 <= value < 1:
+    if not math.isfinite(value) or value < 0:
         raise RegressUsageError(f"tolerance {raw!r} is out of range",
-                                "use a value from 0% to below 100%, e.g. --tolerance 10%")
+                                "use a non-negative percentage, e.g. --tolerance 10%")
     return value
 
 
@@ -361,9 +363,6 @@ def _entry_from_json(path: Path, index: int, raw) -> Entry:
                                       or not math.isfinite(value) or value < 0):
                 raise _entry_error(path, where, f"{key}.{name} must be a non-negative number, "
                                    f"not {json.dumps(value)}")
-    for name, value in (raw.get("tolerance") or {}).items():
-        if value is not None and value >= 1:
-            raise _entry_error(path, where, f"tolerance.{name} must be a fraction below 1, not {value}")
     measurement = raw.get("measurement") or {}
     _check_type(path, where, "measurement", measurement, (dict,))
     return Entry(arch=arch, checkpoint=ckpt, seed=raw.get("seed", 0), target=raw.get("target", "ort-cpu"),
@@ -674,9 +673,11 @@ def _measure_or_fail(baseline_path: Path, entry: Entry, measure: Measure,
 
 
 def run_regress(baseline_path: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE, retries: int = 1,
-                progress: Callable[[str], None] | None = None, measure: Measure = measure_entry) -> Report:
-    """Re-measure every entry of the baseline and judge its ratios (nothing is written)."""
+                progress: Callable[[str], None] | None = None, measure: Measure | None = None) -> Report:
+    """Re-measure every entry of the baseline and judge its ratios (nothing is written).
+    ``measure`` defaults to :func:`measure_entry`."""
     say = progress or (lambda _m: None)
+    measure = measure or measure_entry
     start = time.perf_counter()
     baseline = load_baseline(baseline_path)
     path = baseline.path
@@ -719,11 +720,12 @@ def run_regress(baseline_path: str | os.PathLike, tolerance: float = DEFAULT_TOL
 
 def update_baseline(baseline_path: str | os.PathLike, new_entry: Entry | None = None,
                     tolerance: float = DEFAULT_TOLERANCE, progress: Callable[[str], None] | None = None,
-                    measure: Measure = measure_entry) -> Report:
+                    measure: Measure | None = None) -> Report:
     """``new_entry``: measure it and add it (replacing an entry that measures the same
     thing), creating the file if needed. Without: re-measure and rewrite every entry.
     The file is written atomically, only once every measurement succeeded."""
     say = progress or (lambda _m: None)
+    measure = measure or measure_entry
     start = time.perf_counter()
     path = Path(baseline_path)
     if new_entry is not None and not path.exists():
