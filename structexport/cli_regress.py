@@ -179,6 +179,10 @@ def _print_report(report) -> None:
         for r in er.metrics:
             if r.failed and r.status == "regression":
                 out.print(f"  [red]regression:[/] {escape(r.describe())}")
+    improved = [f"{er.entry.id} {r.metric}" for er in report.entries for r in er.metrics if r.status == "improved"]
+    if improved and report.mode == "check":
+        out.print(f"[cyan]improved beyond the tolerance:[/] {escape(', '.join(improved))} (record it with "
+                  f"`structexport regress --update --baseline {escape(str(report.baseline))}`)")
     verdict = rg.verdict(report)
     colour = "bold red" if report.failed else "bold green"
     out.print(f"[{colour}]{escape(verdict)}[/] ({report.seconds:.1f} s)")
