@@ -47,6 +47,20 @@ def database_dir(root: str | Path | None, target: dict) -> Path:
     return folder
 
 
+def with_core_count(target: dict, device=None) -> dict:
+    """MetaSchedule needs the device's core count in the target ("num-cores"): this host's
+    physical cores when tuning here; a device over RPC without one in its preset is
+    tuned as a single core (pass --tvm-target with "num-cores" to say otherwise)."""
+    if "num-cores" in target or target.get("kind") != "llvm":
+        return target
+    if device is not None and getattr(device, "remote", False):
+        cores = 1
+    else:
+        import psutil
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return {**target, "num-cores": int(cores)}
+
+
 def _database(folder: Path):
     from tvm.s_tir import meta_schedule as ms
     try:
@@ -58,9 +72,36 @@ def _database(folder: Path):
                           "delete the folder, or pass another --tuning-db") from None
 
 
-def _has_record(db, task) -> bool:
-    mod = task.dispatched[0]
-    return bool(db.has_workload(mod)) and db.query_tuning_record(mod, task.target, task.task_name) is not None
+def _task_key(task) -> str:
+    import tvm_ffi
+    return f"{tvm_ffi.structural_hash(task.dispatched[0]) & (2**64 - 1):016x}"
+
+
+def _load_index(folder: Path) -> dict:
+    """Tasks already given a tuning budget here: {structural hash: {name, trials}}. A task
+    that got no record within its budget (MetaSchedule spent it elsewhere) is not retried
+    for an equal or smaller budget."""
+    try:
+        return json.loads((folder / "tasks.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_index(folder: Path, index: dict) -> None:
+    tmp = folder / "tasks.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / "tasks.json")
+
+
+def _search_strategy(trials: int, tasks: int):
+    """Evolutionary search sized to the budget: TVM's default population (512, 4 genetic
+    rounds) costs tens of seconds per task and round before a single measurement, which
+    swamps small budgets on a 2-core machine."""
+    from tvm.s_tir import meta_schedule as ms
+    per_task = max(1, trials // max(tasks, 1))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=min(512, max(32, 4 * per_task)), init_measured_ratio=0.2,
+        init_min_unmeasured=min(50, max(8, per_task)), genetic_num_iters=2 if per_task < 64 else 4)
 
 
 def export_aarch64(mod) -> str:
@@ -85,7 +126,7 @@ def create_rpc_session(rpc_config):
 
 def _progress_callback(total: int, say: Callable[[str], None], count: dict):
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-    from tvm.s_tir.meta_schedule.utils import derived_object
+    from tvm.ir.utils import derived_object
 
     @derived_object
     class Progress(PyMeasureCallback):
@@ -112,9 +153,16 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
     folder = database_dir(db_root, target_dict)
     db = _database(folder)
     say("tuning: extracting tasks")
+    import tvm
+    from tvm import relax
+    with target:  # as TVM's static_shape_tuning pipeline: legalize and fuse, then tune
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings(),
+                                        relax.pipeline.zero_pipeline()])(mod)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not t.mod.attrs.get("tirx.is_scheduled", False)]
-    todo = [t for t in tasks if not _has_record(db, t)]
+    index = _load_index(folder)
+    todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < trials]
     measured_on = "this host"
     trials_run = 0
     if todo and trials > 0:
@@ -130,7 +178,9 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20))
         builder = ms.builder.LocalBuilder(f_export=export_aarch64) if cross_compile else "local"
         with tempfile.TemporaryDirectory(prefix="structexport-tune-") as work:
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work, seed=0)
+            say(f"tuning: {len(todo)} of {len(tasks)} tasks not in the database, {trials} trials")
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                todo, work, strategy=_search_strategy(trials, len(todo)), seed=0)
             count = {"trials": 0}
             callbacks = (ms.measure_callback.MeasureCallback.create("default")
                          + [_progress_callback(trials, say, count)])
@@ -143,7 +193,11 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
                 raise TuningError(f"MetaSchedule tuning failed: {str(exc).strip().splitlines()[-1][:200]}",
                                   "run without --tune-trials to build untuned") from None
         trials_run = count["trials"]
+        index.update({_task_key(t): {"name": t.task_name, "trials": trials} for t in todo})
+        _save_index(folder, index)
     say("compiling with the tuning database")
-    executable = ms.relax_integration.compile_relax(db, mod, target, params=None)
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    executable = tvm.compile(mod, target=target)
     return executable, TuningResult(trials, trials_run, len(tasks), len(tasks) - len(todo),
                                     str(folder), round(time.perf_counter() - start, 1), measured_on)

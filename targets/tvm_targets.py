@@ -152,9 +152,12 @@ class TvmLlvmTarget(Target):
             with _quiet_native_stderr():
                 mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
                 if trials > 0:
-                    from structexport.tuning import tune_and_compile
+                    from structexport.tuning import tune_and_compile, with_core_count
+                    spec = with_core_count(self.tvm_target(), self.options.get("device"))
+                    self.options["tvm_target"] = json.dumps(spec)
+                    target = self._target(tvm)
                     executable, tuning = tune_and_compile(
-                        mod, target, self.tvm_target(), trials, self.options.get("tuning_db"),
+                        mod, target, spec, trials, self.options.get("tuning_db"),
                         device=self.options.get("device"), cross_compile=self.cross_compile(),
                         progress=say)
                     self.build_info["tuning"] = tuning.to_dict()
