@@ -417,21 +417,31 @@ def _port_answers(port: int, timeout: float = 5.0) -> bool:
         return False
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, process group) of ``pid`` from /proc, or None when it is gone."""
+def _pgrp(pid: int) -> int | None:
+    """The process group of ``pid`` from /proc, or None when it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
         return None
-    return fields[0], int(fields[2])
+
+
+def _threads_alive(pid: int) -> bool:
+    """Some thread of ``pid`` is not a zombie (a process whose main thread has exited shows
+    as a zombie in /proc/PID/stat while its other threads still run)."""
+    for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            if task.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
     """Alive and not a zombie (our own children are reaped here)."""
     if pid in _CHILDREN and _CHILDREN[pid].poll() is not None:
         del _CHILDREN[pid]
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
+    return _threads_alive(pid)
 
 
 def _is_emulator(pid: int) -> bool:
@@ -446,8 +456,7 @@ def _is_emulator(pid: int) -> bool:
 def _group_alive(pgid: int) -> bool:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[1] == pgid and stat[0] not in ("Z", "X"):
+            if _pgrp(int(entry.name)) == pgid and _threads_alive(int(entry.name)):
                 return True
     return False
 
@@ -510,6 +519,9 @@ def stop() -> bool:
     alive = _pid_alive(state["pid"]) and _is_emulator(state["pid"])
     if alive:
         _kill_group(state["pid"])
+        deadline = time.monotonic() + 5.0
+        while _port_answers(state["port"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
     _clear_state()
     return alive
 

@@ -41,6 +41,11 @@ def _closed(port: int) -> bool:
         return True
 
 
+def _who_listens(port: int) -> str:
+    ss = subprocess.run(["ss", "-tlnp"], capture_output=True, text=True).stdout
+    return f"port {port} still answers: " + " | ".join(ln for ln in ss.splitlines() if f":{port} " in ln)
+
+
 @pytest.fixture
 def side_cache(tmp_path, emulated_arm, monkeypatch):
     """A second cache root that shares the installed rootfs and wheels (symlinks) but has its
@@ -159,7 +164,7 @@ def test_cli_start_stop_status_in_a_separate_cache(side_cache):
 
     stopped = _cli("device", "stop", env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stderr
-    assert _closed(int(port))
+    assert _closed(int(port)), _who_listens(int(port))
     assert not emu._pid_alive(device.pid) and not emu._group_alive(device.pid)
     assert emu.running() is None
     assert not (side_cache / "emulated-arm" / "device.json").exists()
@@ -170,7 +175,8 @@ def test_api_stop_ends_the_device_and_closes_its_port(side_cache):
         assert emu.running() == device
         pid, port = device.pid, device.port
     # temporary_device started it, so it stopped it
-    assert _closed(port) and not emu._pid_alive(pid)
+    assert not emu._pid_alive(pid) and not emu._group_alive(pid)
+    assert _closed(port), _who_listens(port)
     assert emu.running() is None and emu.stop() is False
 
 
