@@ -26,7 +26,8 @@ from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401  (main:
 @click.option("--key", help="Device kind to ask the tracker for (with --tracker).")
 @click.option("-o", "--output", "output", default="report.html", show_default=True,
               type=click.Path(dir_okay=False, path_type=str),
-              help="HTML report; report.md and report.json are written beside it.")
+              help="HTML report; the Markdown and JSON reports are written beside it "
+              "(same name, .md and .json).")
 @_fail_cleanly
 def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
             rpc, tracker, key, output):

@@ -148,7 +148,8 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
         if reuse:
             outdir = Path(path)
             onnx_path, passes = outdir / "model.onnx", [p["name"] for p in manifest["passes"]]
-            tvm_target = _read_json(outdir / "tvm_target.json")
+            # the target the OUTDIR's library was built for, when it is this host's
+            tvm_target = _read_json(outdir / "tvm_target.json") if manifest["target"] == "tvm-llvm" else None
             if manifest["target"] == target == "tvm-llvm":
                 artifact = outdir / "model.so"
             tuning = (manifest.get("target_build") or {}).get("tuning")
@@ -185,7 +186,7 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
                          progress=say)
         onnx_path = result.outdir / "model.onnx"
         passes = [p["name"] for p in result.manifest["passes"]]
-        tvm_target = _read_json(result.outdir / "tvm_target.json")
+        tvm_target = _read_json(result.outdir / "tvm_target.json") if target == "tvm-llvm" else None
     return {"source": source, "arch": arch, "checkpoint": str(ckpt), "outdir": str(outdir) if outdir else None,
             "target": target, "shape": tuple(shape), "onnx": onnx_path, "passes": passes,
             "tvm_target": tvm_target, "artifact": artifact, "notes": notes}
@@ -444,9 +445,14 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
     """Source layer of each call (a TVM PrimFunc call or an ONNX node, in execution order,
     each ``{"op", "weights", "inputs", "outputs"}``): by the weights it reads (the longest
     layer name that prefixes a weight's ONNX initializer name); else, for data movement
-    (:data:`FORWARD_OPS`), the layer of a call that reads its output; else the layer of a
-    call producing one of its inputs (activations, residual adds). Cycles through a
-    residual's shortcut are cut, and every input is tried, not only the first; None: none.
+    (:data:`FORWARD_OPS`), the layer of a call that reads its output; else the layer of the
+    most recent call producing one of its inputs (activations; residual adds: the block's
+    last conv, not the identity). A weight read by several
+    calls says nothing about the layer: the exporter shares one constant between layers of
+    the same shape (a sum-pool's band and box filters are named after the first such layer),
+    so a call that reads only shared weights is placed like data movement, and only when
+    that finds nothing by its weight's name. Cycles through a residual's shortcut are cut,
+    and every input is tried, not only the first; None: no layer found.
     ``known``: layers already known for some calls (by index), taken as they are."""
     producer = {o: i for i, c in enumerate(calls) for o in c["outputs"]}
     readers: dict[str, list[int]] = {}
@@ -454,6 +460,10 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
         for a in c["inputs"]:
             readers.setdefault(a, []).append(i)
     memo: dict[int, str] = dict(known or {})
+    weight_readers: dict[str, int] = {}
+    for c in calls:
+        for w in set(c["weights"]):
+            weight_readers[w] = weight_readers.get(w, 0) + 1
 
     def owner(name: str) -> str | None:
         parts = name.split(".")
@@ -470,17 +480,24 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
             return None
         visiting = visiting | {i}
         c = calls[i]
-        found = next((o for o in map(owner, c["weights"]) if o), None)
-        if found is None and c["op"] in FORWARD_OPS:
+        own = [w for w in c["weights"] if weight_readers[w] == 1]
+        found = next((o for o in map(owner, own) if o), None)
+        shared_only = bool(c["weights"]) and not own
+        if found is None and (c["op"] in FORWARD_OPS or shared_only):
             for j in (j for o in c["outputs"] for j in readers.get(o, []) if j > i):
                 found = layer_of(j, visiting)
                 if found:
                     break
-        if found is None:
-            for p in (producer[a] for a in c["inputs"] if a in producer and producer[a] < i):
+        if found is None:  # the most recent computing producer first: a residual add
+            # follows its block's last conv, not the identity or the shortcut's data movement
+            ps = sorted({producer[a] for a in c["inputs"] if a in producer and producer[a] < i},
+                        key=lambda p: (calls[p]["op"] in FORWARD_OPS, -p))
+            for p in ps:
                 found = layer_of(p, visiting)
                 if found:
                     break
+        if found is None and shared_only:
+            found = next((o for o in map(owner, c["weights"]) if o), None)
         if found:  # a None found under a cut cycle may resolve from elsewhere: not kept
             memo[i] = found
         return found
@@ -493,6 +510,10 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     profiled itself: its weights are baked-in constants, without names)."""
     tvm, relax = _tvm_modules()
     from structexport.targets.tvm_targets import _quiet_native_stderr
+    try:  # TVM's own thread pool, as ONNX Runtime's intra-op threads
+        tvm.get_global_func("runtime.config_threadpool")(1, opts.threads)
+    except Exception:  # an older or trimmed runtime: its default pool
+        pass
     say("compile for TVM (weights as inputs, to map calls to layers)")
     programs = {"structured": tvm_program(structured, tvm_target),
                 "dense": tvm_program(dense, tvm_target)}

@@ -213,6 +213,23 @@ def test_html_renders_in_chromium(chromium, ort_report, tvm_outdir, tmp_path):
     assert_renders(chromium, tvm_outdir[0] / "rep" / "report.html", tmp_path)
 
 
+def test_call_layers_does_not_trust_shared_weights():
+    """The exporter shares a sum-pool's box filter between layers of one shape, named after
+    the first: each use belongs to the layer it feeds. A residual add follows its block's
+    last conv, not the identity input."""
+    box = "s.0.conv_a.pool.ones"
+    calls = [
+        {"op": "Conv", "weights": ["stem.weight"], "inputs": ["x"], "outputs": ["a"]},
+        {"op": "Conv", "weights": [box], "inputs": ["a"], "outputs": ["b"]},
+        {"op": "Conv", "weights": ["s.0.conv_a.conv.weight"], "inputs": ["b"], "outputs": ["c"]},
+        {"op": "Conv", "weights": [box], "inputs": ["c"], "outputs": ["d"]},
+        {"op": "Conv", "weights": ["s.0.conv_b.conv.weight"], "inputs": ["d"], "outputs": ["e"]},
+        {"op": "Add", "weights": [], "inputs": ["a", "e"], "outputs": ["f"]},
+    ]
+    got = call_layers(calls, {"stem", "s.0.conv_a", "s.0.conv_b"})
+    assert got == ["stem", "s.0.conv_a", "s.0.conv_a", "s.0.conv_b", "s.0.conv_b", "s.0.conv_b"]
+
+
 def test_call_layers_follows_shortcuts_without_cycles():
     """A CIFAR shortcut (slice + concat) into a residual add: the add's first input is the
     shortcut, whose consumer is the add itself -- resolved through the other input."""
