@@ -45,6 +45,15 @@ class BenchOptions:
     per_layer: bool = False
     seed: int = 0
     pass_options: dict = field(default_factory=dict)
+    # TVM targets: tvm_target, tvm_preset, device (a structexport.rpc.DeviceSpec), tune_trials,
+    # tuning_db -- the dense counterpart is built with the same ones (an equal tuning budget).
+    target_options: dict = field(default_factory=dict)
+    # More workloads to time in the same interleaved loop (name -> ONNX Runtime session, or a
+    # timer: a function returning seconds per run); reported under "extra_latency_ms".
+    extra_workloads: dict = field(default_factory=dict)
+
+
+BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
 
 
 def dense_counterpart(model: nn.Module) -> nn.Module:
@@ -77,19 +86,33 @@ def _stats(times: list[float]) -> dict:
             "mean": statistics.fmean(ms), "runs": len(ms)}
 
 
-def time_interleaved(sessions: dict[str, object], feed: np.ndarray, repeat: int, warmup: int
+def _timer(workload, feed: np.ndarray) -> Callable[[], float]:
+    """An ONNX Runtime session becomes a timer of one run; a timer (a TVM library timed on
+    its device) stays as it is."""
+    if callable(getattr(workload, "run", None)) and callable(getattr(workload, "get_inputs", None)):
+        inputs = {workload.get_inputs()[0].name: feed}
+
+        def run_once() -> float:
+            start = time.perf_counter()
+            workload.run(None, inputs)
+            return time.perf_counter() - start
+        return run_once
+    return workload
+
+
+def time_interleaved(workloads: dict[str, object], feed: np.ndarray, repeat: int, warmup: int
                      ) -> dict[str, dict]:
-    names = list(sessions)
-    inputs = {n: {s.get_inputs()[0].name: feed} for n, s in sessions.items()}
+    """Each repeat runs every workload once, the order alternating, so drifts of a shared
+    machine hit all alike. Workloads: ONNX Runtime sessions or timers (see ``_timer``)."""
+    names = list(workloads)
+    timers = {n: _timer(w, feed) for n, w in workloads.items()}
     for _ in range(warmup):
         for n in names:
-            sessions[n].run(None, inputs[n])
+            timers[n]()
     times = {n: [] for n in names}
     for i in range(repeat):
         for n in (names if i % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            sessions[n].run(None, inputs[n])
-            times[n].append(time.perf_counter() - start)
+            times[n].append(timers[n]())
     return {n: _stats(t) for n, t in times.items()}
 
 
@@ -159,9 +182,49 @@ def machine() -> dict:
             "command": " ".join(sys.argv)}
 
 
+def set_threads(spec, session, threads: int) -> None:
+    """TVM's thread pool on the device (``--threads``), as ONNX Runtime's intra-op threads."""
+    import tvm
+    from structexport.rpc import device_errors
+    with device_errors(spec, "setting the thread count"):
+        configure = (session.get_function("runtime.config_threadpool") if session is not None
+                     else tvm.get_global_func("runtime.config_threadpool"))
+        configure(1, threads)  # 1: big cores first, ``threads`` workers
+
+
+def _tvm_workloads(opts: BenchOptions, structured_library: Path | None, dense_onnx: Path,
+                   feed: np.ndarray, workdir: Path, say) -> tuple[dict, object]:
+    """Both libraries loaded on one device session (an RPC server serves one session at a
+    time); the dense one built with the same TVM target and tuning options."""
+    from structexport.rpc import DeviceSpec, LoadedLibrary, open_session
+    from structexport.targets import get_target
+    target = get_target(opts.target, dict(opts.target_options, progress=say))
+    dense_dir = workdir / "dense-tvm"
+    dense_dir.mkdir()
+    with target.device_scope(say) as device:
+        if isinstance(device, str):
+            raise BenchError(f"cannot time {opts.target} here: {device.removeprefix('not run: ')}")
+        target.options["device"] = device
+        say("build the dense counterpart with TVM")
+        target.write_artifacts(dense_onnx, dense_dir)
+    spec = device or DeviceSpec()
+    session = open_session(spec)
+    set_threads(spec, session, opts.threads)
+    kind = target.device_kind
+    libs = {"structured": LoadedLibrary(structured_library, spec, kind, session=session),
+            "dense": LoadedLibrary(dense_dir / target.library, spec, kind, session=session)}
+    outs = {n: lib.run(feed)[0] for n, lib in libs.items()}
+    if not np.allclose(outs["structured"], outs["dense"], atol=1e-3, rtol=1e-3):
+        raise BenchError(f"on the {spec.describe()}, the structured and dense TVM libraries disagree "
+                         f"(max abs diff {float(np.abs(outs['structured'] - outs['dense']).max()):.3g})")
+    return {n: lib.timer(feed) for n, lib in libs.items()}, spec
+
+
 def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts: BenchOptions,
-          workdir: Path, arch: str, progress: Callable[[str], None] | None = None) -> dict:
-    """Time ``structured_onnx`` against the dense counterpart of ``source``."""
+          workdir: Path, arch: str, progress: Callable[[str], None] | None = None,
+          structured_library: Path | None = None) -> dict:
+    """Time ``structured_onnx`` (for TVM targets: ``structured_library``, built from it)
+    against the dense counterpart of ``source``."""
     from structexport.export import export_onnx
     say = progress or (lambda _m: None)
     say("export dense counterpart")
@@ -174,10 +237,16 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
                          f"(max abs diff {float((ref - got).abs().max()):.3g})")
     dense_path = workdir / "dense.onnx"
     export_onnx(dense, x, dense_path)
-    sessions = {"structured": _session(structured_onnx, opts.threads),
-                "dense": _session(dense_path, opts.threads)}
-    say(f"timing ({opts.repeat} interleaved runs)")
-    stats = time_interleaved(sessions, x.numpy(), opts.repeat, opts.warmup)
+    device = None
+    if opts.target == "ort-cpu":
+        workloads = {"structured": _session(structured_onnx, opts.threads),
+                     "dense": _session(dense_path, opts.threads)}
+    else:
+        workloads, device = _tvm_workloads(opts, structured_library, dense_path, x.numpy(), workdir, say)
+    workloads.update(opts.extra_workloads)
+    where = f" on the {device.describe()}" if device is not None and device.remote else ""
+    say(f"timing ({opts.repeat} interleaved runs{where})")
+    stats = time_interleaved(workloads, x.numpy(), opts.repeat, opts.warmup)
     cost_s, cost_d = totals(node_costs(structured_onnx)), totals(node_costs(dense_path))
     measured = stats["dense"]["median"] / stats["structured"]["median"]
     theoretical = cost_d["macs"] / cost_s["macs"] if cost_s["macs"] else float("nan")
@@ -190,7 +259,16 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
         "macs": {"structured": cost_s["macs"], "dense": cost_d["macs"]},
         "sumpool_adds": cost_s["adds"] - cost_d["adds"],
         "machine": machine(),
+        "device": device.to_dict() if device is not None else None,
+        "emulated": bool(device is not None and device.emulated),
     }
+    if device is not None and device.emulated:
+        result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
+                          "prove the library runs; they are not ARM latency")
+    if opts.extra_workloads:
+        result["extra_latency_ms"] = {n: stats[n] for n in opts.extra_workloads}
+    if opts.per_layer and opts.target != "ort-cpu":
+        raise BenchError("--per-layer profiles ONNX Runtime", "use `structexport profile` for TVM targets")
     if opts.per_layer:
         say("profiling")
         feed = x.numpy()
@@ -202,38 +280,81 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
     return result
 
 
+def _library_options(manifest: dict, opts: BenchOptions) -> dict:
+    """The TVM target and tuning budget the OUTDIR's library was built with, so the dense
+    counterpart gets the same (options given on the command line win)."""
+    build = manifest.get("target_build") or {}
+    given = {k: v for k, v in opts.target_options.items() if v not in (None, 0, "")}
+    out = {}
+    if build.get("tvm_target") and not (given.get("tvm_target") or given.get("tvm_preset")):
+        out["tvm_target"] = json.dumps(build["tvm_target"])
+    tuning = build.get("tuning")
+    if tuning and not given.get("tune_trials"):
+        out["tune_trials"] = tuning["trials_requested"]
+        out["tuning_db"] = str(Path(tuning["database"]).parent)
+    return {**opts.target_options, **out}
+
+
 def run_bench(path: str | None, arch: str | None, opts: BenchOptions,
               progress: Callable[[str], None] | None = None) -> dict:
     """Bench a converted OUTDIR, a checkpoint (converted on the fly) or a zoo ``arch``
-    with weights drawn from ``opts.seed``."""
+    with weights drawn from ``opts.seed``, on ``opts.target`` (None: the OUTDIR's target,
+    else ort-cpu)."""
+    from structexport.targets import get_target
+    manifest_path = Path(path) / "manifest.json" if path else None
+    manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.is_file() else None
+    if opts.target is None:
+        built_for = (manifest or {}).get("target")
+        opts.target = built_for if built_for in BENCH_TARGETS else "ort-cpu"
+    if opts.target not in BENCH_TARGETS:
+        raise BenchError(f"bench cannot time --target {opts.target!r}", f"choose one of {', '.join(BENCH_TARGETS)}")
+    if opts.target == "ort-cpu":
+        get_target("ort-cpu", opts.target_options)  # refuses TVM-only options
+        return _run_bench(path, arch, manifest, opts, progress)
+    # One device for the whole run: the conversion's check and the timing share it (an
+    # emulated device started here is stopped at the end).
+    say = progress or (lambda _m: None)
+    with get_target(opts.target, dict(opts.target_options, progress=say)).device_scope(say) as device:
+        if isinstance(device, str):
+            raise BenchError(f"cannot time {opts.target} here: {device.removeprefix('not run: ')}")
+        opts.target_options = dict(opts.target_options, device=device)
+        return _run_bench(path, arch, manifest, opts, progress)
+
+
+def _run_bench(path, arch, manifest, opts: BenchOptions, progress) -> dict:
     from structexport.convert import ConvertOptions, _parse_shape, convert
     from structexport.loader import load_checkpoint, save_checkpoint
     from structexport.models import build_model, input_shape, parse_name
     say = progress or (lambda _m: None)
-    if opts.target != "ort-cpu":
-        raise BenchError(f"bench supports --target ort-cpu today, not {opts.target!r}")
+    tvm = opts.target != "ort-cpu"
     with tempfile.TemporaryDirectory(prefix="structexport-bench-") as tmp:
         work = Path(tmp)
-        manifest_path = Path(path) / "manifest.json" if path else None
-        if manifest_path and manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
+        library = None
+        if manifest is not None:
             source_path, arch = manifest["source"]["path"], manifest["source"]["arch"]
             shape = tuple(manifest["input_shape"])
             wanted = _parse_shape(opts.input_shape) if opts.input_shape else shape
             wanted = (opts.batch,) + tuple(wanted[1:])
             if not Path(source_path).is_file():
-                raise BenchError(f"the source checkpoint {source_path} named in {manifest_path} "
+                raise BenchError(f"the source checkpoint {source_path} named in {Path(path) / 'manifest.json'} "
                                  "is gone", "pass the checkpoint itself to bench")
             say("load")
             source = load_checkpoint(source_path, arch).model
             onnx_path = Path(path) / "model.onnx"
+            if tvm:
+                opts.target_options = _library_options(manifest, opts)
+                library = Path(path) / "model.so"
             retune = opts.pass_options.get("autotune") or opts.pass_options.get("sumpool_realization")
-            if wanted != shape or manifest.get("precision") != "fp32" or retune:
-                say("convert (other input shape or sum-pool realization)")
+            other_build = tvm and (manifest.get("target") != opts.target or not library.is_file()
+                                   or opts.target_options.get("tvm_preset"))
+            if wanted != shape or manifest.get("precision") != "fp32" or retune or other_build:
+                say(f"convert for {opts.target} (other input shape, target or sum-pool realization)")
                 result = convert(source_path, work / "converted", arch,
-                                 ConvertOptions(target="ort-cpu", input_shape=wanted,
-                                                pass_options=opts.pass_options), progress=say)
+                                 ConvertOptions(target=opts.target, input_shape=wanted,
+                                                pass_options=opts.pass_options,
+                                                target_options=opts.target_options), progress=say)
                 onnx_path = result.outdir / "model.onnx"
+                library = result.outdir / "model.so" if tvm else None
             shape = wanted
         else:
             if path:
@@ -248,7 +369,9 @@ def run_bench(path: str | None, arch: str | None, opts: BenchOptions,
             base = _parse_shape(opts.input_shape) if opts.input_shape else input_shape(parse_name(arch))
             shape = (opts.batch,) + tuple(base[1:])
             result = convert(ckpt, work / "converted", arch,
-                             ConvertOptions(target="ort-cpu", input_shape=shape,
-                                            pass_options=opts.pass_options), progress=say)
+                             ConvertOptions(target=opts.target, input_shape=shape,
+                                            pass_options=opts.pass_options,
+                                            target_options=opts.target_options), progress=say)
             onnx_path = result.outdir / "model.onnx"
-        return bench(source, onnx_path, shape, opts, work, arch, progress=say)
+            library = result.outdir / "model.so" if tvm else None
+        return bench(source, onnx_path, shape, opts, work, arch, progress=say, structured_library=library)

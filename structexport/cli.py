@@ -265,7 +265,8 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @main.command()
 @click.argument("path", required=False, type=click.Path(path_type=str))
 @click.option("--arch", help="Zoo name; without PATH, weights are drawn from --seed.")
-@click.option("--target", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu"]))
+@click.option("--target", type=click.Choice(["ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda"]),
+              help="Runtime to time on (default: OUTDIR's target, else ort-cpu).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--input-shape", help="N,C,H,W (the batch is taken from --batch).")
@@ -279,10 +280,13 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),
               help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@tvm_build_options
+@device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @_fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer,
-          sumpool_realization, autotune, tuning_cache, seed, json_file):
+          sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_trials,
+          tuning_db, rpc, tracker, key, rpc_timeout, json_file):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     counterpart, interleaved in one process: measured vs theoretical speedup."""
     from structexport.bench import BenchOptions, run_bench
@@ -291,7 +295,10 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
                         pass_options={"autotune": autotune, "tuning_cache": tuning_cache,
                                       "threads": threads,
                                       **({"sumpool_realization": sumpool_realization}
-                                         if sumpool_realization else {})})
+                                         if sumpool_realization else {})},
+                        target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
+                                        "device": _device_spec(rpc, tracker, key, rpc_timeout),
+                                        "tune_trials": tune_trials, "tuning_db": tuning_db})
     with err.status("bench", spinner="dots") as status:
         result = run_bench(path, arch, opts, progress=lambda m: status.update(f"bench: {m}"))
     if json_file:
@@ -307,10 +314,15 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
                   f"{result['macs']['dense']:,}")
     out.print(table)
     eff = result["realization_efficiency"]
+    device = result.get("device")
+    where = (f"{'emulated aarch64 device' if result.get('emulated') else 'device'} at {device['address']}"
+             if device and device["address"] != "local" else result["machine"]["cpu"]["model"])
     out.print(f"speedup measured {result['speedup_measured']:.2f}x, theoretical "
               f"{result['speedup_theoretical']:.2f}x, realization efficiency "
               f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs, "
-              f"{result['machine']['cpu']['model']})")
+              f"{where})")
+    if result.get("note"):
+        out.print(f"[yellow]note:[/] {result['note']}")
     for which, ops in result.get("per_op_ms", {}).items():
         out.print(f"{which}: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(ops.items())[:8]))
     if result.get("per_layer"):

@@ -177,7 +177,7 @@ class LoadedLibrary:
     """A TVM library loaded on a device, with its Relax VM: run it, time it."""
 
     def __init__(self, library: Path, spec: DeviceSpec | None, device_kind: str = "cpu",
-                 kept: str | None = None):
+                 kept: str | None = None, session=None):
         import tvm
         from tvm import relax
         self.spec = spec or DeviceSpec()
@@ -185,7 +185,7 @@ class LoadedLibrary:
         self._tvm = tvm
         with device_errors(self.spec, "loading the library", kept):
             if self.spec.remote:
-                self.session = connect(self.spec)
+                self.session = session or connect(self.spec)
                 remote_name = f"structexport-{uuid.uuid4().hex[:8]}-{library.name}"
                 self.session.upload(str(library), remote_name)
                 module = self.session.load_module(remote_name)
@@ -215,6 +215,12 @@ class LoadedLibrary:
             with device_errors(self.spec, "a timed run", self.kept):
                 return float(evaluator(arg).results[0])
         return time_once
+
+
+def open_session(spec: DeviceSpec):
+    """One RPC session to share between libraries (a TVM RPC server serves one session at a
+    time), or None for this host."""
+    return connect(spec) if spec.remote else None
 
 
 def default_device_for_arm(progress: Callable[[str], None] | None = None):
