@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from structexport.errors import StructExportError
+from structexport.errors import IsADirectoryCheckpointError, StructExportError
 
 SCHEMA = "structexport-profile/1"
 UNMAPPED = "(unmapped)"
@@ -160,12 +160,10 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
         shape = wanted
     else:
         if path:
-            if not Path(path).exists():
-                raise ProfileError(f"{path} does not exist", "pass a converted OUTDIR, a checkpoint "
-                                   "or --arch NAME")
-            if Path(path).is_dir():
-                raise ProfileError(f"{path} holds no manifest.json",
-                                   "pass a folder written by `structexport convert`")
+            if Path(path).is_dir():  # (a missing path: the loader's own error, exit code 10)
+                raise IsADirectoryCheckpointError(f"{path} is a folder without a manifest.json",
+                                                  "pass a folder written by `structexport convert`, "
+                                                  "or a checkpoint file")
             ckpt = path
         elif arch:
             say("build")

@@ -261,7 +261,9 @@ def test_nothing_to_profile_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["profile", "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 40 and "nothing to profile" in res.output
     res = CliRunner().invoke(main, ["profile", str(tmp_path), "-o", str(tmp_path / "r.html")])
-    assert res.exit_code == 40 and "manifest.json" in res.output
+    assert res.exit_code == 11 and "manifest.json" in res.output
+    res = CliRunner().invoke(main, ["profile", str(tmp_path / "nope.t7"), "--arch", "resnet20"])
+    assert res.exit_code == 10
 
 
 def test_unmapped_kernels_are_a_row_not_dropped(monkeypatch):
