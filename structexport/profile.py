@@ -600,24 +600,27 @@ def _tvm_owner(calls, layers):
 # ---- remote TVM devices
 
 def profile_remote(path, arch, opts: ProfileOptions, progress=None) -> dict:
-    """Profile on a device reached through TVM's RPC (``--rpc HOST:PORT`` or ``--tracker
-    HOST:PORT --key KEY``). Not available yet: the RPC client (``structexport.rpc``) does not
-    offer per-call timing on the device; see docs/profile.md for where this plugs in."""
-    try:
-        from structexport import rpc
-    except ImportError:
-        rpc = None
-    if rpc is not None and hasattr(rpc, "parse_device"):
-        spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key)  # usage errors first
-        where = spec.describe() if spec else "a remote device"
-    else:
-        where = opts.rpc or f"tracker {opts.tracker} key {opts.key}"
-    # Plug-in point: connect (rpc.LoadedLibrary), then time each PrimFunc call of
-    # tvm_program(...)["calls"] on the device (the VM's instrument hook is a host-side Python
-    # callback and does not cross RPC), and return the same "models" dict as _measure_tvm.
-    raise RemoteProfileUnavailable(f"profiling on {where} is not available yet",
-                                   "profile on this host without --rpc/--tracker, or use "
-                                   "`structexport bench` for whole-model times on the device")
+    """Per-layer profiling on a device reached through TVM's RPC (``--rpc HOST:PORT`` or
+    ``--tracker HOST:PORT --key KEY``): not available yet. The address is checked first
+    (``structexport.rpc.parse_device``: a malformed one is a usage error, exit code 2).
+
+    Where it plugs in (docs/profile.md, "Remote devices"): resolve the inputs and the dense
+    counterpart as :func:`run_profile` does; compile both with :func:`tvm_program` for the
+    device's target (exported with the target's ``_export``, cross-compiled for tvm-arm);
+    open one session (``rpc.open_session``, ``rpc.set_threads``/``bench.set_threads``),
+    upload and load both libraries; time whole runs with the VM's ``time_evaluator`` and each
+    PrimFunc call of ``tvm_program(...)["calls"]`` on the device. The VM's instrument hook
+    is a host-side Python callback and does not cross RPC; the PrimFunc symbols live in the
+    loaded library's first import (locally ``module.imports[0].time_evaluator(symbol, dev)``
+    times one; through RPC that import has to be reached on the remote side). Return the
+    ``measured`` dict of :func:`_measure_tvm` and hand it to :func:`assemble`: the report,
+    its checks and its renderers need nothing else."""
+    from structexport import rpc
+    spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key)  # usage errors first
+    where = spec.describe() if spec else "a remote device"
+    raise RemoteProfileUnavailable(f"per-layer profiling on the {where} is not available yet",
+                                   "profile on this host without --rpc/--tracker, or time whole "
+                                   "models on the device with `structexport bench --rpc ...`")
 
 
 # ---- machine peak
