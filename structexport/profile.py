@@ -185,7 +185,9 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
         onnx_path = result.outdir / "model.onnx"
         passes = [p["name"] for p in result.manifest["passes"]]
         tvm_target = _read_json(result.outdir / "tvm_target.json") if target == "tvm-llvm" else None
-    return {"source": source, "arch": arch, "checkpoint": str(ckpt), "outdir": str(outdir) if outdir else None,
+    built = not path and bool(arch)  # --arch: weights drawn from the seed, no file kept
+    return {"source": source, "arch": arch,
+            "checkpoint": f"(weights drawn from seed {opts.seed})" if built else str(ckpt), "outdir": str(outdir) if outdir else None,
             "target": target, "shape": tuple(shape), "onnx": onnx_path, "passes": passes,
             "tvm_target": tvm_target, "artifact": artifact, "notes": notes}
 
