@@ -314,7 +314,9 @@ def run_bench(path: str | None, arch: str | None, opts: BenchOptions,
     # One device for the whole run: the conversion's check and the timing share it (an
     # emulated device started here is stopped at the end).
     say = progress or (lambda _m: None)
-    with get_target(opts.target, dict(opts.target_options, progress=say)).device_scope(say) as device:
+    target = get_target(opts.target, dict(opts.target_options, progress=say))
+    target.preflight()
+    with target.device_scope(say) as device:
         if isinstance(device, str):
             raise BenchError(f"cannot time {opts.target} here: {device.removeprefix('not run: ')}")
         opts.target_options = dict(opts.target_options, device=device)

@@ -173,10 +173,11 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
     outdir = Path(outdir)
-    target = get_target(opts.target, dict(opts.target_options, progress=say, final_outdir=str(outdir)))
+    target = get_target(opts.target, dict(opts.target_options, progress=say))
     if opts.precision not in TOLERANCES:
         raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32 or fp16")
     missing_parents = _check_outdir(outdir)
+    target.preflight()
     steps = select_passes(target.default_passes(), opts.passes, opts.skip_passes)
     timings: dict[str, float] = {}
 
@@ -287,7 +288,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
         if device_lost is not None:
             raise type(device_lost)(device_lost.message,
                                     f"{outdir} holds the built artifact, verified under ONNX Runtime "
-                                    "but not on the device; run the conversion again when the device is back")
+                                    f"but not on the device; {device_lost.hint}")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

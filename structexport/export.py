@@ -174,6 +174,8 @@ def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], pr
         wants = [want] if isinstance(want, torch.Tensor) else list(want)
         try:
             gots = run(x.numpy().astype(np_dtype))
+        except StructExportError:  # e.g. the device was lost: its own error and exit code
+            raise
         except Exception as exc:
             raise VerificationError(f"{runtime} could not run the model on input {label} "
                                     f"{list(x.shape)}: {(str(exc).splitlines() or [''])[0][:200]}",

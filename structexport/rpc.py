@@ -102,7 +102,7 @@ def _unreachable(spec: DeviceSpec, why: str) -> DeviceUnreachableError:
     return DeviceUnreachableError(f"cannot reach the {spec.describe()}: {why}", hint)
 
 
-def _probe(spec: DeviceSpec) -> None:
+def probe(spec: DeviceSpec) -> None:
     """Fail fast, with a clear line, when nothing listens at the address."""
     try:
         with socket.create_connection((spec.host, spec.port), timeout=CONNECT_TIMEOUT_S):
@@ -143,7 +143,7 @@ def _first_line(exc: BaseException) -> str:
 def connect(spec: DeviceSpec):
     """An RPC session to ``spec`` (raises :class:`DeviceUnreachableError`)."""
     from tvm import rpc
-    _probe(spec)
+    probe(spec)
     if spec.key:
         tracker = _with_deadline(lambda: rpc.connect_tracker(spec.host, spec.port),
                                  CONNECT_TIMEOUT_S * 3, spec, "connecting to the tracker")
@@ -166,9 +166,13 @@ def device_errors(spec: DeviceSpec, what: str, kept: str | None = None) -> Itera
         if not spec.remote:
             raise
         hint = f"the artifact is kept at {kept}; " if kept else ""
-        hint += "check the device and run again" + (
-            " (restart it with `structexport device stop` and `structexport device start-emulated-arm`)"
-            if spec.emulated else "")
+        if "RPCSessionTimeoutError" in str(exc) or "session has expired" in str(exc):
+            hint += (f"the session ran into --rpc-timeout ({spec.session_timeout_s:g} s): raise it "
+                     "for slow devices")
+        else:
+            hint += "check the device and run again" + (
+                " (restart it with `structexport device stop` and `structexport device start-emulated-arm`)"
+                if spec.emulated else "")
         raise DeviceLostError(f"the {spec.describe()} stopped answering during {what}: "
                               f"{_first_line(exc)}", hint) from None
 
@@ -236,11 +240,12 @@ def _default_arm(progress):
     except ImportError:  # pragma: no cover - the module ships with the package
         yield "not run: no aarch64 device (pass --rpc HOST:PORT or --tracker HOST:PORT --key KEY)"
         return
-    running = emulated_arm.running()
+    # STRUCTEXPORT_NO_EMULATOR=1: build only, never look for the emulated device.
+    running = None if os.environ.get("STRUCTEXPORT_NO_EMULATOR") else emulated_arm.running()
     if running:
         yield DeviceSpec(running.host, running.port, None, True)
         return
-    if not emulated_arm.is_installed() or os.environ.get("STRUCTEXPORT_NO_EMULATOR"):
+    if os.environ.get("STRUCTEXPORT_NO_EMULATOR") or not emulated_arm.is_installed():
         yield ("not run: no aarch64 device here (pass --rpc HOST:PORT or --tracker HOST:PORT "
                "--key KEY, or install the emulated device with `structexport device setup-emulated-arm`)")
         return

@@ -35,6 +35,9 @@ class Target:
                                     "use --target tvm-llvm, tvm-arm or tvm-cuda")
         return self
 
+    def preflight(self) -> None:
+        """Cheap checks before any work (toolchain present, device reachable)."""
+
     def default_passes(self) -> list[str]:
         from structexport.passes import PIPELINE
         return [p for p in PIPELINE if not (p == "fold_batchnorm" and self.folds_batchnorm)]

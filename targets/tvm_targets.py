@@ -134,6 +134,13 @@ class TvmLlvmTarget(Target):
             raise TvmTargetSpecError(f"TVM does not accept the target {json.dumps(self.tvm_target())}: "
                                      f"{_first_line(exc)}", "fix --tvm-target") from None
 
+    def preflight(self) -> None:
+        _tvm()
+        device = self.options.get("device")
+        if device is not None and getattr(device, "remote", False):
+            from structexport.rpc import probe
+            probe(device)
+
     # ------------------------------------------------------------------ build
     def _export(self, executable, path: Path) -> None:
         executable.export_library(str(path))
@@ -194,9 +201,8 @@ class TvmLlvmTarget(Target):
             return device
         if device is None and (missing := self._local_device_missing()):
             return missing
-        kept = self.options.get("final_outdir")
         with _quiet_native_stderr():
-            loaded = LoadedLibrary(outdir / self.library, device, self.device_kind, kept=kept)
+            loaded = LoadedLibrary(outdir / self.library, device, self.device_kind)
         where = device.describe() if device is not None else f"this host ({self.device_kind})"
         return verify_runner(reference, loaded.run, inputs, precision, atol, rtol,
                              runtime=f"TVM VM, {self.library} on {where}")
@@ -226,12 +232,21 @@ class TvmArmTarget(TvmLlvmTarget):
         from tvm.support import cc
         executable.export_library(str(path), fcompile=cc.cross_compiler(CROSS_CXX))
 
-    def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
+    def preflight(self) -> None:
         if not shutil.which(CROSS_CXX):
             raise CrossCompilerMissingError(
                 f"the aarch64 cross compiler {CROSS_CXX} is not on PATH",
                 "install it with `apt-get install g++-aarch64-linux-gnu` or "
                 "`structexport device setup-emulated-arm`")
+        super().preflight()
+
+    def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
+        self.preflight()
+        if int(self.options.get("tune_trials") or 0) > 0 and not hasattr(self.options.get("device"), "remote"):
+            from structexport.errors import TuningError
+            raise TuningError("tuning for tvm-arm measures on an aarch64 device, and there is none",
+                              "pass --rpc HOST:PORT or --tracker HOST:PORT --key KEY, or start "
+                              "the emulated one with `structexport device start-emulated-arm`")
         return super().write_artifacts(onnx_path, outdir)
 
     @contextlib.contextmanager
