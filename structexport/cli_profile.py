@@ -11,8 +11,9 @@ from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401  (main:
 @click.command()
 @click.argument("path", required=False, type=click.Path(path_type=str))
 @click.option("--arch", help="Zoo name; without PATH, weights are drawn from --seed.")
-@click.option("--target", type=click.Choice(["ort-cpu", "tvm-llvm"]),
-              help="Runtime to profile on (default: the OUTDIR's target; ort-cpu for a checkpoint).")
+@click.option("--target", type=click.Choice(["ort-cpu", "tvm-llvm", "tvm-arm"]),
+              help="Runtime to profile on (default: the OUTDIR's target; ort-cpu for a "
+              "checkpoint); tvm-arm only on a device (--rpc/--tracker).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--input-shape", help="N,C,H,W (the batch is taken from --batch).")
@@ -21,7 +22,8 @@ from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401  (main:
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0, 10000))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-peak", is_flag=True, help="Do not measure the machine's GEMM peak.")
-@click.option("--rpc", metavar="HOST:PORT", help="Profile on a TVM RPC device (tvm-* targets).")
+@click.option("--rpc", metavar="HOST:PORT", help="Profile on the device whose TVM RPC server "
+              "listens there (tvm-llvm, tvm-arm): each PrimFunc call timed on the device.")
 @click.option("--tracker", metavar="HOST:PORT", help="Profile on a device from a TVM RPC tracker.")
 @click.option("--key", help="Device kind to ask the tracker for (with --tracker).")
 @click.option("-o", "--output", "output", default="report.html", show_default=True,

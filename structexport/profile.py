@@ -48,6 +48,7 @@ SCHEMA = "structexport-profile/1"
 UNMAPPED = "(unmapped)"
 OUTSIDE = "(outside kernels)"
 TARGETS = ("ort-cpu", "tvm-llvm")
+REMOTE_TARGETS = ("tvm-llvm", "tvm-arm")
 FIGURES = {
     "fig-time": "Time per layer, dense vs structured",
     "fig-speedup": "Measured vs theoretical speedup per layer",
@@ -65,10 +66,6 @@ FORWARD_OPS = {"cumsum", "strided_slice", "subtract", "concatenate", "pad", "res
 
 class ProfileError(StructExportError):
     exit_code, kind = 40, "profile-failed"
-
-
-class RemoteProfileUnavailable(StructExportError):
-    exit_code, kind = 40, "remote-profile-unavailable"
 
 
 @dataclass
@@ -93,27 +90,43 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
     """Profile a converted OUTDIR, a checkpoint (converted on the fly) or a zoo ``arch``
     (weights from ``opts.seed``); returns the report dict (:data:`SCHEMA`)."""
     say = progress or (lambda _m: None)
+    spec = None
     if opts.rpc or opts.tracker or opts.key:
-        return profile_remote(path, arch, opts, progress=say)
+        from structexport import rpc
+        spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key)  # usage errors first
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-profile-") as tmp:
         work = Path(tmp)
         src = _resolve_inputs(path, arch, opts, work, say)
         target = src["target"]
-        if target not in TARGETS:
+        if spec is not None and target not in REMOTE_TARGETS:
+            raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
+                               f"not {target!r}", "pass --target tvm-llvm or --target tvm-arm")
+        if spec is None and target not in TARGETS:
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
-                               f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm")
+                               f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
+                               "--rpc HOST:PORT for a TVM device")
         say("export dense counterpart")
         dense_onnx = _dense_onnx(src["source"], src["shape"], src["passes"], src["arch"],
                                  target, opts.seed, work)
         feed = _feed(src["shape"], opts.seed)
-        if target == "ort-cpu":
+        if spec is not None:
+            measured = profile_remote(src["onnx"], dense_onnx, feed, opts, say, spec, target,
+                                      src.get("tvm_target"), work)
+        elif target == "ort-cpu":
             measured = _measure_ort(src["onnx"], dense_onnx, feed, opts, say, work)
         else:
             measured = _measure_tvm(src["onnx"], dense_onnx, feed, opts, say,
                                     tvm_target=src.get("tvm_target"), artifact=src["artifact"])
         peak = measure_peak(opts.threads) if opts.peak else None
         report = assemble(src, target, dense_onnx, measured, peak, opts)
+        if spec is not None:
+            report["device"] = spec.describe()
+            report["notes"].append("on a remote device each PrimFunc call is timed on its own "
+                                   "(the VM's instrument hook does not cross RPC): "
+                                   "`(outside kernels)` is the whole run minus those isolated "
+                                   "times, and can be slightly negative; the machine peak is "
+                                   "this host's")
         report["seconds"] = round(time.perf_counter() - started, 2)
         return report
 
@@ -431,13 +444,24 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
                 if reads and not data:  # a weight transposed or reshaped: still that weight
                     alias.update({o: reads[0] for o in outs})
                 calls.append({"symbol": op.name_hint, "weights": reads, "inputs": data,
-                              "outputs": outs})
+                              "outputs": outs, "arg_specs": [_arg_spec(a) for a in v.args]})
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_tensor":
                 allocated.add(var)
             elif isinstance(op, relax.ExternFunc) and args:
                 alias[var] = args[0]   # vm.builtin.reshape & co: a view of their first input
     return {"executable": executable, "weights": weights, "input": names[0], "calls": calls,
-            "device": tvm.cpu(0), "target": target}
+            "device": tvm.cpu(0), "target": target, "lowered": lowered}
+
+
+def _arg_spec(arg) -> tuple | None:
+    """(shape, dtype) of a static tensor argument, None for anything else."""
+    info = getattr(arg, "ty", None) or getattr(arg, "struct_info", None)  # TVM 0.27: ty
+    shape = getattr(info, "shape", None)
+    values = getattr(shape, "values", None)
+    try:
+        return tuple(int(v) for v in values), str(info.dtype)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | None = None
@@ -601,28 +625,81 @@ def _tvm_owner(calls, layers):
 
 # ---- remote TVM devices
 
-def profile_remote(path, arch, opts: ProfileOptions, progress=None) -> dict:
-    """Per-layer profiling on a device reached through TVM's RPC (``--rpc HOST:PORT`` or
-    ``--tracker HOST:PORT --key KEY``): not available yet. The address is checked first
-    (``structexport.rpc.parse_device``: a malformed one is a usage error, exit code 2).
+def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, say, spec,
+                   target_name: str, tvm_target: dict | None, work: Path) -> dict:
+    """Both models on a device reached through TVM's RPC (``--rpc HOST:PORT`` or
+    ``--tracker HOST:PORT --key KEY``, parsed by ``structexport.rpc``), in one session.
 
-    Where it plugs in (docs/profile.md, "Remote devices"): resolve the inputs and the dense
-    counterpart as :func:`run_profile` does; compile both with :func:`tvm_program` for the
-    device's target (exported with the target's ``_export``, cross-compiled for tvm-arm);
-    open one session (``rpc.open_session``, ``rpc.set_threads``/``bench.set_threads``),
-    upload and load both libraries; time whole runs with the VM's ``time_evaluator`` and each
-    PrimFunc call of ``tvm_program(...)["calls"]`` on the device. The VM's instrument hook
-    is a host-side Python callback and does not cross RPC; the PrimFunc symbols live in the
-    loaded library's first import (locally ``module.imports[0].time_evaluator(symbol, dev)``
-    times one; through RPC that import has to be reached on the remote side). Return the
-    ``measured`` dict of :func:`_measure_tvm` and hand it to :func:`assemble`: the report,
-    its checks and its renderers need nothing else."""
-    from structexport import rpc
-    spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key)  # usage errors first
-    where = spec.describe() if spec else "a remote device"
-    raise RemoteProfileUnavailable(f"per-layer profiling on the {where} is not available yet",
-                                   "profile on this host without --rpc/--tracker, or time whole "
-                                   "models on the device with `structexport bench --rpc ...`")
+    The VM's instrument hook is a host-side Python callback and does not cross RPC, so each
+    PrimFunc call of the lowered program (:func:`tvm_program`) is timed on its own on the
+    device (``time_evaluator`` of a library of the PrimFuncs alone, on arguments of the
+    call's shapes), and whole runs with the VM's ``time_evaluator`` (weights as inputs),
+    interleaved. Returns the ``measured`` dict of :func:`_measure_tvm`."""
+    tvm, relax = _tvm_modules()
+    from structexport.bench import _stats, set_threads
+    from structexport.rpc import device_errors, open_session
+    from structexport.targets import get_target
+    from structexport.targets.tvm_targets import _quiet_native_stderr
+    target = get_target(target_name, {"tvm_target": tvm_target} if tvm_target else {})
+    say(f"compile for TVM ({target_name}, weights as inputs, to map calls to layers)")
+    programs = {"structured": tvm_program(structured, target.tvm_target()),
+                "dense": tvm_program(dense, target.tvm_target())}
+    files = {}
+    for n, p in programs.items():
+        tir = tvm.IRModule({gv: f for gv, f in p["lowered"].functions.items()
+                            if type(f).__name__ == "PrimFunc"})
+        with _quiet_native_stderr():
+            kernels = tvm.tirx.build(tir, target=p["target"])
+            target._export(kernels, work / f"{n}-kernels.so")
+            target._export(p["executable"], work / f"{n}-vm.so")
+        files[n] = (work / f"{n}-kernels.so", work / f"{n}-vm.so")
+    say(f"connect to the {spec.describe()}")
+    session = open_session(spec)
+    set_threads(spec, session, opts.threads)
+    rng = np.random.default_rng(opts.seed)
+    with device_errors(spec, "profiling"):
+        dev = session.device(target.device_kind, 0)
+        vms, kernels, args = {}, {}, {}
+        for n, (klib, vmlib) in files.items():
+            for f in (klib, vmlib):
+                session.upload(str(f), f"structexport-profile-{f.name}")
+            kernels[n] = session.load_module(f"structexport-profile-{klib.name}")
+            vms[n] = relax.VirtualMachine(session.load_module(f"structexport-profile-{vmlib.name}"), dev)
+            args[n] = [tvm.runtime.tensor(feed, device=dev)] + [
+                tvm.runtime.tensor(w.numpy(), device=dev) for w in programs[n]["weights"]]
+        say(f"timing ({opts.repeat} interleaved runs on the device)")
+        evals = {n: vms[n].time_evaluator("main", dev, number=1, repeat=1) for n in vms}
+        times = {n: [] for n in vms}
+        for i in range(opts.warmup + opts.repeat):
+            for n in (list(vms) if i % 2 == 0 else list(vms)[::-1]):
+                t = float(evals[n](*args[n]).results[0])
+                if i >= opts.warmup:
+                    times[n].append(t)
+        latency = {n: _stats(t) for n, t in times.items()}
+        say("profiling (each PrimFunc call on its own, on the device)")
+        number = max(3, opts.repeat // 5)
+        models = {}
+        for n, p in programs.items():
+            calls = []
+            for k, c in enumerate(p["calls"]):
+                if any(a is None for a in c["arg_specs"]):
+                    raise ProfileError(f"call {k} ({c['symbol']}) of the {n} model takes an argument "
+                                       "that is not a static tensor", "profile on this host instead")
+                tensors = [tvm.runtime.tensor(
+                    (rng.standard_normal(shape) * 0.1).astype(dtype) if dtype.startswith("float")
+                    else np.zeros(shape, dtype), device=dev) for shape, dtype in c["arg_specs"]]
+                ev = kernels[n].time_evaluator(c["symbol"], dev, number=number, repeat=1)
+                ms = float(ev(*tensors).results[0]) * 1e3
+                calls.append({"name": f"{c['symbol']}#{k}", "op": c["symbol"], "ms": ms,
+                              "weights": c["weights"]})
+            models[n] = {"onnx": structured if n == "structured" else dense, "calls": calls,
+                         "profiled_ms": latency[n]["median"], "runs_kept": latency[n]["runs"],
+                         "mapper": lambda layers, p=p: _tvm_owner(p["calls"], layers)}
+    return {"runtime": f"Apache TVM {tvm.__version__} Relax VM on the {spec.describe()}, target "
+                       f"{json.dumps(target.tvm_target())} (untuned, default pipeline)",
+            "profiler": f"each PrimFunc call timed on its own on the device ({number} runs "
+                        "each); whole runs by the VM's time_evaluator",
+            "latency": latency, "models": models}
 
 
 # ---- machine peak
@@ -863,8 +940,10 @@ def summary_lines(report: dict) -> list[str]:
         f"{d['latency_ms']['median']:.3f} ms; speedup measured {report['speedup_measured']:.2f}x, "
         f"theoretical {_fmt(report['speedup_theoretical'], '.2f', 'n/a')}x, efficiency "
         f"{_fmt(report['efficiency'], '.2f', 'n/a')}",
-        f"profiled run (profiler on, mean of the {s['runs_kept']} fastest): structured "
-        f"{s['profiled_ms']:.3f} ms = kernels {s['kernels_ms']:.3f} + outside kernels "
+        (f"profiled run (profiler on, mean of the {s['runs_kept']} fastest): structured "
+         if report["device"] == "this host" else
+         "whole run on the device (median) vs its PrimFunc calls timed one by one: structured ")
+        + f"{s['profiled_ms']:.3f} ms = kernels {s['kernels_ms']:.3f} + outside kernels "
         f"{s['outside_ms']:.3f} ms (unmapped kernels {s['unmapped_ms']:.3f} ms); dense "
         f"{d['profiled_ms']:.3f} ms = {d['kernels_ms']:.3f} + {d['outside_ms']:.3f} ms "
         f"(unmapped {d['unmapped_ms']:.3f} ms)",

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from structexport.analysis import layer_table
 from structexport.cli import main
 from structexport.costmodel import node_costs, totals
-from structexport.profile import (FIGURES, OUTSIDE, SCHEMA, UNMAPPED, ProfileOptions,
-                                  RemoteProfileUnavailable, call_layers, render_html,
-                                  render_markdown, run_profile, validate, write_reports)
+from structexport.profile import (FIGURES, OUTSIDE, SCHEMA, UNMAPPED, ProfileOptions, call_layers,
+                                  render_html, render_markdown, run_profile, validate,
+                                  write_reports)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "models" / "checkpoints" / "resnet20-csg-16x16x3x3-72.t7"
@@ -249,12 +249,65 @@ def test_call_layers_follows_shortcuts_without_cycles():
                    "s.0.conv_b", "s.0.conv_b", "fc", None]
 
 
-def test_remote_profiling_is_a_clear_error_for_now():
-    with pytest.raises(RemoteProfileUnavailable, match="not available yet"):
-        run_profile(None, "resnet20", ProfileOptions(target="tvm-llvm", rpc="127.0.0.1:9190"))
+def test_remote_device_errors_are_clear(tmp_path):
+    import socket
+    with socket.socket() as sock:  # a free port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     res = CliRunner().invoke(main, ["profile", "--arch", "resnet20", "--target", "tvm-llvm",
-                                    "--rpc", "127.0.0.1:9190"])
-    assert res.exit_code == 40 and "not available yet" in res.output
+                                    "--rpc", f"127.0.0.1:{port}", "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 42 and "cannot reach" in res.output, res.output
+    res = CliRunner().invoke(main, ["profile", "--arch", "resnet20", "--rpc", "nonsense"])
+    assert res.exit_code == 2 and "HOST:PORT" in res.output
+    res = CliRunner().invoke(main, ["profile", "--arch", "resnet20", "--target", "tvm-arm"])
+    assert res.exit_code == 40 and "--rpc" in res.output
+
+
+@pytest.fixture()
+def rpc_server():
+    """TVM's RPC server on this host, on a free port (a stand-in for a device)."""
+    import socket
+    import sys
+    import time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                             "--port", str(port), "--port-end", str(port + 1)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_profile_on_an_rpc_device(tvm_outdir, rpc_server, tmp_path):
+    """Through TVM's RPC, each PrimFunc call is timed on the device: every call mapped, the
+    rows add up to the device's whole-run time, MACs as on the host."""
+    root, _ = tvm_outdir
+    res = CliRunner().invoke(main, ["profile", str(root / "out"), "--rpc", rpc_server,
+                                    "--repeat", "4", "--warmup", "1", "--no-peak",
+                                    "-o", str(tmp_path / "remote.html")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "remote.json").read_text())
+    assert validate(report) == []
+    assert report["device"] == f"device at {rpc_server}"
+    for which in ("structured", "dense"):
+        t = report["totals"][which]
+        assert sum(r[f"{which}_ms"] for r in report["layers"]) == pytest.approx(t["profiled_ms"])
+        assert t["unmapped_ms"] == 0 and t["calls"] > 40
+        assert t["kernels_ms"] == pytest.approx(t["profiled_ms"], rel=0.5)  # isolated vs whole run
+    host = json.loads((root / "rep" / "report.json").read_text())
+    assert [(r["layer"], r["structured_macs"]) for r in report["layers"]] == \
+        [(r["layer"], r["structured_macs"]) for r in host["layers"]]
 
 
 def test_nothing_to_profile_is_a_clear_error(tmp_path):
