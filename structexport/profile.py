@@ -18,6 +18,8 @@ Where the time comes from:
   and the VM runs those calls in that order. The library profiled is compiled from the same
   ``model.onnx`` with the same target and pipeline as ``model.so``, weights passed as inputs;
   the dense counterpart is exported, rewritten by the same passes and compiled the same way.
+- ``--rpc`` / ``--tracker`` (tvm-llvm, tvm-arm on a device, :func:`profile_remote`): the
+  instrument hook does not cross RPC; each PrimFunc call is timed on its own on the device.
 
 Rows that are not a source layer, never dropped: ``(unmapped)`` (kernels no layer could be
 found for; what they are is listed in ``mapping``) and ``(outside kernels)`` (the profiled
@@ -161,8 +163,9 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
         if reuse:
             outdir = Path(path)
             onnx_path, passes = outdir / "model.onnx", [p["name"] for p in manifest["passes"]]
-            # the target the OUTDIR's library was built for, when it is this host's
-            tvm_target = _read_json(outdir / "tvm_target.json") if manifest["target"] == "tvm-llvm" else None
+            # the TVM target the OUTDIR's library was built for, when it is the one profiled
+            tvm_target = (_read_json(outdir / "tvm_target.json")
+                          if manifest["target"] == target and target.startswith("tvm") else None)
             if manifest["target"] == target == "tvm-llvm":
                 artifact = outdir / "model.so"
             tuning = (manifest.get("target_build") or {}).get("tuning")
@@ -197,7 +200,8 @@ def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
                          progress=say)
         onnx_path = result.outdir / "model.onnx"
         passes = [p["name"] for p in result.manifest["passes"]]
-        tvm_target = _read_json(result.outdir / "tvm_target.json") if target == "tvm-llvm" else None
+        tvm_target = (_read_json(result.outdir / "tvm_target.json")
+                      if target.startswith("tvm") else None)
     built = not path and bool(arch)  # --arch: weights drawn from the seed, no file kept
     return {"source": source, "arch": arch,
             "checkpoint": f"(weights drawn from seed {opts.seed})" if built else str(ckpt), "outdir": str(outdir) if outdir else None,
