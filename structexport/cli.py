@@ -386,6 +386,13 @@ def _render_convert(m: dict, outdir) -> None:
 
 
 # Commands that live in their own modules (they import out, err and _fail_cleanly from here).
+# `python -m structexport.cli` runs this file as __main__: hand over to the real module, so
+# the command modules below (which import it) do not import a second, half-built copy.
+if __name__ == "__main__":
+    from structexport.cli import run as _run_real
+    _run_real()
+    sys.exit(0)
+
 # Add one line per module here, below this comment.
 from structexport.cli_device import device as _device; main.add_command(_device)  # noqa: E402
 from structexport.cli_profile import profile as _profile; main.add_command(_profile)  # noqa: E402
@@ -407,6 +414,3 @@ def run() -> None:
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}")
         sys.exit(exc.exit_code)
 
-
-if __name__ == "__main__":
-    run()

@@ -72,6 +72,32 @@ def _database(folder: Path):
                           "delete the folder, or pass another --tuning-db") from None
 
 
+def preload_tvm_tensor_intrinsics() -> None:
+    """Import MetaSchedule's tensor intrinsics quickly (also a builder/runner worker initializer).
+
+    Each of their hundreds of TVMScript functions calls ``inspect.stack()``, which reads
+    source context for every frame and walks all of ``sys.modules`` per frame; beside
+    torch's thousands of modules that import took over a minute here, and in a worker it
+    ran into MetaSchedule's 30 s build timeout so every candidate failed. Those functions
+    use only the frames, so while importing the stack is taken without source lookups."""
+    import inspect
+    import sys
+
+    def frames_only(context=1):
+        frame, out = sys._getframe(1), []
+        while frame is not None:
+            out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                         frame.f_code.co_name, None, None))
+            frame = frame.f_back
+        return out
+    original = inspect.stack
+    inspect.stack = frames_only
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
 def _task_key(task) -> str:
     import tvm_ffi
     return f"{tvm_ffi.structural_hash(task.dispatched[0]) & (2**64 - 1):016x}"
@@ -135,6 +161,11 @@ def _progress_callback(total: int, say: Callable[[str], None], count: dict):
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             count["trials"] += len(measure_candidates)
+            for built, ran in zip(builder_results, runner_results):
+                error = built.error_msg or (ran.error_msg if ran is not None else None)
+                if error:
+                    count["failed"] += 1
+                    count.setdefault("first_error", str(error).strip().splitlines()[-1][:200])
             done = count["trials"]
             left = (time.perf_counter() - self.start) / done * max(total - done, 0) if done else 0
             say(f"tuning: {min(done, total)}/{total} trials, about {left:.0f} s left")
@@ -148,11 +179,12 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
     compile with the database applied. Returns ``(executable, TuningResult)``."""
     from tvm.s_tir import meta_schedule as ms
     say = progress or (lambda _m: None)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
     start = time.perf_counter()
     folder = database_dir(db_root, target_dict)
     db = _database(folder)
     say("tuning: extracting tasks")
+    preload_tvm_tensor_intrinsics()
     import tvm
     from tvm import relax
     with target:  # as TVM's static_shape_tuning pipeline: legalize and fuse, then tune
@@ -175,13 +207,15 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
             measured_on = device.describe()
         else:
             runner = ms.runner.LocalRunner(
-                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20))
-        builder = ms.builder.LocalBuilder(f_export=export_aarch64) if cross_compile else "local"
+                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20),
+                initializer=preload_tvm_tensor_intrinsics)
+        builder = ms.builder.LocalBuilder(f_export=export_aarch64 if cross_compile else None,
+                                          initializer=preload_tvm_tensor_intrinsics, timeout_sec=120)
         with tempfile.TemporaryDirectory(prefix="structexport-tune-") as work:
             say(f"tuning: {len(todo)} of {len(tasks)} tasks not in the database, {trials} trials")
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 todo, work, strategy=_search_strategy(trials, len(todo)), seed=0)
-            count = {"trials": 0}
+            count = {"trials": 0, "failed": 0}
             callbacks = (ms.measure_callback.MeasureCallback.create("default")
                          + [_progress_callback(trials, say, count)])
             try:

@@ -1,0 +1,4 @@
+"""``python -m structexport``: the same as the ``structexport`` command."""
+from structexport.cli import run
+
+run()
