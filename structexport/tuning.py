@@ -33,6 +33,7 @@ class TuningResult:
     database: str
     seconds: float
     measured_on: str
+    trials_failed: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -196,7 +197,7 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
     index = _load_index(folder)
     todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < trials]
     measured_on = "this host"
-    trials_run = 0
+    trials_run = failed = 0
     if todo and trials > 0:
         if device is not None and getattr(device, "remote", False):
             runner = ms.runner.RPCRunner(
@@ -227,6 +228,11 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
                 raise TuningError(f"MetaSchedule tuning failed: {str(exc).strip().splitlines()[-1][:200]}",
                                   "run without --tune-trials to build untuned") from None
         trials_run = count["trials"]
+        if trials_run and count["failed"] == trials_run:
+            raise TuningError(f"all {trials_run} MetaSchedule candidates failed to build or run: "
+                              f"{count.get('first_error', 'no message')}",
+                              "run without --tune-trials to build untuned")
+        failed = count["failed"]
         index.update({_task_key(t): {"name": t.task_name, "trials": trials} for t in todo})
         _save_index(folder, index)
     say("compiling with the tuning database")
@@ -234,4 +240,5 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     executable = tvm.compile(mod, target=target)
     return executable, TuningResult(trials, trials_run, len(tasks), len(tasks) - len(todo),
-                                    str(folder), round(time.perf_counter() - start, 1), measured_on)
+                                    str(folder), round(time.perf_counter() - start, 1), measured_on,
+                                    failed)
