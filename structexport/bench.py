@@ -51,6 +51,8 @@ class BenchOptions:
     # More workloads to time in the same interleaved loop (name -> ONNX Runtime session, or a
     # timer: a function returning seconds per run); reported under "extra_latency_ms".
     extra_workloads: dict = field(default_factory=dict)
+    # TVM targets on this host: also time both models under ONNX Runtime, interleaved.
+    compare_ort: bool = False
 
 
 BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
@@ -243,6 +245,12 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
                      "dense": _session(dense_path, opts.threads)}
     else:
         workloads, device = _tvm_workloads(opts, structured_library, dense_path, x.numpy(), workdir, say)
+    if opts.compare_ort:
+        if opts.target == "ort-cpu" or (device is not None and device.remote):
+            raise BenchError("--compare-ort compares a TVM target on this host with ONNX Runtime",
+                             "use it with --target tvm-llvm and no --rpc/--tracker")
+        workloads["ort-structured"] = _session(structured_onnx, opts.threads)
+        workloads["ort-dense"] = _session(dense_path, opts.threads)
     workloads.update(opts.extra_workloads)
     where = f" on the {device.describe()}" if device is not None and device.remote else ""
     say(f"timing ({opts.repeat} interleaved runs{where})")
@@ -265,6 +273,14 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
     if device is not None and device.emulated:
         result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
                           "prove the library runs; they are not ARM latency")
+    if opts.compare_ort:
+        ort_s, ort_d = stats["ort-structured"]["median"], stats["ort-dense"]["median"]
+        result["onnxruntime"] = {
+            "latency_ms": stats["ort-structured"], "dense_latency_ms": stats["ort-dense"],
+            "speedup_measured": ort_d / ort_s,
+            # > 1: TVM is slower than ONNX Runtime on the same model and machine.
+            "tvm_over_ort": stats["structured"]["median"] / ort_s,
+            "tvm_over_ort_dense": stats["dense"]["median"] / ort_d}
     if opts.extra_workloads:
         result["extra_latency_ms"] = {n: stats[n] for n in opts.extra_workloads}
     if opts.per_layer and opts.target != "ort-cpu":

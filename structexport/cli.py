@@ -274,6 +274,8 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
               help="Interleaved timed runs of each model.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 10000))
 @click.option("--per-layer", is_flag=True, help="Add a per-operator breakdown (ONNX Runtime profiler).")
+@click.option("--compare-ort", is_flag=True, help="With a TVM target on this host: also time both "
+              "models under ONNX Runtime in the same interleaved loop.")
 @click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
               help="Force one sum-pool realization (default: the cost model's choice per layer).")
 @click.option("--autotune", is_flag=True, help="Choose sum-pool realizations by measurement (cached).")
@@ -284,7 +286,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @_fail_cleanly
-def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer,
+def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
           sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_trials,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
@@ -292,6 +294,7 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
     from structexport.bench import BenchOptions, run_bench
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
+                        compare_ort=compare_ort,
                         pass_options={"autotune": autotune, "tuning_cache": tuning_cache,
                                       "threads": threads,
                                       **({"sumpool_realization": sumpool_realization}
@@ -323,6 +326,11 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
               f"{where})")
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
+    if result.get("onnxruntime"):
+        o = result["onnxruntime"]
+        out.print(f"ONNX Runtime, same loop: structured {o['latency_ms']['median']:.3f} ms, dense "
+                  f"{o['dense_latency_ms']['median']:.3f} ms ({o['speedup_measured']:.2f}x); TVM / ORT "
+                  f"latency: structured {o['tvm_over_ort']:.2f}x, dense {o['tvm_over_ort_dense']:.2f}x")
     for which, ops in result.get("per_op_ms", {}).items():
         out.print(f"{which}: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(ops.items())[:8]))
     if result.get("per_layer"):
