@@ -195,7 +195,7 @@ def set_threads(spec, session, threads: int) -> None:
 
 
 def _tvm_workloads(opts: BenchOptions, structured_library: Path | None, dense_onnx: Path,
-                   feed: np.ndarray, workdir: Path, say) -> tuple[dict, object]:
+                   feed: np.ndarray, workdir: Path, say) -> tuple[dict, object, dict]:
     """Both libraries loaded on one device session (an RPC server serves one session at a
     time); the dense one built with the same TVM target and tuning options."""
     from structexport.rpc import DeviceSpec, LoadedLibrary, open_session
@@ -219,7 +219,7 @@ def _tvm_workloads(opts: BenchOptions, structured_library: Path | None, dense_on
     if not np.allclose(outs["structured"], outs["dense"], atol=1e-3, rtol=1e-3):
         raise BenchError(f"on the {spec.describe()}, the structured and dense TVM libraries disagree "
                          f"(max abs diff {float(np.abs(outs['structured'] - outs['dense']).max()):.3g})")
-    return {n: lib.timer(feed) for n, lib in libs.items()}, spec
+    return {n: lib.timer(feed) for n, lib in libs.items()}, spec, target.build_info
 
 
 def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts: BenchOptions,
@@ -239,12 +239,13 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
                          f"(max abs diff {float((ref - got).abs().max()):.3g})")
     dense_path = workdir / "dense.onnx"
     export_onnx(dense, x, dense_path)
-    device = None
+    device, dense_build = None, None
     if opts.target == "ort-cpu":
         workloads = {"structured": _session(structured_onnx, opts.threads),
                      "dense": _session(dense_path, opts.threads)}
     else:
-        workloads, device = _tvm_workloads(opts, structured_library, dense_path, x.numpy(), workdir, say)
+        workloads, device, dense_build = _tvm_workloads(opts, structured_library, dense_path,
+                                                        x.numpy(), workdir, say)
     if opts.compare_ort:
         if opts.target == "ort-cpu" or (device is not None and device.remote):
             raise BenchError("--compare-ort compares a TVM target on this host with ONNX Runtime",
@@ -269,6 +270,9 @@ def bench(source: nn.Module, structured_onnx: Path, shape: tuple[int, ...], opts
         "machine": machine(),
         "device": device.to_dict() if device is not None else None,
         "emulated": bool(device is not None and device.emulated),
+        # How the dense counterpart's TVM library was built (target, tuning): the same
+        # target and tuning budget as the structured one.
+        "dense_target_build": dense_build,
     }
     if device is not None and device.emulated:
         result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
