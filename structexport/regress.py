@@ -169,53 +169,14 @@ class ReferenceWorkload:
         self._feed = {"x": rng.standard_normal((1, c, s, s)).astype(np.float32)}
         self.threads = threads
 
-    # The two methods bench.time_interleaved uses: the model's feed is ignored.
+    # An ONNX Runtime session's two methods, as bench's interleaved loop uses them (its feed
+    # is ignored: the reference has its own input).
     def get_inputs(self):
         from types import SimpleNamespace
         return [SimpleNamespace(name="reference")]
 
     def run(self, _outputs, _feed):
         return self._session.run(None, self._feed)
-
-    def time_burst(self, runs: int, warmup: int = 5) -> list[float]:
-        for _ in range(warmup):
-            self.run(None, None)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self.run(None, None)
-            times.append(time.perf_counter() - start)
-        return times
-
-
-@contextlib.contextmanager
-def _reference_alongside(reference: ReferenceWorkload):
-    """Add ``reference`` to the rotation of bench's interleaved timing loop.
-
-    bench has no hook for an extra workload, so its module-level ``time_interleaved`` is
-    wrapped for the duration of one ``run_bench`` call; only the structured-vs-dense loop
-    is touched (autotune's timing loops are left alone). Yields the list the reference's
-    stats are appended to: empty afterwards if bench timed some other way (e.g. a target
-    whose runners are not sessions), and the caller falls back to bursts around it.
-    """
-    import structexport.bench as bench_module
-    original = bench_module.time_interleaved
-    captured: list[dict] = []
-
-    def with_reference(sessions, feed, repeat, warmup):
-        if set(sessions) == {"structured", "dense"} and all(
-                callable(getattr(s, "run", None)) and callable(getattr(s, "get_inputs", None))
-                for s in sessions.values()):
-            stats = original({**sessions, "reference": reference}, feed, repeat, warmup)
-            captured.append(stats.pop("reference"))
-            return stats
-        return original(sessions, feed, repeat, warmup)
-
-    bench_module.time_interleaved = with_reference
-    try:
-        yield captured
-    finally:
-        bench_module.time_interleaved = original
 
 
 # --------------------------------------------------------------------------- baseline
@@ -483,32 +444,21 @@ def reference_for(threads: int) -> ReferenceWorkload:
 def measure_entry(baseline_path: Path, entry: Entry,
                   progress: Callable[[str], None] | None = None) -> Measurement:
     """Bench one entry and the reference workload alongside it; the ratios it yields."""
-    from structexport.bench import BenchOptions, _stats, run_bench
+    from structexport.bench import BenchOptions, run_bench
     say = progress or (lambda _m: None)
     start = time.perf_counter()
     reference = reference_for(entry.threads)
-    bursts: list[float] = []
-
-    def on_progress(message: str) -> None:
-        if message.startswith("timing"):  # fallback only: bursts around the timed loop
-            bursts.extend(reference.time_burst(max(10, entry.repeat // 4)))
-        say(message)
-
     pass_options = {"threads": entry.threads, "autotune": bool(entry.options.get("autotune"))}
     if entry.options.get("sumpool_realization"):
         pass_options["sumpool_realization"] = entry.options["sumpool_realization"]
     shape = ",".join(map(str, entry.input_shape)) if entry.input_shape else None
+    # The reference runs as a third workload in bench's interleaved loop.
     opts = BenchOptions(target=entry.target, threads=entry.threads, batch=entry.batch, input_shape=shape,
                         repeat=entry.repeat, warmup=entry.warmup, seed=entry.seed,
-                        pass_options=pass_options)
+                        pass_options=pass_options, extra_workloads={"reference": reference})
     path = str(resolve_checkpoint(baseline_path, entry)) if entry.checkpoint else None
-    with _reference_alongside(reference) as captured:
-        result = run_bench(path, entry.arch, opts, progress=on_progress)
-    if captured:
-        ref_stats, how = captured[-1], "interleaved"
-    else:
-        bursts.extend(reference.time_burst(max(10, entry.repeat // 4)))
-        ref_stats, how = _stats(bursts), "bursts around the measurement"
+    result = run_bench(path, entry.arch, opts, progress=say)
+    ref_stats, how = result["extra_latency_ms"]["reference"], "interleaved"
     s, d = result["latency_ms"], result["dense_latency_ms"]
     theoretical = result.get("speedup_theoretical")
     speedup = d[STATISTIC] / s[STATISTIC] if s[STATISTIC] else None
