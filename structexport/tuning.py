@@ -151,6 +151,21 @@ def create_rpc_session(rpc_config):
     return rpc_config.connect_server()
 
 
+def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
+    """MetaSchedule runner arguments filled with random data on the host and copied over:
+    a device with TVM's runtime-only library (the emulated one, many boards) has no
+    ``tvm.contrib.random`` to fill them itself (runs in a worker)."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+    rng = np.random.default_rng(0)
+
+    def fill(tensor):
+        data = rng.uniform(-1, 1, size=tuple(tensor.shape)).astype(str(tensor.dtype))
+        tensor.copyfrom(data)
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
 def _progress_callback(total: int, say: Callable[[str], None], count: dict):
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
@@ -204,7 +219,7 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
                 rpc_config=ms.runner.RPCConfig(device.host, device.port, device.key or DIRECT,
                                                session_timeout_sec=int(device.session_timeout_s)),
                 evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0),
-                f_create_session=create_rpc_session)
+                f_create_session=create_rpc_session, f_alloc_argument=alloc_arguments_from_host)
             measured_on = device.describe()
         else:
             runner = ms.runner.LocalRunner(

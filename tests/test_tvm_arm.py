@@ -224,3 +224,17 @@ def test_bench_tvm_llvm_over_rpc_times_both_models_on_the_server(llvm20, host_rp
     assert r["target"] == "tvm-llvm" and r["emulated"] is False
     assert r["device"]["address"] == address
     assert r["latency_ms"]["runs"] == 5 and r["latency_ms"]["median"] > 0
+
+
+def test_tuning_for_arm_measures_over_rpc_on_the_device(emulated_arm, tmp_path):
+    out = tmp_path / "o"
+    res = cli("convert", BUNDLED, "--arch", "resnet20", "--target", "tvm-arm", "-o", out,
+              "--rpc", emulated_arm.address, "--tune-trials", 4, "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    tu = m["target_build"]["tuning"]
+    assert tu["measured_on"] == f"emulated aarch64 device at {emulated_arm.address}"
+    assert tu["trials_run"] >= 4 and tu["trials_failed"] < tu["trials_run"]
+    assert m["target_build"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
+    assert m["target_verification"]["passed"] is True
+    assert elf_machine(out / "model.so") == EM_AARCH64
