@@ -61,6 +61,11 @@ def doctor(as_json):
         table.add_row(name, ver or "[red]not installed[/]")
     for name, ver in info["tools"].items():
         table.add_row(name, ver or "[yellow]not found[/]")
+    emu = info["emulated_arm"]
+    table.add_row("emulated aarch64 device",
+                  f"running at {emu['running']}" if emu["running"] else
+                  "installed, not running" if emu["installed"] else
+                  "[yellow]not installed[/] (structexport device setup-emulated-arm)")
     cpu = info["cpu"]
     table.add_row("CPU", f"{cpu['model']} ({cpu['machine']}, {cpu['cores']} cores)")
     table.add_row("SIMD", " ".join(cpu["simd"]) or "none detected")

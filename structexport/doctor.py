@@ -64,6 +64,17 @@ def tvm_status() -> str | None:
         return f"installed but fails to import: {type(exc).__name__}: {exc}"
 
 
+def emulated_device_status() -> dict:
+    """Whether the emulated aarch64 device is installed, and where it runs."""
+    try:
+        from structexport import emulated_arm
+        running = emulated_arm.running()
+        return {"installed": emulated_arm.is_installed(),
+                "running": running.address if running else None}
+    except Exception as exc:  # a broken cache must not break doctor
+        return {"installed": False, "running": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def collect() -> dict:
     from structexport import __version__
     packages = {name: _version(dist) for name, dist in PACKAGES.items()}
@@ -71,4 +82,5 @@ def collect() -> dict:
     return {"structexport": __version__, "python": platform.python_version(),
             "packages": packages,
             "tools": {name: _tool_version(names) for name, names in TOOLS.items()},
+            "emulated_arm": emulated_device_status(),
             "cpu": cpu_info()}

@@ -185,3 +185,9 @@ def test_console_script_usage_errors_are_one_line(repo_root):
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_doctor_reports_the_emulated_device(doctor_json):
+    emu = doctor_json["emulated_arm"]
+    assert isinstance(emu["installed"], bool)
+    assert emu["running"] is None or (emu["installed"] and emu["running"].startswith("127.0.0.1:"))
