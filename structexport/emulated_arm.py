@@ -111,9 +111,21 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(kept) or "no output"
 
 
+def _system_path() -> str:
+    """PATH plus the sbin folders: debootstrap lives in /usr/sbin, which a plain user's or a
+    CI job's PATH often lacks."""
+    parts = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join(parts + [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts])
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=_system_path())
+
+
 def _run(cmd: list[str], what: str, error: type = EmulatorError, hint: str | None = None,
          env: dict | None = None, timeout: float = 1800) -> str:
     """Run ``cmd``; on failure raise ``error`` with one line naming ``what`` and the output."""
+    env = dict(env if env is not None else os.environ, PATH=_system_path())
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -161,7 +173,7 @@ def _apt_install(packages: list[str], error: type, progress: Progress = None) ->
 
 
 def _missing_packages(tools: list[str]) -> list[str]:
-    return sorted({HOST_TOOLS[t] for t in tools if not shutil.which(t)})
+    return sorted({HOST_TOOLS[t] for t in tools if not _which(t)})
 
 
 def cross_compiler_path() -> str | None:
@@ -275,7 +287,7 @@ except Exception:  # the guest is usable without it
 
 def _write_launcher() -> Path:
     """The shim and the host wrapper that runs the guest's Python under qemu."""
-    qemu = shutil.which("qemu-aarch64-static")
+    qemu = _which("qemu-aarch64-static")
     if not qemu:
         raise EmulatorError("qemu-aarch64-static not found", SETUP_HINT)
     rootfs, wrapper = _path("rootfs"), _path("wrapper")
