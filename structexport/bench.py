@@ -149,7 +149,8 @@ def per_layer_breakdown(source: nn.Module, shape, structured_onnx: Path, dense_o
     layers through the names of the weights they read; unmapped nodes under "(input)").
     ORT's own layout nodes (NCHWc reorders) are not in the ONNX graph: listed as "(runtime)"."""
     from structexport.analysis import layer_table
-    from structexport.costmodel import node_layers
+    # profile's rule: shared sum-pool constants and residual adds go to the right layer.
+    from structexport.profile import onnx_node_layers as node_layers
     rows = {r.name: r for r in layer_table(source, shape)}
     layers = set(rows)
     table = {}
