@@ -195,7 +195,13 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
     compile with the database applied. Returns ``(executable, TuningResult)``."""
     from tvm.s_tir import meta_schedule as ms
     say = progress or (lambda _m: None)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
+    # MetaSchedule re-adds its logger's handlers by name on every run; handlers left from an
+    # earlier run in this process (or added by a host such as pytest) break that, and they
+    # point to an earlier run's deleted work folder anyway.
+    for handler in list(ms_logger.handlers):
+        ms_logger.removeHandler(handler)
     start = time.perf_counter()
     folder = database_dir(db_root, target_dict)
     db = _database(folder)
@@ -242,6 +248,12 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
             except Exception as exc:
                 raise TuningError(f"MetaSchedule tuning failed: {str(exc).strip().splitlines()[-1][:200]}",
                                   "run without --tune-trials to build untuned") from None
+            finally:
+                # The runner's worker processes outlive this call otherwise (seen as orphans
+                # after a test run); the builder makes a pool per batch and closes it itself.
+                pool = getattr(runner, "pool", None)
+                if pool is not None:
+                    pool.shutdown(wait=False)
         trials_run = count["trials"]
         if trials_run and count["failed"] == trials_run:
             raise TuningError(f"all {trials_run} MetaSchedule candidates failed to build or run: "
