@@ -149,13 +149,12 @@ def per_layer_breakdown(source: nn.Module, shape, structured_onnx: Path, dense_o
     layers through the names of the weights they read; unmapped nodes under "(input)").
     ORT's own layout nodes (NCHWc reorders) are not in the ONNX graph: listed as "(runtime)"."""
     from structexport.analysis import layer_table
-    # profile's rule: shared sum-pool constants and residual adds go to the right layer.
-    from structexport.profile import onnx_node_layers as node_layers
+    from structexport.profile import onnx_node_layers
     rows = {r.name: r for r in layer_table(source, shape)}
     layers = set(rows)
     table = {}
     for which, path in (("structured", structured_onnx), ("dense", dense_onnx)):
-        owners = node_layers(path, layers)
+        owners = onnx_node_layers(path, layers)
         costs = {c.name: c for c in node_costs(path)}
         for node, _op, ms in _profile_events(path, feed, threads):
             layer = owners.get(node) or owners.get(node.removesuffix("_nchwc"), "(runtime)")
@@ -353,6 +352,15 @@ def _run_bench(path, arch, manifest, opts: BenchOptions, progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="structexport-bench-") as tmp:
         work = Path(tmp)
         library = None
+
+        def convert_here(ckpt: str, arch: str, shape) -> tuple[Path, Path | None]:
+            """The structured model built for ``opts.target``: (model.onnx, model.so or None)."""
+            result = convert(ckpt, work / "converted", arch,
+                             ConvertOptions(target=opts.target, input_shape=shape,
+                                            pass_options=opts.pass_options,
+                                            target_options=opts.target_options), progress=say)
+            return result.outdir / "model.onnx", (result.outdir / "model.so" if tvm else None)
+
         if manifest is not None:
             source_path, arch = manifest["source"]["path"], manifest["source"]["arch"]
             shape = tuple(manifest["input_shape"])
@@ -372,12 +380,7 @@ def _run_bench(path, arch, manifest, opts: BenchOptions, progress) -> dict:
                                    or opts.target_options.get("tvm_preset"))
             if wanted != shape or manifest.get("precision") != "fp32" or retune or other_build:
                 say(f"convert for {opts.target} (other input shape, target or sum-pool realization)")
-                result = convert(source_path, work / "converted", arch,
-                                 ConvertOptions(target=opts.target, input_shape=wanted,
-                                                pass_options=opts.pass_options,
-                                                target_options=opts.target_options), progress=say)
-                onnx_path = result.outdir / "model.onnx"
-                library = result.outdir / "model.so" if tvm else None
+                onnx_path, library = convert_here(source_path, arch, wanted)
             shape = wanted
         else:
             if path:
@@ -391,10 +394,5 @@ def _run_bench(path, arch, manifest, opts: BenchOptions, progress) -> dict:
             arch, source = loaded.arch, loaded.model
             base = _parse_shape(opts.input_shape) if opts.input_shape else input_shape(parse_name(arch))
             shape = (opts.batch,) + tuple(base[1:])
-            result = convert(ckpt, work / "converted", arch,
-                             ConvertOptions(target=opts.target, input_shape=shape,
-                                            pass_options=opts.pass_options,
-                                            target_options=opts.target_options), progress=say)
-            onnx_path = result.outdir / "model.onnx"
-            library = result.outdir / "model.so" if tvm else None
+            onnx_path, library = convert_here(ckpt, arch, shape)
         return bench(source, onnx_path, shape, opts, work, arch, progress=say, structured_library=library)

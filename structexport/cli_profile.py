@@ -5,7 +5,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401  (main: registration)
+from structexport.cli import _fail_cleanly, device_options, err, main, out  # noqa: F401  (main: registration)
 
 
 @click.command()
@@ -22,23 +22,20 @@ from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401  (main:
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0, 10000))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-peak", is_flag=True, help="Do not measure the machine's GEMM peak.")
-@click.option("--rpc", metavar="HOST:PORT", help="Profile on the device whose TVM RPC server "
-              "listens there (tvm-llvm, tvm-arm): each PrimFunc call timed on the device.")
-@click.option("--tracker", metavar="HOST:PORT", help="Profile on a device from a TVM RPC tracker.")
-@click.option("--key", help="Device kind to ask the tracker for (with --tracker).")
+@device_options
 @click.option("-o", "--output", "output", default="report.html", show_default=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="HTML report; the Markdown and JSON reports are written beside it "
               "(same name, .md and .json).")
 @_fail_cleanly
 def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
-            rpc, tracker, key, output):
+            rpc, tracker, key, rpc_timeout, output):
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its
     dense counterpart, from the runtime's profiler: HTML report with plots, Markdown, JSON."""
     from structexport.profile import ProfileOptions, run_profile, summary_lines, table_rows, write_reports
     opts = ProfileOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                           repeat=repeat, warmup=warmup, seed=seed, peak=not no_peak,
-                          rpc=rpc, tracker=tracker, key=key)
+                          rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout)
     with err.status("profile", spinner="dots") as status:
         report = run_profile(path, arch, opts, progress=lambda m: status.update(f"profile: {m}"))
         status.update("profile: render")

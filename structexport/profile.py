@@ -7,9 +7,9 @@ Where the time comes from:
 
 - ``ort-cpu``: ONNX Runtime's profiler (one ``*_kernel_time`` event per node and run, one
   ``model_run`` event per run). The nodes of ONNX Runtime's optimized graph (the names the
-  profiler reports) are mapped back to source layers by the names of the weights they read,
-  the rule of :func:`structexport.costmodel.node_layers` (``bench --per-layer``), with
-  residual shortcuts handled (:func:`call_layers`).
+  profiler reports) are mapped back to source layers by the names of the weights they read
+  (:func:`onnx_node_layers`, which ``bench --per-layer`` uses too), with residual shortcuts
+  handled (:func:`call_layers`).
 - ``tvm-llvm``: the Relax VM's instrument hook (TVM 0.27 has no ``profile=True`` VM any
   more: :meth:`tvm.runtime.vm.VirtualMachine.set_instrument` is what it offers), timing every
   call of a compiled PrimFunc. The ONNX model is imported with ``keep_params_in_input=True``
@@ -57,11 +57,11 @@ FIGURES = {
     "fig-throughput": "Achieved GMAC/s per layer against the machine's measured peak",
 }
 # Operators that only prepare a layer's input (TVM names after legalization, ONNX names):
-# attributed forward to the call that reads their output, as costmodel.FORWARD_OPS does.
+# attributed forward to the call that reads their output.
 FORWARD_OPS = {"cumsum", "strided_slice", "subtract", "concatenate", "pad", "reshape",
                "take", "transpose", "avg_pool2d", "avg_pool3d", "layout_transform", "split",
                "squeeze", "expand_dims",
-               # ONNX (costmodel.FORWARD_OPS) and ONNX Runtime's NCHWc input reorders
+               # ONNX operators and ONNX Runtime's NCHWc input reorders
                "CumSum", "Slice", "Sub", "Concat", "Pad", "Reshape", "AveragePool", "Gather",
                "Transpose", "ReorderInput"}
 
@@ -83,6 +83,7 @@ class ProfileOptions:
     rpc: str | None = None
     tracker: str | None = None
     key: str | None = None
+    rpc_timeout: float | None = None   # seconds an RPC session may last (None: the default)
 
 
 # --------------------------------------------------------------------------- collect
@@ -95,7 +96,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
     spec = None
     if opts.rpc or opts.tracker or opts.key:
         from structexport import rpc
-        spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key)  # usage errors first
+        spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key, opts.rpc_timeout)  # usage errors first
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-profile-") as tmp:
         work = Path(tmp)

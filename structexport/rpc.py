@@ -156,7 +156,7 @@ def connect(spec: DeviceSpec):
 
 
 @contextlib.contextmanager
-def device_errors(spec: DeviceSpec, what: str, kept: str | None = None) -> Iterator[None]:
+def device_errors(spec: DeviceSpec, what: str) -> Iterator[None]:
     """Errors of a remote step -> :class:`DeviceLostError` naming the device and the step."""
     try:
         yield
@@ -165,12 +165,11 @@ def device_errors(spec: DeviceSpec, what: str, kept: str | None = None) -> Itera
     except Exception as exc:
         if not spec.remote:
             raise
-        hint = f"the artifact is kept at {kept}; " if kept else ""
         if "RPCSessionTimeoutError" in str(exc) or "session has expired" in str(exc):
-            hint += (f"the session ran into --rpc-timeout ({spec.session_timeout_s:g} s): raise it "
+            hint = (f"the session ran into --rpc-timeout ({spec.session_timeout_s:g} s): raise it "
                      "for slow devices")
         else:
-            hint += "check the device and run again" + (
+            hint = "check the device and run again" + (
                 " (restart it with `structexport device stop` and `structexport device start-emulated-arm`)"
                 if spec.emulated else "")
         raise DeviceLostError(f"the {spec.describe()} stopped answering during {what}: "
@@ -181,13 +180,12 @@ class LoadedLibrary:
     """A TVM library loaded on a device, with its Relax VM: run it, time it."""
 
     def __init__(self, library: Path, spec: DeviceSpec | None, device_kind: str = "cpu",
-                 kept: str | None = None, session=None):
+                 session=None):
         import tvm
         from tvm import relax
         self.spec = spec or DeviceSpec()
-        self.kept = kept
         self._tvm = tvm
-        with device_errors(self.spec, "loading the library", kept):
+        with device_errors(self.spec, "loading the library"):
             if self.spec.remote:
                 self.session = session or connect(self.spec)
                 remote_name = f"structexport-{uuid.uuid4().hex[:8]}-{library.name}"
@@ -204,7 +202,7 @@ class LoadedLibrary:
         return self._tvm.runtime.tensor(np.ascontiguousarray(x), device=self.device)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        with device_errors(self.spec, "a run", self.kept):
+        with device_errors(self.spec, "a run"):
             out = self.vm["main"](self._tensor(x))
             return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
@@ -212,11 +210,11 @@ class LoadedLibrary:
         """A function that runs ``main`` ``number`` times on the device and returns the
         mean seconds per run, timed on the device itself (no RPC round trip inside)."""
         arg = self._tensor(x)
-        with device_errors(self.spec, "setting up the timer", self.kept):
+        with device_errors(self.spec, "setting up the timer"):
             evaluator = self.vm.time_evaluator("main", self.device, number=number, repeat=1)
 
         def time_once() -> float:
-            with device_errors(self.spec, "a timed run", self.kept):
+            with device_errors(self.spec, "a timed run"):
                 return float(evaluator(arg).results[0])
         return time_once
 
@@ -227,14 +225,10 @@ def open_session(spec: DeviceSpec):
     return connect(spec) if spec.remote else None
 
 
+@contextlib.contextmanager
 def default_device_for_arm(progress: Callable[[str], None] | None = None):
     """The emulated aarch64 device: the running one, or a temporary one when it is installed.
     A context manager yielding a :class:`DeviceSpec`, or a string saying why there is none."""
-    return _default_arm(progress)
-
-
-@contextlib.contextmanager
-def _default_arm(progress):
     try:
         from structexport import emulated_arm
     except ImportError:  # pragma: no cover - the module ships with the package

@@ -134,8 +134,10 @@ def _search_strategy(trials: int, tasks: int):
 def export_aarch64(mod) -> str:
     """MetaSchedule builder export: a candidate cross-compiled for aarch64 (runs in a worker)."""
     from tvm.support import cc
+
+    from structexport.targets.tvm_targets import CROSS_CXX
     path = os.path.join(tempfile.mkdtemp(prefix="structexport-ms-"), "tvm_tmp_mod.so")
-    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    mod.export_library(path, fcompile=cc.cross_compiler(CROSS_CXX))
     return path
 
 
@@ -156,7 +158,6 @@ def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
     a device with TVM's runtime-only library (the emulated one, many boards) has no
     ``tvm.contrib.random`` to fill them itself (runs in a worker)."""
     import numpy as np
-    import tvm
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
     rng = np.random.default_rng(0)
 

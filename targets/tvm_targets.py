@@ -127,9 +127,13 @@ class TvmLlvmTarget(Target):
                                      "use --tvm-target JSON to change this target")
         return self.default_tvm_target()
 
+    def target_host(self) -> dict | None:
+        """The host side of a device target (None: the target runs on its own host)."""
+        return None
+
     def _target(self, tvm):
         try:
-            return tvm.target.Target(self.tvm_target())
+            return tvm.target.Target(self.tvm_target(), host=self.target_host())
         except Exception as exc:
             raise TvmTargetSpecError(f"TVM does not accept the target {json.dumps(self.tvm_target())}: "
                                      f"{_first_line(exc)}", "fix --tvm-target") from None
@@ -269,12 +273,8 @@ class TvmCudaTarget(TvmLlvmTarget):
     def default_tvm_target(self) -> dict:
         return {"kind": "cuda", "arch": "sm_80"}
 
-    def _target(self, tvm):
-        try:
-            return tvm.target.Target(self.tvm_target(), host={"kind": "llvm"})
-        except Exception as exc:
-            raise TvmTargetSpecError(f"TVM does not accept the target {json.dumps(self.tvm_target())}: "
-                                     f"{_first_line(exc)}", "fix --tvm-target") from None
+    def target_host(self) -> dict | None:
+        return {"kind": "llvm"}
 
     def _local_device_missing(self) -> str | None:
         tvm, _ = _tvm()

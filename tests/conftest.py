@@ -67,3 +67,37 @@ def emulated_arm():
     emu.ensure_installed()
     with emu.temporary_device() as device:
         yield device
+
+
+@pytest.fixture()
+def host_rpc_server():
+    """TVM's RPC server for this host's CPU in its own process group, on a free port: the
+    same server a board runs, a stand-in for a device. Yields ``(process, "127.0.0.1:PORT")``;
+    a test may kill the process (a device that dies mid-run)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                             "--port", str(port), "--port-end", str(port + 1)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("TVM's RPC server did not start within 60 s")
+                time.sleep(0.3)
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker process
+        proc.wait(timeout=30)

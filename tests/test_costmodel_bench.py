@@ -101,11 +101,11 @@ def test_onnx_nodes_map_back_to_source_layers(converted_struct):
     """Weights carry their torch names through export: every conv of the converted graph
     maps to its source layer, and a sum-pool's running sums to the layer they feed."""
     from structexport.analysis import layer_table
-    from structexport.costmodel import node_layers
+    from structexport.profile import onnx_node_layers
     model, result = converted_struct
     layers = {r.name for r in layer_table(model, (1, 3, 32, 32))}
     path = result.outdir / "model.onnx"
-    owners = node_layers(path, layers)
+    owners = onnx_node_layers(path, layers)
     graph = onnx.load(str(path)).graph
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert {owners[n.name] for n in convs} == {r for r in layers if r != "classifier"}

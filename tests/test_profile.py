@@ -263,36 +263,11 @@ def test_remote_device_errors_are_clear(tmp_path):
     assert res.exit_code == 40 and "--rpc" in res.output
 
 
-@pytest.fixture()
-def rpc_server():
-    """TVM's RPC server on this host, on a free port (a stand-in for a device)."""
-    import socket
-    import sys
-    import time
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                             "--port", str(port), "--port-end", str(port + 1)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_profile_on_an_rpc_device(tvm_outdir, rpc_server, tmp_path):
+def test_profile_on_an_rpc_device(tvm_outdir, host_rpc_server, tmp_path):
     """Through TVM's RPC, each PrimFunc call is timed on the device: every call mapped, the
     rows add up to the device's whole-run time, MACs as on the host."""
     root, _ = tvm_outdir
+    _, rpc_server = host_rpc_server
     res = CliRunner().invoke(main, ["profile", str(root / "out"), "--rpc", rpc_server,
                                     "--repeat", "4", "--warmup", "1", "--no-peak",
                                     "-o", str(tmp_path / "remote.html")])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -157,29 +155,6 @@ def test_preset_reaches_the_library(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- RPC to a server on this host
-
-@pytest.fixture()
-def host_rpc_server():
-    """TVM's RPC server for this host's CPU, in its own process (the same server a board runs)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                             "--port", str(port), "--port-end", str(port + 1)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("TVM's RPC server did not start within 60 s")
-    yield proc, f"127.0.0.1:{port}"
-    if proc.poll() is None:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-
 
 @pytest.fixture(scope="module")
 def llvm20(tmp_path_factory):
