@@ -9,25 +9,26 @@ threads, and the layer's channels, window, padding, groups, small-conv shape and
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-CANDIDATES = ("cumsum", "banded", "box")
+from structexport.fsutil import cache_root, write_text_atomic
+from structexport.layers.sumpool import MEASURABLE_REALIZATIONS as CANDIDATES
+from structexport.ortsession import ort_session
+from structexport.timing import time_interleaved
 
 
 def default_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "structexport" / "sumpool-autotune.json"
+    return cache_root() / "sumpool-autotune.json"
 
 
-def _machine_key(target: str, threads: int) -> str:
+def machine_key(target: str, threads: int) -> str:
     import onnxruntime as ort
 
-    from structexport.doctor import cpu_info
+    from structexport.machine import cpu_info
     return f"{target}|ort {ort.__version__}|{cpu_info()['model']}|threads {threads}"
 
 
@@ -53,16 +54,12 @@ class AutotuneCache:
         self.data.setdefault(machine, {})[layer] = entry
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
             repeat: int = 30) -> dict[str, float]:
     """Median milliseconds of ``layer`` with each candidate realization of ``pool``."""
-    from structexport.bench import _session, time_interleaved
     from structexport.export import export_onnx
     original = pool.realization
     sessions = {}
@@ -73,7 +70,7 @@ def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
                 pool.realization = cand
                 path = Path(tmp) / f"{cand}.onnx"
                 export_onnx(layer, x.float(), path, simplify=False)
-                sessions[cand] = _session(path, threads)
+                sessions[cand] = ort_session(path, threads)
         finally:
             pool.realization = original
         stats = time_interleaved(sessions, x.float().numpy(), repeat, warmup=5)

@@ -74,10 +74,10 @@ class _Tuner:
     """``--autotune``: time the candidates per layer shape, once per machine (cached)."""
 
     def __init__(self, ctx: PassContext):
-        from .autotune import AutotuneCache, _machine_key
+        from .autotune import AutotuneCache, machine_key
         self.cache = AutotuneCache(ctx.option("tuning_cache"))
         self.threads = int(ctx.option("threads", 1))
-        self.machine = _machine_key(ctx.target, self.threads)
+        self.machine = machine_key(ctx.target, self.threads)
 
     def choose(self, module: nn.Module, name: str, pool: SumPool, size, batch: int):
         from .autotune import layer_key, measure

@@ -3,40 +3,17 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from structexport import __version__
-from structexport.errors import StructExportError
+from structexport import __version__, cli_device, cli_profile, cli_regress
+from structexport.cli_common import (declared_structures, device_options, device_spec, err,
+                                     fail_cleanly, out, tvm_build_options)
 from structexport.targets import TARGETS
 
-# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fail_cleanly(fn):
-    """Map the one user-facing error type to one line on stderr and its exit code."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except StructExportError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
-            sys.exit(exc.exit_code)
-    return wrapper
-
-
-def _human(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +52,7 @@ def doctor(as_json):
 @main.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-@_fail_cleanly
+@fail_cleanly
 def zoo(name, as_json):
     """List the model zoo, or describe one model: params, MACs and input shape."""
     from structexport.analysis import summarize
@@ -127,7 +104,7 @@ def zoo(name, as_json):
 @click.option("--allow-torchscript", is_flag=True,
               help="Allow TorchScript archives (they carry code: trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-@_fail_cleanly
+@fail_cleanly
 def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscript, as_json):
     """Load CHECKPOINT and show its layers: kind, shapes, structure, params, MACs."""
     from structexport.inspection import inspect_checkpoint, render_inspection
@@ -138,64 +115,6 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
         click.echo(json.dumps(report, indent=2))
     else:
         render_inspection(report, out)
-
-
-def device_options(fn):
-    """--rpc / --tracker / --key / --rpc-timeout: where a TVM library runs (one code path)."""
-    for decorator in reversed([
-        click.option("--rpc", metavar="HOST:PORT", help="Run on the device whose TVM RPC server "
-                     "listens there (e.g. the emulated one: structexport device start-emulated-arm)."),
-        click.option("--tracker", metavar="HOST:PORT", help="Ask this TVM RPC tracker (a device farm) "
-                     "for a device of kind --key."),
-        click.option("--key", metavar="KEY", help="Device kind to request from --tracker."),
-        click.option("--rpc-timeout", type=click.FloatRange(1, 86400), default=900, show_default=True,
-                     help="Seconds an RPC session may last before it is ended as hung."),
-    ]):
-        fn = decorator(fn)
-    return fn
-
-
-def tvm_build_options(fn):
-    """--tvm-target / --tvm-preset / --tune-trials / --tuning-db (TVM targets only)."""
-    from structexport.targets import ARM_PRESETS
-    for decorator in reversed([
-        click.option("--tvm-preset", type=click.Choice(sorted(ARM_PRESETS)),
-                     help="Board preset for --target tvm-arm (default: any aarch64 with NEON)."),
-        click.option("--tvm-target", metavar="JSON", help="TVM target as JSON, overriding the "
-                     "target's default and --tvm-preset, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}'."),
-        click.option("--tune-trials", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
-                     help="MetaSchedule trials in all (0: untuned). Tasks already in the tuning "
-                          "database are not tuned again."),
-        click.option("--tuning-db", type=click.Path(file_okay=False, path_type=str),
-                     help="Tuning database folder (default ~/.cache/structexport/tvm-tuning)."),
-    ]):
-        fn = decorator(fn)
-    return fn
-
-
-def _device_spec(rpc, tracker, key, rpc_timeout):
-    from structexport.rpc import parse_device
-    return parse_device(rpc, tracker, key, rpc_timeout)
-
-
-def _declared_structures(values) -> dict:
-    """``GLOB=c2n2|c1n2|CxN`` -> {glob: spec}."""
-    out = {}
-    for value in values:
-        glob, sep, spec = value.partition("=")
-        if not sep or not glob:
-            raise click.BadParameter(f"{value!r}: write GLOB=c2n2, GLOB=c1n2 or GLOB=CxN",
-                                     param_hint="--declare-structured")
-        if spec in ("c2n2", "c1n2"):
-            out[glob] = spec
-        else:
-            try:
-                c, n = (int(v) for v in spec.lower().split("x"))
-            except ValueError:
-                raise click.BadParameter(f"{value!r}: structure must be c2n2, c1n2 or CxN",
-                                         param_hint="--declare-structured") from None
-            out[glob] = (c, n)
-    return out
 
 
 @main.command()
@@ -232,7 +151,7 @@ def _declared_structures(values) -> dict:
 @tvm_build_options
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
-@_fail_cleanly
+@fail_cleanly
 def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
@@ -243,7 +162,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
     from structexport.convert import ConvertOptions
     from structexport.convert import convert as run_convert
     pass_options = {"keep_csg_codes": keep_csg_codes, "max_residual": max_residual,
-                    "declared_structures": _declared_structures(declare_structured),
+                    "declared_structures": declared_structures(declare_structured),
                     "autotune": autotune, "tuning_cache": tuning_cache}
     if sumpool_realization:
         pass_options["sumpool_realization"] = sumpool_realization
@@ -253,7 +172,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
         skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
-                        "device": _device_spec(rpc, tracker, key, rpc_timeout),
+                        "device": device_spec(rpc, tracker, key, rpc_timeout),
                         "tune_trials": tune_trials, "tuning_db": tuning_db})
     with err.status("converting", spinner="dots") as status:
         result = run_convert(checkpoint, outdir, arch, options,
@@ -290,7 +209,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @tvm_build_options
 @device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
-@_fail_cleanly
+@fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
           sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_trials,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file):
@@ -305,7 +224,7 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
                                       **({"sumpool_realization": sumpool_realization}
                                          if sumpool_realization else {})},
                         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
-                                        "device": _device_spec(rpc, tracker, key, rpc_timeout),
+                                        "device": device_spec(rpc, tracker, key, rpc_timeout),
                                         "tune_trials": tune_trials, "tuning_db": tuning_db})
     with err.status("bench", spinner="dots") as status:
         result = run_bench(path, arch, opts, progress=lambda m: status.update(f"bench: {m}"))
@@ -398,18 +317,11 @@ def _render_convert(m: dict, outdir) -> None:
     out.print(f"  {outdir}/manifest.json")
 
 
-# Commands that live in their own modules (they import out, err and _fail_cleanly from here).
-# `python -m structexport.cli` runs this file as __main__: hand over to the real module, so
-# the command modules below (which import it) do not import a second, half-built copy.
-if __name__ == "__main__":
-    from structexport.cli import run as _run_real
-    _run_real()
-    sys.exit(0)
-
-# Add one line per module here, below this comment.
-from structexport.cli_device import device as _device; main.add_command(_device)  # noqa: E402
-from structexport.cli_profile import profile as _profile; main.add_command(_profile)  # noqa: E402
-from structexport.cli_regress import regress as _regress; main.add_command(_regress)  # noqa: E402
+# Commands that live in their own modules; they import structexport.cli_common, never this
+# module, so registering them here makes no import cycle.
+main.add_command(cli_device.device)
+main.add_command(cli_profile.profile)
+main.add_command(cli_regress.regress)
 
 
 def run() -> None:
@@ -427,3 +339,6 @@ def run() -> None:
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}")
         sys.exit(exc.exit_code)
 
+
+if __name__ == "__main__":  # python -m structexport.cli
+    run()

@@ -13,7 +13,7 @@ import time
 import click
 from rich.markup import escape
 
-from structexport.cli import _fail_cleanly, err, main, out  # noqa: F401 -- main: see cli.py
+from structexport.cli_common import err, fail_cleanly, out
 
 NOT_RUNNING_EXIT = 3
 EMULATED_NOTE = ("note: this device is emulated (qemu user mode on this machine): it proves a "
@@ -43,7 +43,7 @@ def device():
 
 @device.command("setup-emulated-arm")
 @click.option("--force", is_flag=True, help="Reinstall the rootfs and wheels even if complete.")
-@_fail_cleanly
+@fail_cleanly
 def setup_emulated_arm(force):
     """Install qemu-user-static, debootstrap, the aarch64 cross compiler, an arm64 Debian
     rootfs and the aarch64 TVM wheels (about 600 MB in the cache; reuses what is there)."""
@@ -62,7 +62,7 @@ def setup_emulated_arm(force):
 @click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default: a free one).")
 @click.option("--timeout", default=180.0, show_default=True, type=click.FloatRange(1),
               help="Seconds to wait for a working RPC session.")
-@_fail_cleanly
+@fail_cleanly
 def start_emulated_arm(port, timeout):
     """Start the emulated aarch64 device, detached; print its address (127.0.0.1:PORT) last.
     If one already runs, print its address."""
@@ -76,7 +76,7 @@ def start_emulated_arm(port, timeout):
 
 
 @device.command()
-@_fail_cleanly
+@fail_cleanly
 def stop():
     """Stop the emulated aarch64 device (exit 0 also when none was running)."""
     from structexport import emulated_arm
@@ -88,7 +88,7 @@ def stop():
 
 @device.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-@_fail_cleanly
+@fail_cleanly
 def status(as_json):
     """Whether the emulated aarch64 device runs, and where (exit 3 when it does not)."""
     from structexport import emulated_arm

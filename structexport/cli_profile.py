@@ -5,7 +5,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli import _fail_cleanly, device_options, err, main, out  # noqa: F401  (main: registration)
+from structexport.cli_common import device_options, err, fail_cleanly, out
 
 
 @click.command()
@@ -27,7 +27,7 @@ from structexport.cli import _fail_cleanly, device_options, err, main, out  # no
               type=click.Path(dir_okay=False, path_type=str),
               help="HTML report; the Markdown and JSON reports are written beside it "
               "(same name, .md and .json).")
-@_fail_cleanly
+@fail_cleanly
 def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
             rpc, tracker, key, rpc_timeout, output):
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its

@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli import err, out
+from structexport.cli_common import err, out
 from structexport.errors import StructExportError
 
 # Options that describe a new entry: only with --update and --arch/--checkpoint.

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from structexport import __version__
 from structexport.analysis import count_params, layer_table
 from structexport.errors import DeviceLostError, DeviceUnreachableError, StructExportError
 from structexport.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
 from structexport.loader import file_sha256, load_checkpoint
+from structexport.machine import tool_versions
 from structexport.models import input_shape as default_input_shape
 from structexport.models import parse_name
 
@@ -136,14 +136,6 @@ def _load_inputs(path: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         arr = arr.reshape(shape)
         out[f"user:{key}"] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return out
-
-
-def _versions() -> dict:
-    from structexport.doctor import _version
-    return {"structexport": __version__, "torch": torch.__version__,
-            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
-            "onnxsim": _version("onnxsim"), "onnxscript": _version("onnxscript"),
-            "apache-tvm": _version("apache-tvm"), "apache-tvm-ffi": _version("apache-tvm-ffi")}
 
 
 def _totals(model: nn.Module, shape) -> dict:
@@ -281,7 +273,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
             "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
                                  "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "versions": _versions(),
+            "versions": tool_versions(),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_in(staging, outdir)

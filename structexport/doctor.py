@@ -5,7 +5,8 @@ import importlib
 import platform
 import shutil
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
+
+from structexport.machine import cpu_info, package_version
 
 PACKAGES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxsim": "onnxsim",
             "onnxscript": "onnxscript", "tvm": "apache-tvm", "tvm-ffi": "apache-tvm-ffi",
@@ -13,35 +14,6 @@ PACKAGES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onn
 # Each tool with the executable names Debian's packages install it under.
 TOOLS = {"aarch64 cross compiler": ("aarch64-linux-gnu-g++", "aarch64-linux-gnu-gcc"),
          "qemu (aarch64 user mode)": ("qemu-aarch64-static", "qemu-aarch64")}
-SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-        "avx512_bf16", "amx_tile", "neon", "asimd", "sve", "sve2")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features"):
-                    flags.update(value.split())
-    except OSError:
-        pass
-    import os
-    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
-            "simd": [f for f in SIMD if f in flags]}
-
-
 def _tool_version(names: tuple[str, ...]) -> str | None:
     path = next((p for p in map(shutil.which, names) if p), None)
     if not path:
@@ -55,11 +27,11 @@ def _tool_version(names: tuple[str, ...]) -> str | None:
 
 def tvm_status() -> str | None:
     """TVM's version, or why it does not import (it is an optional extra)."""
-    if _version("apache-tvm") is None:
+    if package_version("apache-tvm") is None:
         return None
     try:
         tvm = importlib.import_module("tvm")
-        return str(getattr(tvm, "__version__", _version("apache-tvm")))
+        return str(getattr(tvm, "__version__", package_version("apache-tvm")))
     except Exception as exc:  # a broken TVM install must not break doctor
         return f"installed but fails to import: {type(exc).__name__}: {exc}"
 
@@ -77,7 +49,7 @@ def emulated_device_status() -> dict:
 
 def collect() -> dict:
     from structexport import __version__
-    packages = {name: _version(dist) for name, dist in PACKAGES.items()}
+    packages = {name: package_version(dist) for name, dist in PACKAGES.items()}
     packages["tvm"] = tvm_status()
     return {"structexport": __version__, "python": platform.python_version(),
             "packages": packages,

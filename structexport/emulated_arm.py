@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from structexport.errors import CrossCompilerMissingError, EmulatorError
+from structexport.fsutil import cache_root, write_text_atomic
 
 Progress = Callable[[str], None] | None
 
@@ -68,12 +69,6 @@ _CHILDREN: dict[int, subprocess.Popen] = {}   # servers this process started, ke
 
 
 # --------------------------------------------------------------------------- layout
-
-def cache_root() -> Path:
-    """``$STRUCTEXPORT_CACHE``, else ``~/.cache/structexport``."""
-    env = os.environ.get("STRUCTEXPORT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "structexport"
-
 
 def cache_dir() -> Path:
     """Where everything of the emulated device lives."""
@@ -303,10 +298,7 @@ def _write_launcher() -> Path:
         "# TVM's runtime only (4 s to import under qemu instead of 20 s): the device never compiles.\n"
         'export TVM_USE_RUNTIME_LIB="${TVM_USE_RUNTIME_LIB:-1}"\n'
         f"exec '{qemu}' -L '{rootfs}' '{rootfs}{GUEST_PYTHON}' \"$@\"\n")
-    tmp = wrapper.with_suffix(".tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(wrapper)
+    write_text_atomic(wrapper, script, mode=0o755)
     return wrapper
 
 
@@ -370,9 +362,7 @@ def ensure_installed(progress: Progress = None, *, force: bool = False) -> Path:
         versions = _guest_versions(progress)
         marker = {"spec": _marker_spec(), "versions": versions, "installed_at": time.time(),
                   "size_mb": {"rootfs": _du_mb(_path("rootfs")), "wheels": _du_mb(_path("site"))}}
-        tmp = _path("marker").with_suffix(".tmp")
-        tmp.write_text(json.dumps(marker, indent=2) + "\n")
-        tmp.replace(_path("marker"))
+        write_text_atomic(_path("marker"), json.dumps(marker, indent=2) + "\n")
     return cache_dir()
 
 
@@ -494,9 +484,7 @@ def _read_state() -> dict | None:
 
 
 def _write_state(state: dict) -> None:
-    tmp = _path("state").with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(_path("state"))
+    write_text_atomic(_path("state"), json.dumps(state))
 
 
 def _clear_state() -> None:

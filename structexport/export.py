@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from structexport.errors import StructExportError
+from structexport.ortsession import ort_session
 
 OPSET = 18
 # Elementwise |got - want| <= atol + rtol * |want|, per precision (overridable).
@@ -146,16 +147,6 @@ class Verification:
         d = asdict(self)
         d["max_abs_diff"], d["max_rel_diff"] = self.max_abs_diff, self.max_rel_diff
         return d
-
-
-def ort_session(path: Path, optimize: bool = False, threads: int = 1):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], precision: str = "fp32",

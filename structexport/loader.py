@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from structexport import errors as E
+from structexport.fsutil import write_bytes_atomic
 from structexport.models.zoo import (ARCHITECTURES, ModelSpec, build_model, csg_site_names,
                                      parse_name)
 
@@ -531,7 +532,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None 
     ``storage_dtype=torch.float16`` stores floating tensors in FP16 (the CSG paper pairs
     CSG with FP16 storage); a tensor that would overflow FP16 stays in its own dtype.
     """
-    from safetensors.torch import save_file
     path = Path(path)
     name = name or getattr(model, "structexport_name", None)
     if not name:
@@ -546,11 +546,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None 
             if torch.isfinite(cast).sum() == torch.isfinite(value).sum():
                 value = cast
         state[key] = value
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from safetensors.torch import save
+    write_bytes_atomic(path, save(state, metadata=meta))
     return path

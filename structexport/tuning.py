@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from structexport.errors import TuningError
+from structexport.fsutil import cache_root, write_text_atomic
 
-DEFAULT_DB = Path(os.environ.get("STRUCTEXPORT_CACHE", Path.home() / ".cache" / "structexport")) / "tvm-tuning"
+def default_db() -> Path:
+    return cache_root() / "tvm-tuning"
 
 
 @dataclass
@@ -42,7 +44,7 @@ class TuningResult:
 def database_dir(root: str | Path | None, target: dict) -> Path:
     """``<root>/<first 16 hex of sha256(target JSON)>``, with the target written beside."""
     key = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(root or DEFAULT_DB).expanduser() / key
+    folder = Path(root or default_db()).expanduser() / key
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "target.json").write_text(json.dumps(target, sort_keys=True) + "\n")
     return folder
@@ -115,9 +117,7 @@ def _load_index(folder: Path) -> dict:
 
 
 def _save_index(folder: Path, index: dict) -> None:
-    tmp = folder / "tasks.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / "tasks.json")
+    write_text_atomic(folder / "tasks.json", json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 def _search_strategy(trials: int, tasks: int):
@@ -135,7 +135,7 @@ def export_aarch64(mod) -> str:
     """MetaSchedule builder export: a candidate cross-compiled for aarch64 (runs in a worker)."""
     from tvm.support import cc
 
-    from structexport.targets.tvm_targets import CROSS_CXX
+    from structexport.emulated_arm import CROSS_COMPILER as CROSS_CXX
     path = os.path.join(tempfile.mkdtemp(prefix="structexport-ms-"), "tvm_tmp_mod.so")
     mod.export_library(path, fcompile=cc.cross_compiler(CROSS_CXX))
     return path

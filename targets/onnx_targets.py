@@ -20,13 +20,11 @@ class OrtCpuTarget(Target):
 
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         import onnxruntime as ort
+
+        from structexport.ortsession import ort_session
         written = {}
         # The optimized ONNX model, at the level ORT runs it (may hold host-specific layouts).
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = str(outdir / "model.optimized.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        ort_session(onnx_path, optimized_model_path=outdir / "model.optimized.onnx")
         written["model.optimized.onnx"] = "ONNX Runtime's optimized graph (all optimizations; this CPU)"
         # The .ort format for ONNX Runtime Mobile, at the portable (extended) level.
         so = ort.SessionOptions()

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from structexport.emulated_arm import CROSS_COMPILER as CROSS_CXX
 from structexport.errors import CrossCompilerMissingError, StructExportError
 
 from .base import Target
@@ -30,8 +31,6 @@ class TvmError(StructExportError):
 class TvmTargetSpecError(StructExportError):
     exit_code, kind = 2, "usage"
 
-
-CROSS_CXX = "aarch64-linux-gnu-g++"
 
 # Board presets for --target tvm-arm (--tvm-preset NAME). LLVM CPU names; NEON everywhere.
 ARM_PRESETS: dict[str, dict] = {

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import reference_impl as R
 from structexport.cli import main
 from structexport.convert import ConvertOptions, convert
-from structexport.export import ort_session
+from structexport.ortsession import ort_session
 from structexport.loader import save_checkpoint
 from structexport.models import build_model
 from structexport.analysis import summarize
@@ -45,7 +45,7 @@ def _cifar_like(n: int = 4) -> torch.Tensor:
 
 
 def _ort_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
-    session = ort_session(path)
+    session = ort_session(path, optimize=False)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + 1].numpy()})[0] for i in range(len(x))])
 

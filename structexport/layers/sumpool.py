@@ -23,6 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REALIZATIONS = ("avgpool3d", "cumsum", "banded", "box")
+# The ones worth choosing (cost model, --autotune): AveragePool-3D is only a reference.
+MEASURABLE_REALIZATIONS = ("cumsum", "banded", "box")
+# As the CLI offers them (the default first).
+CLI_REALIZATIONS = ("cumsum", "banded", "box", "avgpool3d")
 
 
 def _running_sum(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""What the CLI's command modules share: the consoles, the one error-to-exit-code mapping,
+and the option groups several commands take. Command modules import this, never
+:mod:`structexport.cli` (which imports them to register their commands)."""
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from structexport.errors import StructExportError
+
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail_cleanly(fn):
+    """Map the one user-facing error type to one line on stderr and its exit code."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StructExportError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+def human(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def device_options(fn):
+    """--rpc / --tracker / --key / --rpc-timeout: where a TVM library runs (one code path)."""
+    for decorator in reversed([
+        click.option("--rpc", metavar="HOST:PORT", help="Run on the device whose TVM RPC server "
+                     "listens there (e.g. the emulated one: structexport device start-emulated-arm)."),
+        click.option("--tracker", metavar="HOST:PORT", help="Ask this TVM RPC tracker (a device farm) "
+                     "for a device of kind --key."),
+        click.option("--key", metavar="KEY", help="Device kind to request from --tracker."),
+        click.option("--rpc-timeout", type=click.FloatRange(1, 86400), default=900, show_default=True,
+                     help="Seconds an RPC session may last before it is ended as hung."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def tvm_build_options(fn):
+    """--tvm-target / --tvm-preset / --tune-trials / --tuning-db (TVM targets only)."""
+    from structexport.targets import ARM_PRESETS
+    for decorator in reversed([
+        click.option("--tvm-preset", type=click.Choice(sorted(ARM_PRESETS)),
+                     help="Board preset for --target tvm-arm (default: any aarch64 with NEON)."),
+        click.option("--tvm-target", metavar="JSON", help="TVM target as JSON, overriding the "
+                     "target's default and --tvm-preset, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}'."),
+        click.option("--tune-trials", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+                     help="MetaSchedule trials in all (0: untuned). Tasks already in the tuning "
+                          "database are not tuned again."),
+        click.option("--tuning-db", type=click.Path(file_okay=False, path_type=str),
+                     help="Tuning database folder (default ~/.cache/structexport/tvm-tuning)."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def device_spec(rpc, tracker, key, rpc_timeout):
+    from structexport.rpc import parse_device
+    return parse_device(rpc, tracker, key, rpc_timeout)
+
+
+def declared_structures(values) -> dict:
+    """``GLOB=c2n2|c1n2|CxN`` -> {glob: spec}."""
+    out = {}
+    for value in values:
+        glob, sep, spec = value.partition("=")
+        if not sep or not glob:
+            raise click.BadParameter(f"{value!r}: write GLOB=c2n2, GLOB=c1n2 or GLOB=CxN",
+                                     param_hint="--declare-structured")
+        if spec in ("c2n2", "c1n2"):
+            out[glob] = spec
+        else:
+            try:
+                c, n = (int(v) for v in spec.lower().split("x"))
+            except ValueError:
+                raise click.BadParameter(f"{value!r}: structure must be c2n2, c1n2 or CxN",
+                                         param_hint="--declare-structured") from None
+            out[glob] = (c, n)
+    return out
