@@ -23,11 +23,15 @@ import torch.nn as nn
 
 from structexport.analysis import count_params, layer_table
 from structexport.errors import DeviceLostError, DeviceUnreachableError, StructExportError
-from structexport.export import TOLERANCES, VerificationError, export_onnx, verify_onnx
-from structexport.loader import file_sha256, load_checkpoint
+from structexport.export import (TOLERANCES, VerificationError, export_onnx, reference_outputs,
+                                 verify_onnx)
+from structexport.loader import LoadedCheckpoint, file_sha256, load_checkpoint
 from structexport.machine import tool_versions
 from structexport.models import input_shape as default_input_shape
 from structexport.models import parse_name
+from structexport.package import (MANIFEST, MANIFEST_VERSION, REFERENCE, VERIFICATION_DATA,
+                                  save_verification_arrays)
+from structexport.reference import export_reference
 
 
 class OutputDirError(StructExportError):
@@ -91,7 +95,7 @@ def _check_outdir(outdir: Path) -> list[Path]:
     return missing[::-1]
 
 
-def _parse_shape(shape) -> tuple[int, ...]:
+def parse_input_shape(shape) -> tuple[int, ...]:
     if isinstance(shape, str):
         try:
             shape = tuple(int(v) for v in shape.replace("x", ",").split(","))
@@ -156,14 +160,18 @@ def _swap_in(staging: Path, outdir: Path) -> None:
         os.replace(staging, outdir)
 
 
-def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
-            options: ConvertOptions | None = None,
-            progress: Callable[[str], None] | None = None) -> ConvertResult:
-    from structexport.passes import PassContext, PassManager, select_passes
-    from structexport.targets import get_target
+@dataclass
+class _Plan:
+    """What is checked before any work: the target, OUTDIR, the passes."""
+    target: object
+    steps: list
+    outdir: Path
+    missing_parents: list[Path]
 
-    opts = options or ConvertOptions()
-    say = progress or (lambda _msg: None)
+
+def _plan(outdir: str | Path, opts: ConvertOptions, say) -> _Plan:
+    from structexport.passes import select_passes
+    from structexport.targets import get_target
     outdir = Path(outdir)
     target = get_target(opts.target, dict(opts.target_options, progress=say))
     if opts.precision not in TOLERANCES:
@@ -171,15 +179,51 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     missing_parents = _check_outdir(outdir)
     target.preflight()
     steps = select_passes(target.default_passes(), opts.passes, opts.skip_passes)
-    timings: dict[str, float] = {}
+    return _Plan(target, steps, outdir, missing_parents)
 
+
+def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
+            options: ConvertOptions | None = None,
+            progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Load ``checkpoint`` (checks first: nothing is loaded for a run that cannot succeed)
+    and convert it into the package ``outdir``."""
+    opts = options or ConvertOptions()
+    say = progress or (lambda _msg: None)
+    plan = _plan(outdir, opts, say)
     say("load")
     t = time.perf_counter()
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=opts.trust_pickle,
                              allow_torchscript=opts.allow_torchscript)
+    return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
+
+
+def convert_loaded(loaded: LoadedCheckpoint, outdir: str | Path, options: ConvertOptions | None = None,
+                   progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert a checkpoint already loaded (``bench``, ``profile`` and ``regress`` load each
+    checkpoint once per run) into the package ``outdir``."""
+    opts = options or ConvertOptions()
+    say = progress or (lambda _msg: None)
+    return _convert(loaded, _plan(outdir, opts, say), opts, say, {})
+
+
+def _jsonable_pass_options(options: dict) -> dict:
+    """The pass options a package records (so that a second model can be converted alike)."""
+    out = {}
+    for key in ("sumpool_realization", "autotune", "keep_csg_codes", "max_residual"):
+        if options.get(key) not in (None, False):
+            out[key] = options[key]
+    declared = options.get("declared_structures")
+    if declared:
+        out["declared_structures"] = {k: list(v) if isinstance(v, tuple) else v for k, v in declared.items()}
+    return out
+
+
+def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
+             timings: dict[str, float]) -> ConvertResult:
+    from structexport.passes import PassContext, PassManager
+    target, steps, outdir, missing_parents = plan.target, plan.steps, plan.outdir, plan.missing_parents
     source = loaded.model.eval()
-    timings["load"] = time.perf_counter() - t
-    shape = _parse_shape(opts.input_shape) if opts.input_shape else default_input_shape(loaded.arch)
+    shape = parse_input_shape(opts.input_shape) if opts.input_shape else default_input_shape(loaded.arch)
     _check_shape(source, shape, loaded.arch)
     user_inputs = _load_inputs(opts.inputs_file, shape) if opts.inputs_file else {}
     gen = torch.Generator().manual_seed(opts.seed)
@@ -254,11 +298,30 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
                                     f"{target_verification.summary()}",
                                     "nothing was written; pass --force to keep the artifact")
 
+        say("export the dense reference")
+        t = time.perf_counter()
+        first_input = next(iter(inputs.values()))
+        reference_info = export_reference(source, first_input, loaded.arch, [s.name for s in steps],
+                                          opts.target, staging / REFERENCE)
+        reference_check = verify_onnx(source, staging / REFERENCE, inputs, "fp32")
+        if not reference_check.passed:
+            raise VerificationError(f"the dense reference failed verification: {reference_check.summary()}",
+                                    "nothing was written; report this (the dense export is wrong)")
+        save_verification_arrays(staging / VERIFICATION_DATA,
+                                 {k: v.numpy() for k, v in inputs.items()},
+                                 {k: [o.astype(np.float32) for o in outs]
+                                  for k, outs in reference_outputs(source, inputs).items()})
+        artifacts[REFERENCE] = ("the source model as exported, structured layers as dense kernels: "
+                                "what the artifact was verified against, and bench's dense counterpart")
+        artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
+        timings["reference"] = time.perf_counter() - t
+
         rewritten = rewritten.float()
         manifest = {
-            "structexport_manifest": 1,
+            "structexport_manifest": MANIFEST_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(Path(checkpoint).resolve()), "sha256": loaded.sha256, "format": loaded.source_format,
+            "source": {"path": str(Path(loaded.path).resolve()) if loaded.path else None,
+                       "sha256": loaded.sha256, "format": loaded.source_format,
                        "arch": loaded.arch, "family": parse_name(loaded.arch).family,
                        "stored_dtypes": loaded.stored_dtypes, "notes": loaded.notes,
                        "metadata": loaded.metadata},
@@ -266,16 +329,20 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
             "target_build": target.build_info or None,
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
+            "pass_options": _jsonable_pass_options(opts.pass_options),
+            "source_layers": [r.to_dict() for r in layer_table(source, shape)],
             "before": _totals(source, shape), "after": _totals(rewritten, shape),
             "export": export_info,
             "verification": verification.to_dict(),
+            "reference": {"file": REFERENCE, "passes": reference_info["passes"],
+                          "ops": reference_info.get("ops"), "verification": reference_check.to_dict()},
             "target_verification": target_check,
             "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
                                  "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_in(staging, outdir)
         if device_lost is not None:
             raise type(device_lost)(device_lost.message,

@@ -149,22 +149,41 @@ class Verification:
         return d
 
 
+def reference_outputs(reference: nn.Module, inputs: dict[str, torch.Tensor]
+                      ) -> dict[str, list[np.ndarray]]:
+    """The source model's outputs on every input (float64 where the model is)."""
+    out = {}
+    for label, x in inputs.items():
+        with torch.no_grad():
+            want = reference(x.to(next(reference.parameters()).dtype))
+        wants = [want] if isinstance(want, torch.Tensor) else list(want)
+        out[label] = [w.detach().double().numpy() for w in wants]
+    return out
+
+
 def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], precision: str = "fp32",
                   atol: float | None = None, rtol: float | None = None,
                   runtime: str = "onnxruntime (graph optimizations off)") -> Verification:
     """Compare ``run(x: np.ndarray) -> list[np.ndarray]`` with ``reference`` on every input:
     per output, shapes first, then values; every failure is kept."""
+    return verify_arrays(run, {k: v.numpy() for k, v in inputs.items()},
+                         reference_outputs(reference, inputs), precision, atol, rtol, runtime)
+
+
+def verify_arrays(run, inputs: dict[str, np.ndarray], expected: dict[str, list[np.ndarray]],
+                  precision: str = "fp32", atol: float | None = None, rtol: float | None = None,
+                  runtime: str = "onnxruntime (graph optimizations off)") -> Verification:
+    """Compare ``run(x) -> list[np.ndarray]`` with the ``expected`` outputs of every input
+    (a package's stored verification data, or a source model's outputs)."""
     tol = TOLERANCES[precision]
     atol = tol["atol"] if atol is None else atol
     rtol = tol["rtol"] if rtol is None else rtol
     np_dtype = np.float16 if precision == "fp16" else np.float32
     result = Verification(True, precision, atol, rtol, runtime)
     for label, x in inputs.items():
-        with torch.no_grad():
-            want = reference(x.to(next(reference.parameters()).dtype))
-        wants = [want] if isinstance(want, torch.Tensor) else list(want)
+        wants = expected[label]
         try:
-            gots = run(x.numpy().astype(np_dtype))
+            gots = run(np.asarray(x).astype(np_dtype))
         except StructExportError:  # e.g. the device was lost: its own error and exit code
             raise
         except Exception as exc:
@@ -172,7 +191,7 @@ def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], pr
                                     f"{list(x.shape)}: {(str(exc).splitlines() or [''])[0][:200]}",
                                     "check --input-shape and the --inputs file") from None
         for i, (w, g) in enumerate(zip(wants, gots)):
-            w = w.detach().double().numpy()
+            w = np.asarray(w, dtype=np.float64)
             g = np.asarray(g, dtype=np.float64)
             check = OutputCheck(label, f"output{i}" if len(wants) > 1 else "output",
                                 list(w.shape) == list(g.shape), list(w.shape), list(g.shape),
@@ -184,14 +203,22 @@ def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], pr
                 check.passed = bool(np.all(diff <= atol + rtol * np.abs(w)))
             result.checks.append(check)
             result.passed &= check.passed
+        if len(gots) != len(wants):
+            result.passed = False
+            result.checks.append(OutputCheck(label, f"{len(gots)} outputs", False,
+                                             [len(wants)], [len(gots)]))
     return result
+
+
+def onnx_runner(onnx_path: Path):
+    """``run(x) -> outputs`` of an ONNX model under ONNX Runtime, graph optimizations off."""
+    session = ort_session(onnx_path, optimize=False)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
 
 
 def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],
                 precision: str = "fp32", atol: float | None = None, rtol: float | None = None
                 ) -> Verification:
     """Compare ONNX Runtime (optimizations off) with ``reference`` (float32 or float64)."""
-    session = ort_session(onnx_path, optimize=False)
-    name = session.get_inputs()[0].name
-    return verify_runner(reference, lambda x: session.run(None, {name: x}), inputs, precision,
-                         atol, rtol)
+    return verify_runner(reference, onnx_runner(onnx_path), inputs, precision, atol, rtol)

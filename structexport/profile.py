@@ -44,7 +44,8 @@ from typing import Callable
 
 import numpy as np
 
-from structexport.errors import IsADirectoryCheckpointError, StructExportError
+from structexport.errors import StructExportError
+from structexport.machine import package_version
 
 SCHEMA = "structexport-profile/1"
 UNMAPPED = "(unmapped)"
@@ -84,6 +85,8 @@ class ProfileOptions:
     tracker: str | None = None
     key: str | None = None
     rpc_timeout: float | None = None   # seconds an RPC session may last (None: the default)
+    trust_pickle: bool = False        # the loader's trust flags, for checkpoints
+    allow_torchscript: bool = False
 
 
 # --------------------------------------------------------------------------- collect
@@ -92,6 +95,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
                 progress: Callable[[str], None] | None = None) -> dict:
     """Profile a converted OUTDIR, a checkpoint (converted on the fly) or a zoo ``arch``
     (weights from ``opts.seed``); returns the report dict (:data:`SCHEMA`)."""
+    from structexport.workload import WorkloadOptions, resolve_workload
     say = progress or (lambda _m: None)
     spec = None
     if opts.rpc or opts.tracker or opts.key:
@@ -100,7 +104,11 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-profile-") as tmp:
         work = Path(tmp)
-        src = _resolve_inputs(path, arch, opts, work, say)
+        workload = resolve_workload(path, arch, WorkloadOptions(
+            target=opts.target, input_shape=opts.input_shape, batch=opts.batch, seed=opts.seed,
+            trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript,
+            need="graph"), work, say)
+        src = _inputs_of(workload)
         target = src["target"]
         if spec is not None and target not in REMOTE_TARGETS:
             raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
@@ -109,10 +117,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
                                f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
                                "--rpc HOST:PORT for a TVM device")
-        say("export dense counterpart")
-        dense_onnx = _dense_onnx(src["source"], src["shape"], src["passes"], src["arch"],
-                                 target, opts.seed, work)
-        feed = _feed(src["shape"], opts.seed)
+        dense_onnx = workload.package.reference_onnx
+        feed = workload.package.feed()
         if spec is not None:
             measured = profile_remote(src["onnx"], dense_onnx, feed, opts, say, spec, target,
                                       src.get("tvm_target"), work)
@@ -134,127 +140,24 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         return report
 
 
-def _feed(shape, seed: int) -> np.ndarray:
-    import torch
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).numpy()
-
-
-def _resolve_inputs(path, arch, opts: ProfileOptions, work: Path, say) -> dict:
-    """The structured source model, its ONNX graph for the target and the passes it went
-    through: from a converted OUTDIR when it fits, else converted here."""
-    from structexport.convert import ConvertOptions, _parse_shape, convert
-    from structexport.loader import load_checkpoint, save_checkpoint
-    from structexport.models import build_model, input_shape, parse_name
-    manifest_path = Path(path) / "manifest.json" if path else None
-    outdir, artifact, notes = None, None, []
-    if manifest_path and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        ckpt, arch = manifest["source"]["path"], manifest["source"]["arch"]
-        target = opts.target or manifest["target"]
-        shape = tuple(manifest["input_shape"])
-        wanted = _parse_shape(opts.input_shape) if opts.input_shape else shape
-        wanted = (opts.batch,) + tuple(wanted[1:])
-        if not Path(ckpt).is_file():
-            raise ProfileError(f"the source checkpoint {ckpt} named in {manifest_path} is gone",
-                               "pass the checkpoint itself to profile")
-        say("load")
-        source = load_checkpoint(ckpt, arch).model.eval()
-        reuse = (wanted == shape and manifest.get("precision") == "fp32"
-                 and _compatible(manifest["target"], target))
-        if reuse:
-            outdir = Path(path)
-            onnx_path, passes = outdir / "model.onnx", [p["name"] for p in manifest["passes"]]
-            # the TVM target the OUTDIR's library was built for, when it is the one profiled
-            tvm_target = (_read_json(outdir / "tvm_target.json")
-                          if manifest["target"] == target and target.startswith("tvm") else None)
-            if manifest["target"] == target == "tvm-llvm":
-                artifact = outdir / "model.so"
-            tuning = (manifest.get("target_build") or {}).get("tuning")
-            if tuning and target.startswith("tvm"):
-                notes.append(f"{outdir}/model.so was tuned ({tuning.get('tasks', '?')} tasks); the "
-                             "profiled builds are untuned, so per-layer times are the untuned "
-                             "kernels' (model.so's own latency is in the totals)")
-        shape = wanted
-    else:
-        if path:
-            if Path(path).is_dir():  # (a missing path: the loader's own error, exit code 10)
-                raise IsADirectoryCheckpointError(f"{path} is a folder without a manifest.json",
-                                                  "pass a folder written by `structexport convert`, "
-                                                  "or a checkpoint file")
-            ckpt = path
-        elif arch:
-            say("build")
-            ckpt = str(save_checkpoint(build_model(arch, opts.seed), work / "model.safetensors"))
-        else:
-            raise ProfileError("nothing to profile", "pass OUTDIR, a checkpoint, or --arch NAME")
-        say("load")
-        loaded = load_checkpoint(ckpt, arch)
-        arch, source = loaded.arch, loaded.model.eval()
-        target = opts.target or "ort-cpu"
-        base = _parse_shape(opts.input_shape) if opts.input_shape else input_shape(parse_name(arch))
-        shape = (opts.batch,) + tuple(base[1:])
-        reuse = False
-    if not reuse:
-        say(f"convert for {target}")
-        result = convert(ckpt, work / "converted", arch,
-                         ConvertOptions(target=_convert_target(target), input_shape=shape),
-                         progress=say)
-        onnx_path = result.outdir / "model.onnx"
-        passes = [p["name"] for p in result.manifest["passes"]]
-        tvm_target = (_read_json(result.outdir / "tvm_target.json")
-                      if target.startswith("tvm") else None)
-    built = not path and bool(arch)  # --arch: weights drawn from the seed, no file kept
-    return {"source": source, "arch": arch,
-            "checkpoint": f"(weights drawn from seed {opts.seed})" if built else str(ckpt), "outdir": str(outdir) if outdir else None,
-            "target": target, "shape": tuple(shape), "onnx": onnx_path, "passes": passes,
-            "tvm_target": tvm_target, "artifact": artifact, "notes": notes}
-
-
-def _compatible(converted: str, wanted: str) -> bool:
-    return converted == wanted or (wanted == "tvm-llvm" and converted in ("onnx", "tvm-cuda"))
-
-
-def _convert_target(target: str) -> str:
-    # An ONNX graph rewritten by the TVM passes is all TVM profiling needs; converting for
-    # "onnx" runs the same passes without compiling a model.so nobody reads.
-    from structexport.targets import get_target
-    try:
-        if (get_target("onnx", {}).default_passes() == get_target(target, {}).default_passes()):
-            return "onnx"
-    except Exception:  # a target that cannot be built here: convert for it anyway
-        pass
-    return target
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _dense_onnx(source, shape, passes: list[str], arch: str, target: str, seed: int,
-                work: Path) -> Path:
-    """The dense counterpart, rewritten by the passes the structured model went through
-    (for TVM: batch norms folded alike), exported to ONNX."""
-    import torch
-
-    from structexport.bench import BenchError, dense_counterpart
-    from structexport.export import export_onnx
-    from structexport.passes import PassContext, PassManager, select_passes
-    dense = dense_counterpart(source)
-    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref, got = source(x), dense(x)
-    if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
-        raise BenchError(f"the dense counterpart of {arch} does not reproduce it "
-                         f"(max abs diff {float((ref - got).abs().max()):.3g})")
-    if passes and target != "ort-cpu":
-        manager = PassManager(select_passes(passes), check_inputs=x)
-        dense, _runs = manager.run(dense, PassContext(target, tuple(shape), {}))
-    path = work / "dense.onnx"
-    export_onnx(dense, x, path)
-    return path
+def _inputs_of(workload) -> dict:
+    """What the collectors and :func:`assemble` read of a workload's package."""
+    package, target = workload.package, workload.target
+    notes = list(workload.notes)
+    reused = workload.origin == "outdir" and not workload.converted_here
+    # the TVM target the package's library was built for, when that is the one profiled
+    tvm_target = package.tvm_target if target.startswith("tvm") and package.target == target else None
+    artifact = package.library if reused and package.target == target == "tvm-llvm" else None
+    if reused and package.tuning and target.startswith("tvm"):
+        notes.append(f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks); "
+                     "the profiled builds are untuned, so per-layer times are the untuned "
+                     "kernels' (model.so's own latency is in the totals)")
+    return {"arch": package.arch, "checkpoint": workload.label if workload.origin != "outdir"
+            else (package.manifest["source"].get("path") or workload.label),
+            "outdir": str(package.root) if reused else None, "target": target,
+            "shape": package.input_shape, "onnx": package.model_onnx, "passes": package.passes,
+            "tvm_target": tvm_target, "artifact": artifact, "notes": notes,
+            "layers": [layer["name"] for layer in package.layers]}
 
 
 def _keep_fastest(runs: list, wall: Callable) -> list:
@@ -270,22 +173,15 @@ def _ort_profile(paths: dict[str, Path], feed: np.ndarray, threads: int, runs: i
                  optimized_dir: Path | None = None) -> dict[str, dict]:
     """Profile each model for ``runs`` runs (interleaved, after ``warmup``): mean ms per node
     over the runs kept, mean ms of the kept runs, and the operator of each node."""
-    import onnxruntime as ort
+    from structexport.ortsession import ort_session
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, path in paths.items():
-            so = ort.SessionOptions()
-            so.enable_profiling = True
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.log_severity_level = 3
-            so.profile_file_prefix = str(Path(tmp) / f"prof-{name}")
-            if optimized_dir is not None:  # the graph whose node names the profile reports
-                so.optimized_model_filepath = str(optimized_dir / f"{name}.optimized.onnx")
-            sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            # the optimized graph is the one whose node names the profile reports
+            sessions[name] = ort_session(
+                path, threads, profile_prefix=Path(tmp) / f"prof-{name}",
+                optimized_model_path=optimized_dir / f"{name}.optimized.onnx" if optimized_dir else None)
         names = list(sessions)
         for i in range(warmup + runs):
             for n in (names if i % 2 == 0 else names[::-1]):
@@ -315,15 +211,16 @@ def _ort_profile(paths: dict[str, Path], feed: np.ndarray, threads: int, runs: i
 
 
 def _measure_ort(structured: Path, dense: Path, feed, opts: ProfileOptions, say, work: Path) -> dict:
-    from structexport.bench import _session, time_interleaved
+    from structexport.ortsession import ort_session
+    from structexport.timing import time_interleaved
     say(f"timing ({opts.repeat} interleaved runs)")
-    latency = time_interleaved({"structured": _session(structured, opts.threads),
-                                "dense": _session(dense, opts.threads)},
+    latency = time_interleaved({"structured": ort_session(structured, opts.threads),
+                                "dense": ort_session(dense, opts.threads)},
                                feed, opts.repeat, opts.warmup)
     say(f"profiling ({opts.repeat} interleaved runs, ONNX Runtime profiler)")
     prof = _ort_profile({"structured": structured, "dense": dense}, feed, opts.threads,
                         opts.repeat, opts.warmup, optimized_dir=work)
-    result = {"runtime": f"ONNX Runtime {_version('onnxruntime')}, CPUExecutionProvider, "
+    result = {"runtime": f"ONNX Runtime {package_version('onnxruntime')}, CPUExecutionProvider, "
                          f"all graph optimizations",
               "profiler": "ONNX Runtime profiler (per-node kernel events, model_run per run)",
               "latency": latency, "models": {}}
@@ -413,10 +310,10 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
     tvm, relax = _tvm_modules()
     from tvm.relax.frontend.onnx import from_onnx
 
-    from structexport.targets.tvm_targets import TvmError, _quiet_native_stderr
+    from structexport.targets.tvm_targets import TvmError, quiet_native_stderr
     target = tvm.target.Target(tvm_target or {"kind": "llvm"})
     try:
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=True)
             mod, params = relax.frontend.detach_params(mod)
             with target:
@@ -538,7 +435,7 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     """``artifact``: the OUTDIR's model.so, timed beside the two profiled builds (it is not
     profiled itself: its weights are baked-in constants, without names)."""
     tvm, relax = _tvm_modules()
-    from structexport.targets.tvm_targets import _quiet_native_stderr
+    from structexport.targets.tvm_targets import quiet_native_stderr
     try:  # TVM's own thread pool, as ONNX Runtime's intra-op threads
         tvm.get_global_func("runtime.config_threadpool")(1, opts.threads)
     except Exception:  # an older or trimmed runtime: its default pool
@@ -549,7 +446,7 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     vms, args = {}, {}
     for n, p in programs.items():
         dev = p["device"]
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             vms[n] = relax.VirtualMachine(p["executable"], dev)
         args[n] = [tvm.runtime.tensor(feed, device=dev)] + [
             tvm.runtime.tensor(w.numpy(), device=dev) for w in p["weights"]]
@@ -557,7 +454,7 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     timed = dict(vms)
     if artifact is not None and artifact.is_file():
         dev = programs["structured"]["device"]
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             timed["artifact"] = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), dev)
         args["artifact"] = args["structured"][:1]
     order = list(timed)
@@ -569,8 +466,8 @@ def _measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
             timed[n]["main"](*args[n])
             if i >= opts.warmup:
                 times[n].append(time.perf_counter() - start)
-    from structexport.bench import _stats
-    latency = {n: _stats(t) for n, t in times.items()}
+    from structexport.timing import stats
+    latency = {n: stats(t) for n, t in times.items()}
 
     say(f"profiling ({opts.repeat} interleaved runs, Relax VM instrument)")
     prims = {n: {c["symbol"] for c in p["calls"]} for n, p in programs.items()}
@@ -641,10 +538,10 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
     call's shapes), and whole runs with the VM's ``time_evaluator`` (weights as inputs),
     interleaved. Returns the ``measured`` dict of :func:`_measure_tvm`."""
     tvm, relax = _tvm_modules()
-    from structexport.bench import _stats, set_threads
-    from structexport.rpc import device_errors, open_session
+    from structexport.rpc import device_errors, open_session, set_threads
+    from structexport.timing import stats
     from structexport.targets import get_target
-    from structexport.targets.tvm_targets import _quiet_native_stderr
+    from structexport.targets.tvm_targets import quiet_native_stderr
     target = get_target(target_name, {"tvm_target": tvm_target} if tvm_target else {})
     say(f"compile for TVM ({target_name}, weights as inputs, to map calls to layers)")
     programs = {"structured": tvm_program(structured, target.tvm_target()),
@@ -653,10 +550,10 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
     for n, p in programs.items():
         tir = tvm.IRModule({gv: f for gv, f in p["lowered"].functions.items()
                             if type(f).__name__ == "PrimFunc"})
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             kernels = tvm.tirx.build(tir, target=p["target"])
-            target._export(kernels, work / f"{n}-kernels.so")
-            target._export(p["executable"], work / f"{n}-vm.so")
+            target.export_library(kernels, work / f"{n}-kernels.so")
+            target.export_library(p["executable"], work / f"{n}-vm.so")
         files[n] = (work / f"{n}-kernels.so", work / f"{n}-vm.so")
     say(f"connect to the {spec.describe()}")
     session = open_session(spec)
@@ -680,7 +577,7 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
                 t = float(evals[n](*args[n]).results[0])
                 if i >= opts.warmup:
                     times[n].append(t)
-        latency = {n: _stats(t) for n, t in times.items()}
+        latency = {n: stats(t) for n, t in times.items()}
         say("profiling (each PrimFunc call on its own, on the device)")
         number = max(3, opts.repeat // 5)
         models = {}
@@ -714,8 +611,9 @@ def measure_peak(threads: int, n: int = 512, budget_s: float = 1.5, max_runs: in
     ONNX Runtime (MLAS, the same kernels as its convolutions) with ``threads`` intra-op
     threads, the best run within ``budget_s`` seconds (best, not median: a peak on a shared
     machine is what it reaches when nothing else runs)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from structexport.ortsession import ort_session
     rng = np.random.default_rng(0)
     b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "B")
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
@@ -723,11 +621,7 @@ def measure_peak(threads: int, n: int = 512, budget_s: float = 1.5, max_runs: in
                               [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = ort_session(model.SerializeToString(), threads)
     feed = {"A": rng.standard_normal((n, n), dtype=np.float32)}
     for _ in range(3):
         s.run(None, feed)
@@ -742,19 +636,13 @@ def measure_peak(threads: int, n: int = 512, budget_s: float = 1.5, max_runs: in
                       f"best of {runs} runs", "threads": threads, "runs": runs}
 
 
-def _version(pkg: str) -> str | None:
-    from structexport.doctor import _version as v
-    return v(pkg)
-
-
 # --------------------------------------------------------------------------- assemble
 
 def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dict | None,
              opts: ProfileOptions) -> dict:
-    from structexport.analysis import layer_table
-    from structexport.bench import machine
     from structexport.costmodel import node_costs, totals
-    order = [r.name for r in layer_table(src["source"], src["shape"])]
+    from structexport.machine import machine
+    order = list(src["layers"])
     layers = set(order)
     rows: dict[str, dict] = {}
 
@@ -841,7 +729,7 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
                      "each PrimFunc call can be mapped to the layer whose weights it reads)")
     mach = machine()
     if target.startswith("tvm"):
-        mach["tvm"] = _version("apache-tvm")
+        mach["tvm"] = package_version("apache-tvm")
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

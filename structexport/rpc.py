@@ -247,3 +247,12 @@ def default_device_for_arm(progress: Callable[[str], None] | None = None):
         progress("starting the emulated aarch64 device")
     with emulated_arm.temporary_device() as dev:
         yield DeviceSpec(dev.host, dev.port, None, True)
+
+
+def set_threads(spec, session, threads: int) -> None:
+    """TVM's thread pool on the device (``--threads``), as ONNX Runtime's intra-op threads."""
+    import tvm
+    with device_errors(spec, "setting the thread count"):
+        configure = (session.get_function("runtime.config_threadpool") if session is not None
+                     else tvm.get_global_func("runtime.config_threadpool"))
+        configure(1, threads)  # 1: big cores first, ``threads`` workers

@@ -57,7 +57,7 @@ PRESET_DESCRIPTIONS = {
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
+def quiet_native_stderr():
     """TVM's C++ runtime logs warnings straight to file descriptor 2."""
     if os.environ.get("STRUCTEXPORT_TVM_LOG"):
         yield
@@ -145,7 +145,7 @@ class TvmLlvmTarget(Target):
             probe(device)
 
     # ------------------------------------------------------------------ build
-    def _export(self, executable, path: Path) -> None:
+    def export_library(self, executable, path: Path) -> None:
         executable.export_library(str(path))
 
     def cross_compile(self) -> bool:
@@ -159,7 +159,7 @@ class TvmLlvmTarget(Target):
         trials = int(self.options.get("tune_trials") or 0)
         say = self.options.get("progress") or (lambda _m: None)
         try:
-            with _quiet_native_stderr():
+            with quiet_native_stderr():
                 mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
                 if trials > 0:
                     from structexport.tuning import tune_and_compile, with_core_count
@@ -173,7 +173,7 @@ class TvmLlvmTarget(Target):
                     self.build_info["tuning"] = tuning.to_dict()
                 else:
                     executable = tvm.compile(mod, target=target)
-                self._export(executable, outdir / self.library)
+                self.export_library(executable, outdir / self.library)
         except StructExportError:
             raise
         except Exception as exc:
@@ -204,7 +204,7 @@ class TvmLlvmTarget(Target):
             return device
         if device is None and (missing := self._local_device_missing()):
             return missing
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             loaded = LoadedLibrary(outdir / self.library, device, self.device_kind)
         where = device.describe() if device is not None else f"this host ({self.device_kind})"
         return verify_runner(reference, loaded.run, inputs, precision, atol, rtol,
@@ -231,7 +231,7 @@ class TvmArmTarget(TvmLlvmTarget):
     def cross_compile(self) -> bool:
         return True
 
-    def _export(self, executable, path: Path) -> None:
+    def export_library(self, executable, path: Path) -> None:
         from tvm.support import cc
         executable.export_library(str(path), fcompile=cc.cross_compiler(CROSS_CXX))
 

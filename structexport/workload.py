@@ -1,0 +1,204 @@
+"""One resolver from what a user points a measuring command at to a converted package.
+
+``bench``, ``profile`` and ``regress`` all take ``OUTDIR | CKPT | --arch NAME`` (plus a
+target, an input shape, pass options and trust flags). :func:`resolve_workload` turns any
+of them into a :class:`Workload` whose :class:`~structexport.package.Package` holds the
+artifact, its dense reference and the verification data:
+
+- an OUTDIR is used as it is when it fits the request (same input shape, fp32, a target
+  whose graph it holds, no sum-pool option that would change it), after its artifact is
+  checked against the stored verification outputs; otherwise it is converted again from
+  its source checkpoint, where that still is (else a clear error says what differs);
+- a checkpoint is loaded once (with the trust flags) and converted into the work folder;
+- ``--arch NAME`` builds the zoo model with weights drawn from the seed, converted alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from structexport.errors import StructExportError
+from structexport.package import Package, PackageIncompatibleError, is_package
+
+# Pass options that change the rewritten graph: a package is reused only when they agree.
+GRAPH_OPTIONS = ("sumpool_realization", "autotune")
+
+
+class WorkloadError(StructExportError):
+    exit_code, kind = 40, "nothing-to-measure"
+
+
+@dataclass
+class WorkloadOptions:
+    target: str | None = None            # None: the package's target (ort-cpu for checkpoints)
+    input_shape: tuple[int, ...] | str | None = None
+    batch: int = 1
+    seed: int = 0                        # --arch: the weights' seed
+    pass_options: dict = field(default_factory=dict)
+    target_options: dict = field(default_factory=dict)
+    trust_pickle: bool = False
+    allow_torchscript: bool = False
+    # What the command needs from a package: "graph" (the ONNX graph rewritten for the
+    # target's family: profile) or "artifact" (the target's own library: bench).
+    need: str = "artifact"
+
+
+@dataclass
+class Workload:
+    package: Package
+    origin: str                          # "outdir" | "checkpoint" | "arch"
+    label: str                           # what the user named, for reports
+    target: str
+    notes: list[str] = field(default_factory=list)
+    converted_here: bool = False
+
+    @property
+    def arch(self) -> str:
+        return self.package.arch
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.package.input_shape
+
+
+def parse_shape(shape) -> tuple[int, ...]:
+    from structexport.convert import parse_input_shape
+    return parse_input_shape(shape)
+
+
+def _wanted_shape(base: tuple[int, ...], opts: WorkloadOptions) -> tuple[int, ...]:
+    shape = parse_shape(opts.input_shape) if opts.input_shape else tuple(base)
+    return (opts.batch,) + tuple(shape[1:])
+
+
+def graph_compatible(built_for: str, wanted: str, need: str) -> bool:
+    """Whether a package built for ``built_for`` serves ``wanted``: the same target, or --
+    when only the rewritten graph is needed -- a target whose passes are the same."""
+    if built_for == wanted:
+        return True
+    if need != "graph":
+        return False
+    from structexport.targets import get_target
+    try:
+        return get_target(built_for, {}).default_passes() == get_target(wanted, {}).default_passes()
+    except StructExportError:
+        return False
+
+
+def _differences(package: Package, target: str, shape, opts: WorkloadOptions) -> list[str]:
+    """Why ``package`` does not serve the request (empty: it does)."""
+    why = []
+    if tuple(shape) != package.input_shape:
+        why.append(f"input shape {list(shape)} (it was built for {list(package.input_shape)})")
+    if package.precision != "fp32":
+        why.append(f"fp32 (it is {package.precision})")
+    if not graph_compatible(package.target, target, opts.need):
+        why.append(f"target {target} (it was built for {package.target})")
+    recorded = package.pass_options
+    for key in GRAPH_OPTIONS:
+        if opts.pass_options.get(key) and opts.pass_options.get(key) != recorded.get(key):
+            why.append(f"--{key.replace('_', '-')} {opts.pass_options[key]}")
+    if target.startswith("tvm") and opts.need == "artifact":
+        if package.library is None:
+            why.append(f"a {target} library (it has none)")
+        given = {k: v for k, v in opts.target_options.items() if k in ("tvm_target", "tvm_preset") and v}
+        if given:
+            why.append("another TVM target (" + ", ".join(f"--{k.replace('_', '-')}" for k in given) + ")")
+    if not package.self_contained:
+        why.append("a dense reference and verification data (it was written by an older structexport)")
+    return why
+
+
+def check_package_outputs(package: Package, progress: Callable[[str], None] | None = None) -> None:
+    """The package's ONNX model, run here, still gives the stored outputs of its source."""
+    from structexport.export import VerificationError, onnx_runner, verify_arrays
+    say = progress or (lambda _m: None)
+    say("check the package against its verification data")
+    inputs, expected = package.verification_arrays()
+    precision = package.precision
+    tol = package.manifest["verification"]
+    result = verify_arrays(onnx_runner(package.model_onnx), inputs, expected, precision,
+                           tol.get("atol"), tol.get("rtol"))
+    if not result.passed:
+        raise VerificationError(f"{package.root}/model.onnx no longer reproduces its verification "
+                                f"outputs on this machine: {result.summary()}",
+                                "convert the model again")
+
+
+def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, workdir: Path,
+                     progress: Callable[[str], None] | None = None) -> Workload:
+    """``path`` (an OUTDIR or a checkpoint) or ``arch`` -> a :class:`Workload` (converted
+    into ``workdir`` when needed; the caller removes ``workdir``)."""
+    say = progress or (lambda _m: None)
+    if path and is_package(path):
+        package = Package.load(path)
+        target = opts.target or package.target
+        shape = _wanted_shape(package.input_shape, opts)
+        why = _differences(package, target, shape, opts)
+        if not why:
+            check_package_outputs(package, say)
+            return Workload(package, "outdir", str(path), target)
+        source = package.source_checkpoint
+        if source is None:
+            raise PackageIncompatibleError(
+                f"{path} does not fit this run, which needs {'; '.join(why)}, and its source "
+                f"checkpoint {package.manifest['source'].get('path')} is not there to convert again",
+                "pass the checkpoint itself (with --arch if needed), or drop the options that differ")
+        say(f"convert again from {source} ({'; '.join(why)})")
+        loaded = _load(str(source), package.arch, opts, say)
+        pass_options = {**package.pass_options, **opts.pass_options}
+        workload = _convert_here(loaded, target, shape, pass_options, opts, workdir, say,
+                                 origin="outdir", label=str(path))
+        workload.notes.append(f"converted again from {source}: {'; '.join(why)}")
+        return workload
+    if path:
+        if Path(path).is_dir():  # a folder that is not a package: the package loader's error
+            Package.load(path)
+        loaded = _load(path, arch, opts, say)
+        origin, label = "checkpoint", str(path)
+    elif arch:
+        loaded = _build(arch, opts.seed, say)
+        origin, label = "arch", f"--arch {arch} (weights drawn from seed {opts.seed})"
+    else:
+        raise WorkloadError("nothing to measure", "pass OUTDIR, a checkpoint, or --arch NAME")
+    from structexport.models import input_shape as default_input_shape
+    shape = _wanted_shape(default_input_shape(loaded.arch), opts)
+    return _convert_here(loaded, opts.target or "ort-cpu", shape, opts.pass_options, opts, workdir,
+                         say, origin=origin, label=label)
+
+
+def _load(path: str, arch: str | None, opts: WorkloadOptions, say):
+    from structexport.loader import load_checkpoint
+    say("load")
+    return load_checkpoint(path, arch, trust_pickle=opts.trust_pickle,
+                           allow_torchscript=opts.allow_torchscript)
+
+
+def _build(arch: str, seed: int, say):
+    """A zoo model with weights drawn from ``seed``, as a loaded checkpoint without a file."""
+    from structexport.loader import LoadedCheckpoint
+    from structexport.models import build_model, parse_name
+    say("build")
+    spec = parse_name(arch)
+    model = build_model(spec, seed)
+    return LoadedCheckpoint(model, spec.name, "", "", "zoo", notes=[f"weights drawn from seed {seed}"],
+                            metadata={"seed": seed})
+
+
+def _convert_here(loaded, target: str, shape, pass_options: dict, opts: WorkloadOptions,
+                  workdir: Path, say, origin: str, label: str) -> Workload:
+    from structexport.convert import ConvertOptions, convert_loaded
+    convert_target = target
+    if opts.need == "graph" and graph_compatible("onnx", target, "graph"):
+        # The rewritten ONNX graph is all that is needed; "onnx" runs the same passes
+        # without compiling a library nobody reads.
+        convert_target = "onnx"
+    outdir = workdir / f"converted-{origin}-{len(list(workdir.glob('converted-*')))}"
+    say(f"convert for {convert_target}")
+    target_options = opts.target_options if convert_target.startswith("tvm") else {}
+    result = convert_loaded(loaded, outdir, ConvertOptions(
+        target=convert_target, input_shape=shape, pass_options=pass_options,
+        target_options=target_options), progress=say)
+    return Workload(Package.load(result.outdir, check_hashes=False), origin, label, target,
+                    converted_here=True)
