@@ -2,11 +2,15 @@
 
 Exit codes are regress's own, whatever the error: 0 pass, 1 regression, 2 usage or
 environment error (one ``error:`` line). The rest of the CLI's per-error exit codes
-(``_fail_cleanly``) are deliberately not used here.
+(``fail_cleanly``) are deliberately not used here.
+
+The command is organised by mode: :func:`_check_mode` and :func:`_update_mode` each turn
+the options into a :class:`~structexport.regress.judge.Report`, and :func:`_finish` prints
+and writes any report the same way.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,15 +22,31 @@ from rich.table import Table
 
 from structexport.cli_common import err, out
 from structexport.errors import StructExportError
+from structexport.regress.baseline import (DEFAULT_REPEAT, DEFAULT_WARMUP, EXIT_USAGE, RegressUsageError,
+                                           sumpool_realizations)
 
 # Options that describe a new entry: only with --update and --arch/--checkpoint.
 _ENTRY_OPTIONS = ("target", "threads", "batch", "input_shape", "seed", "sumpool_realization", "autotune",
                   "repeat", "warmup")
 
 
-def _usage(message: str, hint: str | None = None):
-    from structexport.regress import RegressUsageError
-    return RegressUsageError(message, hint)
+class _LazyChoice(click.Choice):
+    """A click.Choice whose choices are read when first needed: the sum-pool realizations
+    live with the layers, whose import loads torch, which `structexport --help` should not."""
+
+    def __init__(self, load):
+        self._load, self._loaded = load, None
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, _value):   # click.Choice.__init__ assigns it
+        pass
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -35,7 +55,7 @@ def _parse_shape(text: str) -> list[int]:
     except ValueError:
         shape = []
     if len(shape) != 4 or any(v <= 0 for v in shape):
-        raise _usage(f"bad --input-shape {text!r}", "write N,C,H,W, e.g. --input-shape 1,3,32,32")
+        raise RegressUsageError(f"bad --input-shape {text!r}", "write N,C,H,W, e.g. --input-shape 1,3,32,32")
     return shape
 
 
@@ -44,8 +64,12 @@ def _parse_shape(text: str) -> list[int]:
               help="The baseline JSON file (docs/regress.md describes its format).")
 @click.option("--tolerance", default="10%", show_default=True,
               help="How much worse a ratio may get before it is a regression: 10% or 0.1.")
-@click.option("--update", is_flag=True, help="Record instead of judging: with --arch/--checkpoint add or "
-              "replace that entry (creating the file); alone, re-measure and rewrite every entry.")
+@click.option("--update", is_flag=True, help="Record this machine's class instead of judging: with "
+              "--arch/--checkpoint add that entry or replace its results for this class (creating the "
+              "file); alone, re-measure every entry and replace its results for this class. Other "
+              "machine classes' results are kept.")
+@click.option("--strict", is_flag=True, help="An entry without results for this machine's class is an "
+              "error (exit 2) instead of being measured and shown unjudged.")
 @click.option("--arch", help="With --update: the zoo architecture of the entry to add (weights from --seed).")
 @click.option("--checkpoint", type=click.Path(path_type=str),
               help="With --update: a checkpoint for the entry (stored relative to the baseline file).")
@@ -56,12 +80,12 @@ def _parse_shape(text: str) -> list[int]:
               help="With --update: the entry's batch size.")
 @click.option("--input-shape", help="With --update: N,C,H,W (default: the model's own).")
 @click.option("--seed", default=0, show_default=True, type=int, help="With --update: weight and input seed.")
-@click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
+@click.option("--sumpool-realization", type=_LazyChoice(sumpool_realizations),
               help="With --update: force one sum-pool realization for the entry.")
 @click.option("--autotune", is_flag=True, help="With --update: the entry autotunes sum-pool realizations.")
-@click.option("--repeat", default=500, show_default=True, type=click.IntRange(3, 100000),
+@click.option("--repeat", default=DEFAULT_REPEAT, show_default=True, type=click.IntRange(3, 100000),
               help="With --update: interleaved timed runs per measurement of the entry.")
-@click.option("--warmup", default=30, show_default=True, type=click.IntRange(0, 10000),
+@click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0, 10000),
               help="With --update: warm-up runs of the entry.")
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(0, 5),
               help="Re-measure a failing entry this many times before calling it a regression.")
@@ -71,93 +95,122 @@ def _parse_shape(text: str) -> list[int]:
               help="Write a Markdown summary (default when $GITHUB_STEP_SUMMARY is set: appended there).")
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Write the results as JSON.")
 @click.pass_context
-def regress(ctx, baseline, tolerance, update, arch, checkpoint, target, threads, batch, input_shape, seed,
-            sumpool_realization, autotune, repeat, warmup, retries, junit_file, markdown_file, json_file):
+def regress(ctx, **opts):
     """Re-measure the models in a baseline and compare their ratios (measured speedup,
     realization efficiency, latency vs a reference workload timed alongside) with the
-    recorded ones. Exit 0 pass, 1 regression, 2 usage or environment error.
+    ones recorded on this machine's class (CPU model, ISA extensions, threads). Exit 0
+    pass, 1 regression, 2 usage or environment error.
 
     \b
     structexport regress --baseline benchmarks/baselines/ci.json --junit r.xml --markdown r.md
     structexport regress --update --baseline b.json --arch resnet20-struct-c2n2 --target ort-cpu
-    structexport regress --update --baseline b.json      # re-measure and rewrite every entry
+    structexport regress --update --baseline b.json      # record this machine's class for every entry
     """
     try:
-        code = _regress(ctx, baseline, tolerance, update, arch, checkpoint, target, threads, batch,
-                        input_shape, seed, sumpool_realization, autotune, repeat, warmup, retries,
-                        junit_file, markdown_file, json_file)
+        code = _regress(ctx, opts)
     except StructExportError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except OSError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))} (check the paths and permissions)")
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     sys.exit(code)
 
 
-def _regress(ctx, baseline, tolerance, update, arch, checkpoint, target, threads, batch, input_shape, seed,
-             sumpool_realization, autotune, repeat, warmup, retries, junit_file, markdown_file, json_file):
+def _regress(ctx, opts: dict) -> int:
     from structexport import regress as rg
-    tol = rg.parse_tolerance(tolerance)
+    tolerance = rg.parse_tolerance(opts["tolerance"])
+    _check_flags(ctx, opts)
+    baseline = Path(opts["baseline"])
+    with _progress() as progress:
+        if opts["update"]:
+            report = _update_mode(baseline, _new_entry(baseline, opts), tolerance, progress)
+        else:
+            report = _check_mode(baseline, tolerance, opts["retries"], opts["strict"], progress)
+    return _finish(report, opts)
+
+
+def _check_flags(ctx, opts: dict) -> None:
+    """Options that do not go together, refused before anything is read or measured."""
     given = [name for name in _ENTRY_OPTIONS
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
-    if (arch or checkpoint) and not update:
-        raise _usage("--arch and --checkpoint name an entry to record",
-                     "add --update, or leave them out to check the baseline")
-    if given and not (arch or checkpoint):
+    if (opts["arch"] or opts["checkpoint"]) and not opts["update"]:
+        raise RegressUsageError("--arch and --checkpoint name an entry to record",
+                                "add --update, or leave them out to check the baseline")
+    if given and not (opts["arch"] or opts["checkpoint"]):
         flags = ", ".join("--" + g.replace("_", "-") for g in given)
-        raise _usage(f"{flags} only describe{'s' if len(given) == 1 else ''} a new entry",
-                     "pass with --update and --arch NAME or --checkpoint PATH")
-    baseline_path = Path(baseline)
+        raise RegressUsageError(f"{flags} only describe{'s' if len(given) == 1 else ''} a new entry",
+                                "pass with --update and --arch NAME or --checkpoint PATH")
+    if opts["strict"] and opts["update"]:
+        raise RegressUsageError("--strict judges a check; --update records this machine's class",
+                                "leave out --strict with --update")
 
-    def progress(message: str) -> None:
-        if message.endswith(": measuring") or "re-measuring" in message:
-            err.print(escape(message))
-        status.update(f"regress: {escape(message)}")
 
+@contextlib.contextmanager
+def _progress():
+    """A progress callback: measuring steps on stderr, the current one in a status line."""
     with err.status("regress", spinner="dots") as status:
-        if update:
-            entry = None
-            if arch or checkpoint:
-                ckpt = None
-                if checkpoint:
-                    if not Path(checkpoint).is_file():
-                        raise _usage(f"checkpoint {checkpoint} not found", "pass an existing checkpoint file")
-                    ckpt = os.path.relpath(Path(checkpoint).resolve(), baseline_path.resolve().parent)
-                options = {"sumpool_realization": sumpool_realization} if sumpool_realization else {}
-                if autotune:
-                    options["autotune"] = True
-                entry = rg.Entry(arch=arch, checkpoint=ckpt, seed=seed, target=target, threads=threads,
-                                 batch=batch, input_shape=_parse_shape(input_shape) if input_shape else None,
-                                 options=options, repeat=repeat, warmup=warmup)
-            report = rg.update_baseline(baseline_path, entry, tol, progress=progress)
-        else:
-            report = rg.run_regress(baseline_path, tol, retries=retries, progress=progress)
+        def progress(message: str) -> None:
+            if message.endswith(": measuring") or "re-measuring" in message:
+                err.print(escape(message))
+            status.update(f"regress: {escape(message)}")
+        yield progress
 
-    _print_report(report)
-    md = rg.markdown(report)
-    if markdown_file:
-        rg.write_text_atomic(markdown_file, md)
-    elif os.environ.get("GITHUB_STEP_SUMMARY"):
-        rg.write_text_atomic(os.environ["GITHUB_STEP_SUMMARY"], md + "\n", append=True)
-    if junit_file:
-        rg.write_text_atomic(junit_file, rg.junit_xml(report))
-    if json_file:
-        rg.write_text_atomic(json_file, json.dumps(rg.report_json(report), indent=2) + "\n")
+
+def _new_entry(baseline: Path, opts: dict):
+    """The entry --update --arch/--checkpoint describes, or None (--update alone)."""
+    from structexport.regress import Entry
+    if not (opts["arch"] or opts["checkpoint"]):
+        return None
+    ckpt = None
+    if opts["checkpoint"]:
+        if not Path(opts["checkpoint"]).is_file():
+            raise RegressUsageError(f"checkpoint {opts['checkpoint']} not found", "pass an existing checkpoint file")
+        ckpt = os.path.relpath(Path(opts["checkpoint"]).resolve(), baseline.resolve().parent)
+    options = {"sumpool_realization": opts["sumpool_realization"]} if opts["sumpool_realization"] else {}
+    if opts["autotune"]:
+        options["autotune"] = True
+    return Entry(arch=opts["arch"], checkpoint=ckpt, seed=opts["seed"], target=opts["target"],
+                 threads=opts["threads"], batch=opts["batch"],
+                 input_shape=_parse_shape(opts["input_shape"]) if opts["input_shape"] else None,
+                 options=options, repeat=opts["repeat"], warmup=opts["warmup"])
+
+
+def _check_mode(baseline: Path, tolerance: float, retries: int, strict: bool, progress):
+    from structexport.regress import run_regress
+    return run_regress(baseline, tolerance, retries=retries, progress=progress, strict=strict)
+
+
+def _update_mode(baseline: Path, entry, tolerance: float, progress):
+    from structexport.regress import update_baseline
+    return update_baseline(baseline, entry, tolerance, progress=progress)
+
+
+def _finish(report, opts: dict) -> int:
+    """Print the report, write the report files asked for; the exit code."""
+    from structexport.regress import write_reports
+    print_report(report)
+    write_reports(report, junit_file=opts["junit_file"], markdown_file=opts["markdown_file"],
+                  json_file=opts["json_file"])
     return report.exit_code
 
 
-_STYLE = {"ok": "green", "improved": "cyan", "recorded": "cyan", "skipped": "yellow"}
+_STYLE = {"ok": "green", "improved": "cyan", "recorded": "cyan", "skipped": "yellow", "other": "yellow"}
 
 
-def _print_report(report) -> None:
+def print_report(report) -> None:
+    """A report on the console: machines and classes, the table, notes, the verdict."""
     from structexport import regress as rg
-    this, then = report.machine, report.baseline_machine
-    out.print(f"baseline {report.baseline}: " + (f"made on {rg._machine_line(then)}" if then else "new"))
-    out.print(f"this run: {rg._machine_line(this)}"
-              + ("" if report.same_machine or not then else
-                 "  [yellow](another machine: judged by ratios measured in this run, never raw times)[/]"))
-    title = ("recorded (before: the previous baseline)" if report.mode == "update"
+    for line in rg.header_lines(report):
+        out.print(escape(line))
+    unjudged = report.other_class_entries
+    if unjudged and report.mode == "check":
+        out.print(f"  [yellow]{len(unjudged)} of {len(report.entries)} entr"
+                  f"{'y has' if len(unjudged) == 1 else 'ies have'} no results for this machine's class: "
+                  "measured and shown beside the recorded class's values, not judged (a ratio measured on "
+                  "one CPU is no threshold for another); add this class with "
+                  f"`structexport regress --update --baseline {escape(str(report.baseline))}`[/]")
+    title = ("recorded for this machine's class (before: its previous results)" if report.mode == "update"
              else f"before (baseline) / after (this run), tolerance {report.tolerance * 100:g}% unless the entry sets one")
     table = Table(title=title, title_justify="left")
     for col in ("entry", "metric", "baseline", "measured", "change", "tolerance", "status"):
@@ -171,7 +224,9 @@ def _print_report(report) -> None:
                       f"[{style}]{escape(status)}[/]" if style else escape(status))
         last = row[0]
     out.print(table)
+    notes = dict(rg.class_notes(report))
     for er in report.entries:
+        out.print(f"{escape(er.entry.id)}: {escape(notes[er.entry.id])}")
         if er.error:
             out.print(f"[bold red]{escape(er.error)}[/]")
         if er.raw:
@@ -183,6 +238,5 @@ def _print_report(report) -> None:
     if improved and report.mode == "check":
         out.print(f"[cyan]improved beyond the tolerance:[/] {escape(', '.join(improved))} (record it with "
                   f"`structexport regress --update --baseline {escape(str(report.baseline))}`)")
-    verdict = rg.verdict(report)
     colour = "bold red" if report.failed else "bold green"
-    out.print(f"[{colour}]{escape(verdict)}[/] ({report.seconds:.1f} s)")
+    out.print(f"[{colour}]{escape(rg.verdict(report))}[/] ({report.seconds:.1f} s)")
