@@ -11,7 +11,7 @@ from rich.table import Table
 
 from structexport import __version__, cli_device, cli_profile, cli_regress
 from structexport.cli_common import (declared_structures, device_options, device_spec, err,
-                                     fail_cleanly, out, tvm_build_options)
+                                     fail_cleanly, out, trust_options, tvm_build_options)
 from structexport.targets import TARGETS
 
 
@@ -206,19 +206,22 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),
               help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@trust_options
 @tvm_build_options
 @device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
           sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_trials,
-          tuning_db, rpc, tracker, key, rpc_timeout, json_file):
+          tuning_db, rpc, tracker, key, rpc_timeout, json_file, trust_pickle, allow_torchscript):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
-    counterpart, interleaved in one process: measured vs theoretical speedup."""
+    reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
+    its own reference (reference.onnx): its source checkpoint is not needed."""
     from structexport.bench import BenchOptions, run_bench
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
-                        compare_ort=compare_ort,
+                        compare_ort=compare_ort, trust_pickle=trust_pickle,
+                        allow_torchscript=allow_torchscript,
                         pass_options={"autotune": autotune, "tuning_cache": tuning_cache,
                                       "threads": threads,
                                       **({"sumpool_realization": sumpool_realization}

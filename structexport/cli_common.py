@@ -92,3 +92,16 @@ def declared_structures(values) -> dict:
                                          param_hint="--declare-structured") from None
             out[glob] = (c, n)
     return out
+
+
+def trust_options(fn):
+    """--trust-pickle / --allow-torchscript: the loader's opt-ins, on every command that
+    reads checkpoints (nothing from a checkpoint runs code without them)."""
+    for decorator in reversed([
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow arbitrary unpickling (trusted files only)."),
+        click.option("--allow-torchscript", is_flag=True,
+                     help="Allow TorchScript archives (trusted files only)."),
+    ]):
+        fn = decorator(fn)
+    return fn

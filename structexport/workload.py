@@ -147,7 +147,8 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
                 "pass the checkpoint itself (with --arch if needed), or drop the options that differ")
         say(f"convert again from {source} ({'; '.join(why)})")
         loaded = _load(str(source), package.arch, opts, say)
-        pass_options = {**package.pass_options, **opts.pass_options}
+        pass_options = {**package.pass_options,
+                        **{k: v for k, v in opts.pass_options.items() if v not in (None, False)}}
         workload = _convert_here(loaded, target, shape, pass_options, opts, workdir, say,
                                  origin="outdir", label=str(path))
         workload.notes.append(f"converted again from {source}: {'; '.join(why)}")

@@ -84,7 +84,9 @@ def test_fixture_converts_verifies_and_matches_the_reference(converted, name):
     assert len(manifest["verification"]["checks"]) == 3
     assert manifest["verification"]["max_abs_diff"] < 1e-4
     assert manifest["source"]["sha256"] == hashlib.sha256((FIXTURES / name).read_bytes()).hexdigest()
-    assert set(manifest["artifacts"]) == {"model.onnx", "model.optimized.onnx", "model.ort"}
+    assert set(manifest["artifacts"]) == {"model.onnx", "model.optimized.onnx", "model.ort",
+                                          "reference.onnx", "verification.npz"}
+    assert manifest["structexport_manifest"] == 2 and manifest["reference"]["verification"]["passed"]
     for artifact, info in manifest["artifacts"].items():
         assert (result.outdir / artifact).stat().st_size == info["bytes"]
     # The outside acceptance check, on the converted model: reference code vs ONNX Runtime.
@@ -198,7 +200,8 @@ def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     r = _cli(SMALL, "--arch", "resnet20", "-o", str(deep))
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in deep.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in deep.iterdir()) == ["manifest.json", "model.onnx", "reference.onnx",
+                                                         "verification.npz"]
 
 
 def test_inputs_file_with_wrong_shapes(tmp_path):

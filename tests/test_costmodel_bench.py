@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from structexport.analysis import summarize
-from structexport.bench import BenchOptions, dense_counterpart, run_bench
+from structexport.bench import BenchOptions, run_bench
+from structexport.reference import dense_counterpart
 from structexport.cli import main
 from structexport.convert import ConvertOptions, convert
 from structexport.costmodel import node_costs, totals
