@@ -1,4 +1,5 @@
-"""``structexport profile``: a thin click command over :mod:`structexport.profile`."""
+"""``structexport profile``: a thin click command over :mod:`structexport.profile` and
+:mod:`structexport.profiling.render`."""
 from __future__ import annotations
 
 import click
@@ -32,7 +33,8 @@ def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, see
             rpc, tracker, key, rpc_timeout, output):
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its
     dense counterpart, from the runtime's profiler: HTML report with plots, Markdown, JSON."""
-    from structexport.profile import ProfileOptions, run_profile, summary_lines, table_rows, write_reports
+    from structexport.profile import ProfileOptions, run_profile
+    from structexport.profiling.render import summary_lines, table_rows, write_reports
     opts = ProfileOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                           repeat=repeat, warmup=warmup, seed=seed, peak=not no_peak,
                           rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout)

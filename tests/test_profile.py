@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from structexport.analysis import layer_table
 from structexport.cli import main
 from structexport.costmodel import node_costs, totals
-from structexport.profile import (FIGURES, OUTSIDE, SCHEMA, UNMAPPED, ProfileOptions, call_layers,
-                                  render_html, render_markdown, run_profile, validate,
-                                  write_reports)
+from structexport.profile import ProfileOptions, run_profile
+from structexport.profiling.assemble import OUTSIDE, SCHEMA, UNMAPPED, validate
+from structexport.profiling.layermap import call_layers
+from structexport.profiling.render import FIGURES, render_html, render_markdown, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "models" / "checkpoints" / "resnet20-csg-16x16x3x3-72.t7"
@@ -297,13 +298,13 @@ def test_nothing_to_profile_is_a_clear_error(tmp_path):
 def test_unmapped_kernels_are_a_row_not_dropped(monkeypatch):
     """Kernels without a layer (here: every Relu and Add, by a crippled mapper) land in the
     (unmapped) row, listed by operator, and the totals still add up."""
-    import structexport.profile as prof
-    real = prof.call_layers
+    from structexport.profiling import layermap  # where the owner functions look it up
+    real = layermap.call_layers
 
     def crippled(calls, layers, known=None):
         got = real(calls, layers, known)
         return [None if c["op"] in ("Relu", "Add") else g for c, g in zip(calls, got)]
-    monkeypatch.setattr(prof, "call_layers", crippled)
+    monkeypatch.setattr(layermap, "call_layers", crippled)
     report = run_profile(None, "resnet20", ProfileOptions(target="ort-cpu", repeat=4, warmup=1,
                                                           peak=False))
     rows = {r["layer"]: r for r in report["layers"]}
