@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -21,9 +18,11 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from passes.decompose_structured_pass import decompose  # noqa: E402
-from structexport.layers.sumpool import REALIZATIONS  # noqa: E402
+from structexport.layers.decomposed import decompose
+from structexport.layers.sumpool import REALIZATIONS
+from structexport.machine import machine
+from structexport.ortsession import ort_session
+from structexport.timing import time_interleaved
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
@@ -36,19 +35,11 @@ def export(module: nn.Module, x: torch.Tensor, path: Path) -> None:
             torch.onnx.export(module.eval(), (x,), dynamo=True, opset_version=18).save(str(path))
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    from structexport.bench import machine
     cpu = machine()["cpu"]
     print(f"# {cpu['model']} ({cpu['machine']}, {' '.join(cpu['simd'])}), onnxruntime "
           f"{ort.__version__}, threads {args.threads}, batch 1, median of {args.repeat} interleaved runs")
@@ -66,18 +57,9 @@ def main() -> None:
         sessions = {}
         for name, m in models.items():
             export(m, x, tmp / f"{name}.onnx")
-            sessions[name] = session(tmp / f"{name}.onnx", args.threads)
-        feed = x.numpy()
-        times = {name: [] for name in sessions}
-        for name, s in sessions.items():  # warm-up
-            for _ in range(10):
-                s.run(None, {s.get_inputs()[0].name: feed})
-        for _ in range(args.repeat):
-            for name, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {s.get_inputs()[0].name: feed})
-                times[name].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            sessions[name] = ort_session(tmp / f"{name}.onnx", args.threads)
+        stats = time_interleaved(sessions, x.numpy(), args.repeat, warmup=10)
+        med = {k: v["median"] for k, v in stats.items()}
         cells = [f"{med[r]:.3f} ({med['dense'] / med[r]:.2f}x)" for r in REALIZATIONS]
         print(f"| {C}, {H}x{H} | {med['dense']:.3f} | " + " | ".join(cells) + " |")
 

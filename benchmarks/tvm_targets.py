@@ -14,7 +14,8 @@ import argparse
 import sys
 import time
 
-from structexport.bench import BenchOptions, machine, run_bench
+from structexport.bench import BenchOptions, run_bench
+from structexport.machine import machine
 
 DEFAULT = ["resnet20-struct-c2n2", "resnet20-csg-16x16x3x3-72"]
 

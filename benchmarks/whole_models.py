@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from structexport.bench import BenchOptions, machine, run_bench
+from structexport.bench import BenchOptions, run_bench
+from structexport.machine import machine
 
 DEFAULT = ["resnet18-struct-c2n2", "resnet18-struct-c1n2", "resnet56-struct-c2n2",
            "vgg19-ssc-10", "vgg19-ssc-5", "vgg19-ssc-2", "resnet32x2-ssc-10", "resnet32x2-ssc-5",

@@ -10,7 +10,7 @@ model itself is rewritten at the level of modules, keeping its names. A pair is 
 when the BN module is applied once, directly to the output of a conv module that is
 applied once and whose output has no other user. Convs are ``nn.Conv2d`` (any groups,
 stride, padding, padding mode) and any module that exposes ``fold_affine(scale, shift)``
-(:class:`~.lower_ssc_pass.LoweredSSCConv`). The project's structured layers
+(:class:`~structexport.layers.lowered_ssc.LoweredSSCConv`). The project's structured layers
 (``structexport.layers``) and the modules other passes emit are kept whole in the trace, so
 a BN after a CSG or SSC layer is left alone (materialise or lower those first).
 

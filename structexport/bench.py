@@ -24,6 +24,8 @@ from structexport.errors import StructExportError
 from structexport.machine import machine
 from structexport.ortsession import ort_session
 from structexport.package import Package, is_package
+from structexport.profiling.layermap import onnx_node_layers
+from structexport.profiling.ort import node_times
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
 
@@ -59,18 +61,6 @@ class BenchOptions:
 BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
 
 
-def _profile_events(path: Path, feed: np.ndarray, threads: int, runs: int = 20) -> list[tuple[str, str, float]]:
-    """``(node name, operator, ms per run)`` from ONNX Runtime's profiler."""
-    with tempfile.TemporaryDirectory() as tmp:
-        session = ort_session(path, threads, profile_prefix=Path(tmp) / "prof")
-        name = session.get_inputs()[0].name
-        for _ in range(runs):
-            session.run(None, {name: feed})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    return [(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"), e["dur"] / 1e3 / runs)
-            for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-
-
 def _by(events, key) -> dict[str, float]:
     out: dict[str, float] = {}
     for ev in events:
@@ -83,13 +73,12 @@ def per_layer_breakdown(layer_names: list[str], structured_onnx: Path, dense_onn
     """Time and MACs per source layer, structured beside dense (ONNX nodes mapped back to
     layers through the names of the weights they read; unmapped nodes under "(input)").
     ORT's own layout nodes (NCHWc reorders) are not in the ONNX graph: listed as "(runtime)"."""
-    from structexport.profile import onnx_node_layers
     layers = set(layer_names)
     table = {}
     for which, path in (("structured", structured_onnx), ("dense", dense_onnx)):
         owners = onnx_node_layers(path, layers)
         costs = {c.name: c for c in node_costs(path)}
-        for node, _op, ms in _profile_events(path, feed, threads):
+        for node, _op, ms in node_times(path, feed, threads):
             layer = owners.get(node) or owners.get(node.removesuffix("_nchwc"), "(runtime)")
             entry = table.setdefault(layer, {"layer": layer, "structured_ms": 0.0, "dense_ms": 0.0,
                                              "structured_macs": 0, "dense_macs": 0})
@@ -199,8 +188,8 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     if opts.per_layer:
         say("profiling")
         result["per_op_ms"] = {
-            "structured": _by(_profile_events(structured_onnx, feed, opts.threads), lambda e: e[1]),
-            "dense": _by(_profile_events(dense_path, feed, opts.threads), lambda e: e[1])}
+            "structured": _by(node_times(structured_onnx, feed, opts.threads), lambda e: e[1]),
+            "dense": _by(node_times(dense_path, feed, opts.threads), lambda e: e[1])}
         result["per_layer"] = per_layer_breakdown([layer["name"] for layer in package.layers],
                                                   structured_onnx, dense_path, feed, opts.threads)
     return result
@@ -256,7 +245,7 @@ def workload_options(opts: BenchOptions, need: str = "artifact") -> WorkloadOpti
     return WorkloadOptions(target=opts.target, input_shape=opts.input_shape, batch=opts.batch,
                            seed=opts.seed, pass_options=opts.pass_options,
                            target_options=opts.target_options, trust_pickle=opts.trust_pickle,
-                           allow_torchscript=opts.allow_torchscript, need=need)
+                           allow_torchscript=opts.allow_torchscript, need=need, command="bench")
 
 
 def _resolve_and_bench(path, arch, opts: BenchOptions, say) -> dict:

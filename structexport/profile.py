@@ -45,7 +45,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         workload = resolve_workload(path, arch, WorkloadOptions(
             target=opts.target, input_shape=opts.input_shape, batch=opts.batch, seed=opts.seed,
             trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript,
-            need="graph"), work, say)
+            need="graph", command="profile"), work, say)
         src = _inputs_of(workload)
         target = src["target"]
         if spec is not None and target not in REMOTE_TARGETS:

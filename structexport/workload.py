@@ -42,6 +42,7 @@ class WorkloadOptions:
     # What the command needs from a package: "graph" (the ONNX graph rewritten for the
     # target's family: profile) or "artifact" (the target's own library: bench).
     need: str = "artifact"
+    command: str = "measure"             # the verb errors use ("nothing to bench")
 
 
 @dataclass
@@ -162,7 +163,7 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
         loaded = _build(arch, opts.seed, say)
         origin, label = "arch", f"--arch {arch} (weights drawn from seed {opts.seed})"
     else:
-        raise WorkloadError("nothing to measure", "pass OUTDIR, a checkpoint, or --arch NAME")
+        raise WorkloadError(f"nothing to {opts.command}", "pass OUTDIR, a checkpoint, or --arch NAME")
     from structexport.models import input_shape as default_input_shape
     shape = _wanted_shape(default_input_shape(loaded.arch), opts)
     return _convert_here(loaded, opts.target or "ort-cpu", shape, opts.pass_options, opts, workdir,

@@ -17,7 +17,8 @@ import torch.nn as nn
 from structexport.layers import SSCConv2d
 from structexport.models import build_model
 from structexport.passes import PassContext, PassError, PassManager
-from structexport.passes.lower_ssc_pass import LowerSSCPass, LoweredSSCConv
+from structexport.layers.lowered_ssc import LoweredSSCConv
+from structexport.passes.lower_ssc_pass import LowerSSCPass
 
 DT = torch.float64
 ATOL = 1e-10

@@ -18,9 +18,8 @@ from structexport.layers.sumpool import REALIZATIONS, SumPool
 from structexport.models import build_model
 from structexport.passes import (PASSES, PIPELINE, Pass, PassContext, PassError, PassManager,
                                  PassResult, UnknownPassError, select_passes)
-from structexport.passes.decompose_structured_pass import (DecomposedStructuredConv,
-                                                           DecomposedStructuredLinear,
-                                                           DecomposeStructuredPass)
+from structexport.layers.decomposed import DecomposedStructuredConv, DecomposedStructuredLinear
+from structexport.passes.decompose_structured_pass import DecomposeStructuredPass
 from structexport.passes.infra import modules_of
 from structexport.passes.materialize_csg_pass import MaterializeCSGPass
 from structexport.passes.realize_sumpool_pass import RealizeSumPoolPass, estimate_costs

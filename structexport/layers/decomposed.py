@@ -1,0 +1,60 @@
+"""The modules ``decompose_structured`` emits: a structured conv (or linear layer) as its
+explicit sum-pool followed by the small ``c x n x n`` conv (DESIGN.md section 1.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from structexport.layers.structured import box_window
+from structexport.layers.sumpool import SumPool
+
+
+class DecomposedStructuredConv(nn.Module):
+    """The shared sum-pool (``pool``) followed by the small ``c x n x n`` conv (``conv``)."""
+
+    def __init__(self, pool: SumPool, conv: nn.Conv2d):
+        super().__init__()
+        self.pool, self.conv = pool, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make this layer compute ``scale[c] * y[c] + shift[c]`` (folds a following BN):
+        the pool is linear, so only the small conv changes."""
+        w = self.conv.weight
+        scale, shift = scale.detach().double(), shift.detach().double()
+        bias = shift if self.conv.bias is None else self.conv.bias.detach().double() * scale + shift
+        with torch.no_grad():
+            w.copy_((w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
+        self.conv.bias = nn.Parameter(bias.to(w.dtype))
+
+
+def decompose(in_channels: int, alpha: torch.Tensor, bias, kernel_size: int, stride: int,
+              padding: int, groups: int, realization: str = "cumsum") -> DecomposedStructuredConv:
+    out_channels, c, n, _ = alpha.shape
+    window = box_window(in_channels // groups, kernel_size, c, n)
+    pool = SumPool(in_channels, window, padding, groups, realization)
+    conv = nn.Conv2d(groups * c, out_channels, n, stride, 0, groups=groups, bias=bias is not None,
+                     dtype=alpha.dtype, device=alpha.device)
+    with torch.no_grad():
+        conv.weight.copy_(alpha)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return DecomposedStructuredConv(pool, conv)
+
+
+class DecomposedStructuredLinear(nn.Module):
+    """A structured linear layer: the feature sum-pool followed by the small linear map."""
+
+    def __init__(self, pool: SumPool, linear: nn.Linear):
+        super().__init__()
+        self.pool, self.linear = pool, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x.reshape(-1, x.shape[-1], 1, 1))
+        return self.linear(pooled.reshape(*x.shape[:-1], -1))
