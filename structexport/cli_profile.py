@@ -6,7 +6,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli_common import device_options, err, fail_cleanly, out
+from structexport.cli_common import device_options, err, fail_cleanly, out, trust_options
 
 
 @click.command()
@@ -24,20 +24,23 @@ from structexport.cli_common import device_options, err, fail_cleanly, out
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-peak", is_flag=True, help="Do not measure the machine's GEMM peak.")
 @device_options
+@trust_options
 @click.option("-o", "--output", "output", default="report.html", show_default=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="HTML report; the Markdown and JSON reports are written beside it "
               "(same name, .md and .json).")
 @fail_cleanly
 def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
-            rpc, tracker, key, rpc_timeout, output):
+            rpc, tracker, key, rpc_timeout, trust_pickle, allow_torchscript, output):
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its
-    dense counterpart, from the runtime's profiler: HTML report with plots, Markdown, JSON."""
+    dense reference, from the runtime's profiler: HTML report with plots, Markdown, JSON. An
+    OUTDIR holds its own reference: its source checkpoint is not needed."""
     from structexport.profile import ProfileOptions, run_profile
     from structexport.profiling.render import summary_lines, table_rows, write_reports
     opts = ProfileOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                           repeat=repeat, warmup=warmup, seed=seed, peak=not no_peak,
-                          rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout)
+                          rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout,
+                          trust_pickle=trust_pickle, allow_torchscript=allow_torchscript)
     with err.status("profile", spinner="dots") as status:
         report = run_profile(path, arch, opts, progress=lambda m: status.update(f"profile: {m}"))
         status.update("profile: render")
