@@ -170,7 +170,7 @@ class Entry:
             parts.append(f"seed{self.seed}")
         return " ".join(str(p) for p in parts)
 
-    def same_measurement(self, other: "Entry") -> bool:
+    def same_measurement(self, other: Entry) -> bool:
         """Whether ``other`` measures the same thing (``--update`` replaces its class results then)."""
         key = lambda e: (e.arch if not e.checkpoint else None, e.checkpoint, e.seed, e.target,  # noqa: E731
                          e.threads, e.batch, tuple(e.input_shape or ()),
@@ -180,7 +180,7 @@ class Entry:
     def result_for(self, cid: str) -> ClassResult | None:
         return self.results.get(cid)
 
-    def with_result(self, result: ClassResult) -> "Entry":
+    def with_result(self, result: ClassResult) -> Entry:
         """A copy whose results for ``result``'s class are replaced (the others kept, in order)."""
         out = copy.deepcopy(self)
         out.results[result.id] = result

@@ -77,9 +77,6 @@ class ReferenceWorkload:
         self.session.run(None, self.feed)
         return time.perf_counter() - start
 
-    # Loops that take a timer as a function returning seconds per run call it.
-    __call__ = time_once
-
     @classmethod
     def info(cls) -> dict:
         """As a baseline file records it."""

@@ -68,9 +68,8 @@ def verdict(report: Report) -> str:
     unjudged = len(report.other_class_entries)
     if not unjudged:
         return f"PASS: {_entries(n)} within tolerance"
-    judged = n - unjudged
-    return (f"PASS: {_entries(judged)} within tolerance, {_entries(unjudged)} not judged "
-            "(no results for this machine's class)")
+    return (f"PASS: {_entries(n)} within tolerance; {unjudged} of {n} judged only on "
+            "speedup_theoretical (no results for this machine's class)")
 
 
 def class_notes(report: Report) -> list[tuple[str, str]]:
