@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli_common import err, out
+from structexport.cli_common import err, out, trust_options
 from structexport.errors import StructExportError
 from structexport.regress.baseline import (DEFAULT_REPEAT, DEFAULT_WARMUP, EXIT_USAGE, RegressUsageError,
                                            sumpool_realizations)
@@ -60,8 +60,12 @@ def _parse_shape(text: str) -> list[int]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--baseline", "baseline", required=True, type=click.Path(path_type=str),
+@click.option("--baseline", "baseline", type=click.Path(path_type=str),
               help="The baseline JSON file (docs/regress.md describes its format).")
+@click.option("--against", nargs=2, type=click.Path(path_type=str), metavar="BASE CANDIDATE",
+              help="A/B mode, the one for CI: time CANDIDATE against BASE (each an OUTDIR or a "
+              "checkpoint, converted alike) interleaved on this machine and judge the "
+              "candidate/base latency ratio, whole model and per layer.")
 @click.option("--tolerance", default="10%", show_default=True,
               help="How much worse a ratio may get before it is a regression: 10% or 0.1.")
 @click.option("--update", is_flag=True, help="Record this machine's class instead of judging: with "
@@ -87,6 +91,13 @@ def _parse_shape(text: str) -> list[int]:
               help="With --update: interleaved timed runs per measurement of the entry.")
 @click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0, 10000),
               help="With --update: warm-up runs of the entry.")
+@click.option("--layer-tolerance", default="30%", show_default=True,
+              help="With --against: how much slower a layer may get (layers under --min-layer-share "
+              "of the base's time are shown, not judged).")
+@click.option("--min-layer-share", default="3%", show_default=True,
+              help="With --against: the smallest share of the base's kernel time a judged layer has.")
+@click.option("--no-per-layer", is_flag=True, help="With --against: judge the whole model only.")
+@trust_options
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(0, 5),
               help="Re-measure a failing entry this many times before calling it a regression.")
 @click.option("--junit", "junit_file", type=click.Path(path_type=str),
@@ -105,6 +116,7 @@ def regress(ctx, **opts):
     structexport regress --baseline benchmarks/baselines/ci.json --junit r.xml --markdown r.md
     structexport regress --update --baseline b.json --arch resnet20-struct-c2n2 --target ort-cpu
     structexport regress --update --baseline b.json      # record this machine's class for every entry
+    structexport regress --against base-outdir/ candidate.safetensors --junit r.xml
     """
     try:
         code = _regress(ctx, opts)
@@ -120,6 +132,10 @@ def regress(ctx, **opts):
 def _regress(ctx, opts: dict) -> int:
     from structexport import regress as rg
     tolerance = rg.parse_tolerance(opts["tolerance"])
+    if opts["against"]:
+        return _against_mode(ctx, opts, tolerance)
+    if not opts["baseline"]:
+        raise RegressUsageError("nothing to check", "pass --baseline FILE, or --against BASE CANDIDATE")
     _check_flags(ctx, opts)
     baseline = Path(opts["baseline"])
     with _progress() as progress:
@@ -130,10 +146,94 @@ def _regress(ctx, opts: dict) -> int:
     return _finish(report, opts)
 
 
+def _given(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+def _against_mode(ctx, opts: dict, tolerance: float) -> int:
+    """A/B: the candidate against the base, interleaved on this machine."""
+    from structexport.regress import parse_tolerance
+    from structexport.regress.ab import DEFAULT_REPEAT as AB_REPEAT
+    from structexport.regress.ab import DEFAULT_WARMUP as AB_WARMUP
+    from structexport.regress.ab import ABOptions, run_ab
+    clashing = [flag for flag, given in (("--baseline", opts["baseline"]), ("--update", opts["update"]),
+                                         ("--strict", opts["strict"]), ("--arch", opts["arch"]),
+                                         ("--checkpoint", opts["checkpoint"])) if given]
+    if clashing:
+        raise RegressUsageError(f"--against compares two builds; {', '.join(clashing)} "
+                                f"{'is' if len(clashing) == 1 else 'are'} for baseline files",
+                                "leave them out, or drop --against")
+    for side, path in zip(("BASE", "CANDIDATE"), opts["against"]):
+        if not Path(path).exists():
+            raise RegressUsageError(f"{side} {path} does not exist", "pass an OUTDIR or a checkpoint file")
+    pass_options = {"threads": opts["threads"]}
+    if opts["sumpool_realization"]:
+        pass_options["sumpool_realization"] = opts["sumpool_realization"]
+    if opts["autotune"]:
+        pass_options["autotune"] = True
+    ab = ABOptions(target=opts["target"] if _given(ctx, "target") else None, threads=opts["threads"],
+                   batch=opts["batch"], input_shape=opts["input_shape"], seed=opts["seed"],
+                   repeat=opts["repeat"] if _given(ctx, "repeat") else AB_REPEAT,
+                   warmup=opts["warmup"] if _given(ctx, "warmup") else AB_WARMUP,
+                   tolerance=tolerance, layer_tolerance=parse_tolerance(opts["layer_tolerance"]),
+                   min_layer_share=parse_tolerance(opts["min_layer_share"]),
+                   per_layer=not opts["no_per_layer"], retries=opts["retries"], pass_options=pass_options,
+                   trust_pickle=opts["trust_pickle"], allow_torchscript=opts["allow_torchscript"])
+    with _progress() as progress:
+        report = run_ab(opts["against"][0], opts["against"][1], ab, progress)
+    return _finish_ab(report, opts)
+
+
+def _finish_ab(report, opts: dict) -> int:
+    from structexport.regress import ab
+    from structexport.regress import append_report_file, write_report_file
+    print_ab_report(report)
+    md = ab.markdown(report)
+    if opts["markdown_file"]:
+        write_report_file(opts["markdown_file"], md)
+    elif os.environ.get("GITHUB_STEP_SUMMARY"):
+        append_report_file(os.environ["GITHUB_STEP_SUMMARY"], md + "\n")
+    if opts["junit_file"]:
+        write_report_file(opts["junit_file"], ab.junit_xml(report))
+    if opts["json_file"]:
+        import json
+        write_report_file(opts["json_file"], json.dumps(ab.report_json(report), indent=2) + "\n")
+    return report.exit_code
+
+
+def print_ab_report(report) -> None:
+    from structexport.regress import ab, machine_line
+    out.print(f"base {escape(report.base)}, candidate {escape(report.candidate)}: {escape(report.arch)} on "
+              f"{escape(report.target)}, input {report.input_shape}, {report.threads} thread(s), timed "
+              f"interleaved on {escape(machine_line(report.machine))}")
+    if not report.error:
+        table = Table(title=f"candidate / base ({ab.STATISTIC} of the interleaved runs); layer tolerance "
+                      f"{report.layer_tolerance * 100:g}% for layers of at least "
+                      f"{report.min_layer_share * 100:g}% of the base's time", title_justify="left")
+        for col in ("what", "base ms", "candidate ms", "ratio", "share", "tolerance", "status"):
+            table.add_column(col, justify="left" if col in ("what", "status") else "right")
+        for row in ab.rows(report):
+            status = row[-1]
+            style = ("bold red" if status.startswith("SLOWER") else "cyan" if status == "faster"
+                     else "green" if status == "ok" else "yellow")
+            table.add_row(*map(escape, row[:-1]), f"[{style}]{escape(status)}[/]")
+        out.print(table)
+        out.print(f"median ratio {report.median_ratio:.2f}x (informational)"
+                  + ("; re-measured" if report.remeasured else ""))
+    for note in report.notes:
+        out.print(escape(note))
+    colour = "bold red" if report.failed else "bold green"
+    out.print(f"[{colour}]{escape(ab.verdict_line(report))}[/] ({report.seconds:.1f} s)")
+
+
 def _check_flags(ctx, opts: dict) -> None:
     """Options that do not go together, refused before anything is read or measured."""
-    given = [name for name in _ENTRY_OPTIONS
-             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    given = [name for name in _ENTRY_OPTIONS if _given(ctx, name)]
+    ab_only = [f"--{n.replace('_', '-')}" for n in ("layer_tolerance", "min_layer_share", "no_per_layer")
+               if _given(ctx, n)]
+    if ab_only:
+        raise RegressUsageError(f"{', '.join(ab_only)} belong{'s' if len(ab_only) == 1 else ''} to --against",
+                                "add --against BASE CANDIDATE, or leave them out")
     if (opts["arch"] or opts["checkpoint"]) and not opts["update"]:
         raise RegressUsageError("--arch and --checkpoint name an entry to record",
                                 "add --update, or leave them out to check the baseline")

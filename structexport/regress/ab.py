@@ -33,7 +33,7 @@ from structexport.regress.reports import machine_line
 DEFAULT_REPEAT = 300
 DEFAULT_WARMUP = 30
 DEFAULT_LAYER_TOLERANCE = 0.30
-DEFAULT_MIN_LAYER_SHARE = 0.05
+DEFAULT_MIN_LAYER_SHARE = 0.03
 PROFILED_RUNS = 100
 AB_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
 
