@@ -104,3 +104,16 @@ def test_verdicts_judge_ratios_with_their_tolerances():
     assert report.failed and report.exit_code == 1
     assert "1 layer(s) slower: stage_1.0.conv_a 1.60x" in verdict_line(report)
     assert not _report(ok, [small]).failed
+
+
+def test_the_committed_ci_base_is_a_package_of_the_committed_checkpoint():
+    """CI times benchmarks/baselines/ci-base against this checkpoint converted by the commit
+    under test: both must hold the same weights."""
+    from pathlib import Path
+
+    from structexport.loader import file_sha256
+    from structexport.package import Package
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines"
+    base = Package.load(root / "ci-base")
+    assert base.self_contained and base.target == "ort-cpu" and base.arch == ARCH
+    assert base.manifest["source"]["sha256"] == file_sha256(root / "resnet20-struct-c2n2.safetensors")
