@@ -11,7 +11,8 @@ from rich.table import Table
 
 from structexport import __version__, cli_device, cli_profile, cli_regress
 from structexport.cli_common import (declared_structures, device_options, device_spec, err,
-                                     fail_cleanly, out, trust_options, tvm_build_options)
+                                     fail_cleanly, out, sumpool_choice, trust_options,
+                                     tvm_build_options)
 from structexport.targets import TARGETS
 
 
@@ -136,7 +137,7 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
               "manifest records it), and project declared layers above --max-residual.")
 @click.option("--keep-csg-codes", is_flag=True, help="Keep CSG codes and generator as initializers "
               "(smaller artifact) instead of materialized kernels.")
-@click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
+@click.option("--sumpool-realization", type=sumpool_choice(),
               help="Force one sum-pool realization instead of the cost model's per-layer choice.")
 @click.option("--autotune", is_flag=True, help="Choose each sum-pool realization by measuring "
               "the candidates on this machine (cached per target and layer shape).")
@@ -200,7 +201,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
 @click.option("--per-layer", is_flag=True, help="Add a per-operator breakdown (ONNX Runtime profiler).")
 @click.option("--compare-ort", is_flag=True, help="With a TVM target on this host: also time both "
               "models under ONNX Runtime in the same interleaved loop.")
-@click.option("--sumpool-realization", type=click.Choice(["cumsum", "banded", "box", "avgpool3d"]),
+@click.option("--sumpool-realization", type=sumpool_choice(),
               help="Force one sum-pool realization (default: the cost model's choice per layer).")
 @click.option("--autotune", is_flag=True, help="Choose sum-pool realizations by measurement (cached).")
 @click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),

@@ -105,3 +105,32 @@ def trust_options(fn):
     ]):
         fn = decorator(fn)
     return fn
+
+
+class LazyChoice(click.Choice):
+    """A click.Choice whose choices are read when first needed: the sum-pool realizations
+    live with the layers, whose import loads torch, which `structexport --help` should not."""
+
+    def __init__(self, load):
+        self._load, self._loaded = load, None
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, _value):   # click.Choice.__init__ assigns it
+        pass
+
+
+def _sumpool_realizations() -> tuple[str, ...]:
+    from structexport.layers.sumpool import CLI_REALIZATIONS
+    return tuple(CLI_REALIZATIONS)
+
+
+def sumpool_choice() -> LazyChoice:
+    """--sumpool-realization's choices: the one list, kept with the layers."""
+    return LazyChoice(_sumpool_realizations)

@@ -20,33 +20,13 @@ from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli_common import err, out, trust_options
+from structexport.cli_common import err, out, sumpool_choice, trust_options
 from structexport.errors import StructExportError
-from structexport.regress.baseline import (DEFAULT_REPEAT, DEFAULT_WARMUP, EXIT_USAGE, RegressUsageError,
-                                           sumpool_realizations)
+from structexport.regress.baseline import DEFAULT_REPEAT, DEFAULT_WARMUP, EXIT_USAGE, RegressUsageError
 
 # Options that describe a new entry: only with --update and --arch/--checkpoint.
 _ENTRY_OPTIONS = ("target", "threads", "batch", "input_shape", "seed", "sumpool_realization", "autotune",
                   "repeat", "warmup")
-
-
-class _LazyChoice(click.Choice):
-    """A click.Choice whose choices are read when first needed: the sum-pool realizations
-    live with the layers, whose import loads torch, which `structexport --help` should not."""
-
-    def __init__(self, load):
-        self._load, self._loaded = load, None
-        super().__init__((), case_sensitive=True)
-
-    @property
-    def choices(self):
-        if self._loaded is None:
-            self._loaded = tuple(self._load())
-        return self._loaded
-
-    @choices.setter
-    def choices(self, _value):   # click.Choice.__init__ assigns it
-        pass
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -77,20 +57,20 @@ def _parse_shape(text: str) -> list[int]:
 @click.option("--arch", help="With --update: the zoo architecture of the entry to add (weights from --seed).")
 @click.option("--checkpoint", type=click.Path(path_type=str),
               help="With --update: a checkpoint for the entry (stored relative to the baseline file).")
-@click.option("--target", default="ort-cpu", show_default=True, help="With --update: the entry's target.")
+@click.option("--target", default="ort-cpu", show_default=True, help="With --update or --against: the entry's target.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="With --update: intra-op threads of the entry.")
+              help="With --update or --against: intra-op threads of the entry.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096),
-              help="With --update: the entry's batch size.")
-@click.option("--input-shape", help="With --update: N,C,H,W (default: the model's own).")
-@click.option("--seed", default=0, show_default=True, type=int, help="With --update: weight and input seed.")
-@click.option("--sumpool-realization", type=_LazyChoice(sumpool_realizations),
-              help="With --update: force one sum-pool realization for the entry.")
-@click.option("--autotune", is_flag=True, help="With --update: the entry autotunes sum-pool realizations.")
+              help="With --update or --against: the entry's batch size.")
+@click.option("--input-shape", help="With --update or --against: N,C,H,W (default: the model's own).")
+@click.option("--seed", default=0, show_default=True, type=int, help="With --update or --against: weight and input seed.")
+@click.option("--sumpool-realization", type=sumpool_choice(),
+              help="With --update or --against: force one sum-pool realization for the entry.")
+@click.option("--autotune", is_flag=True, help="With --update or --against: the entry autotunes sum-pool realizations.")
 @click.option("--repeat", default=DEFAULT_REPEAT, show_default=True, type=click.IntRange(3, 100000),
-              help="With --update: interleaved timed runs per measurement of the entry.")
+              help="With --update or --against: interleaved timed runs per measurement of the entry.")
 @click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0, 10000),
-              help="With --update: warm-up runs of the entry.")
+              help="With --update or --against: warm-up runs of the entry.")
 @click.option("--layer-tolerance", default="30%", show_default=True,
               help="With --against: how much slower a layer may get (layers under --min-layer-share "
               "of the base's time are shown, not judged).")

@@ -175,6 +175,17 @@ class Package:
         return list(self.manifest.get("source_layers") or [])
 
     @property
+    def source_path(self) -> str | None:
+        """Where the checkpoint was when converted (informational: it need not be there)."""
+        return self.manifest["source"].get("path")
+
+    @property
+    def tolerances(self) -> tuple[float | None, float | None]:
+        """(atol, rtol) the package was verified with."""
+        v = self.manifest["verification"]
+        return v.get("atol"), v.get("rtol")
+
+    @property
     def source_checkpoint(self) -> Path | None:
         """The checkpoint it was converted from, where it still is and is the same file."""
         from structexport.loader import file_sha256

@@ -91,7 +91,7 @@ def _inputs_of(workload) -> dict:
                      "the profiled builds are untuned, so per-layer times are the untuned "
                      "kernels' (model.so's own latency is in the totals)")
     return {"arch": package.arch, "checkpoint": workload.label if workload.origin != "outdir"
-            else (package.manifest["source"].get("path") or workload.label),
+            else (package.source_path or workload.label),
             "outdir": str(package.root) if reused else None, "target": target,
             "shape": package.input_shape, "onnx": package.model_onnx, "passes": package.passes,
             "tvm_target": tvm_target, "artifact": artifact, "notes": notes,

@@ -118,9 +118,8 @@ def check_package_outputs(package: Package, progress: Callable[[str], None] | No
     say("check the package against its verification data")
     inputs, expected = package.verification_arrays()
     precision = package.precision
-    tol = package.manifest["verification"]
-    result = verify_arrays(onnx_runner(package.model_onnx), inputs, expected, precision,
-                           tol.get("atol"), tol.get("rtol"))
+    atol, rtol = package.tolerances
+    result = verify_arrays(onnx_runner(package.model_onnx), inputs, expected, precision, atol, rtol)
     if not result.passed:
         raise VerificationError(f"{package.root}/model.onnx no longer reproduces its verification "
                                 f"outputs on this machine: {result.summary()}",
@@ -144,7 +143,7 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
         if source is None:
             raise PackageIncompatibleError(
                 f"{path} does not fit this run, which needs {'; '.join(why)}, and its source "
-                f"checkpoint {package.manifest['source'].get('path')} is not there to convert again",
+                f"checkpoint {package.source_path} is not there to convert again",
                 "pass the checkpoint itself (with --arch if needed), or drop the options that differ")
         say(f"convert again from {source} ({'; '.join(why)})")
         loaded = _load(str(source), package.arch, opts, say)

@@ -81,8 +81,14 @@ def test_wheel_installs_subpackages_under_structexport(wheel, project_version):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("structexport/__init__.py", "structexport/cli.py", "structexport/models/zoo.py",
                      "structexport/models/__init__.py", "structexport/passes/__init__.py",
-                     "structexport/targets/__init__.py", "structexport/layers/csg.py"):
+                     "structexport/targets/__init__.py", "structexport/layers/csg.py",
+                     "structexport/regress/ab.py", "structexport/profiling/layermap.py"):
         assert required in names, f"{required} missing from {wheel.name}"
+    # every subpackage of the source tree is in the wheel (pyproject lists them one by one)
+    root = Path(__file__).resolve().parents[1] / "structexport"
+    for init in root.rglob("__init__.py"):
+        rel = "structexport/" + init.relative_to(root).as_posix()
+        assert rel in names, f"{rel} missing from {wheel.name}: add its package to pyproject.toml"
     top_level = {n.split("/", 1)[0] for n in names}
     for forbidden in ("models", "passes", "targets", "tests", "benchmarks"):
         assert forbidden not in top_level, f"{wheel.name} installs a top-level {forbidden}/"

@@ -28,7 +28,7 @@ from structexport.errors import StructExportError
 from structexport.regress.baseline import EXIT_PASS, EXIT_REGRESSION, RegressUsageError, machine_info, utc_now
 from structexport.regress.judge import CODE_FAILURE_EXIT_CODES
 from structexport.regress.measure import STATISTIC
-from structexport.regress.reports import machine_line
+from structexport.regress.reports import junit_document, machine_line
 
 DEFAULT_REPEAT = 300
 DEFAULT_WARMUP = 30
@@ -388,11 +388,7 @@ def junit_xml(report: ABReport) -> str:
                                             "small to judge"})
         else:
             ET.SubElement(case, "system-out").text = text
-    root = ET.Element("testsuites", {k: suite.get(k) for k in ("tests", "failures", "errors", "time")})
-    root.set("name", "structexport regress --against")
-    root.append(suite)
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    return junit_document(suite)
 
 
 def report_json(report: ABReport) -> dict:

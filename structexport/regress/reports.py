@@ -204,8 +204,13 @@ def junit_xml(report: Report) -> str:
             ET.SubElement(case, "skipped", {"message": r.describe()}).text = detail
         else:
             ET.SubElement(case, "system-out").text = detail
+    return junit_document(suite)
+
+
+def junit_document(suite: ET.Element) -> str:
+    """One ``testsuite`` wrapped in ``testsuites`` (its totals copied up), as XML text."""
     root = ET.Element("testsuites", {k: suite.get(k) for k in ("tests", "failures", "errors", "time")})
-    root.set("name", "structexport regress")
+    root.set("name", suite.get("name"))
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
