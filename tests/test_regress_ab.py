@@ -117,3 +117,18 @@ def test_the_committed_ci_base_is_a_package_of_the_committed_checkpoint():
     base = Package.load(root / "ci-base")
     assert base.self_contained and base.target == "ort-cpu" and base.arch == ARCH
     assert base.manifest["source"]["sha256"] == file_sha256(root / "resnet20-struct-c2n2.safetensors")
+
+
+def test_tvm_llvm_packages_compare_on_the_whole_model(builds, tmp_path):
+    r = cli("convert", builds / "model.safetensors", "--target", "tvm-llvm", "-o", tmp_path / "tvm")
+    assert r.exit_code == 0, r.output
+    shutil.copytree(tmp_path / "tvm", tmp_path / "tvm-copy")
+    r = cli("regress", "--against", tmp_path / "tvm", tmp_path / "tvm-copy", "--repeat", "20",
+            "--warmup", "3", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["target"] == "tvm-llvm" and result["layers"] == []
+    assert 0.8 <= result["whole"]["ratio"] <= 1.25
+    # an ort-cpu package against a tvm-llvm one: not the same build target
+    r = cli("regress", "--against", builds / "base", tmp_path / "tvm")
+    assert r.exit_code == 2 and "tvm-llvm" in r.output

@@ -318,7 +318,10 @@ def verdict_line(report: ABReport) -> str:
     w = report.whole
     head = f"candidate/base {w.ratio:.2f}x ({STATISTIC} of {report.threads}-thread runs)"
     if not report.failed:
-        return f"PASS: {head}, within {report.tolerance * 100:g}%; no layer slower than {report.layer_tolerance * 100:g}%"
+        judged = sum(v.tolerance is not None for v in report.layers)
+        layers = (f"; none of {judged} judged layers slower than {report.layer_tolerance * 100:g}%"
+                  if judged else "")
+        return f"PASS: {head}, within {report.tolerance * 100:g}%{layers}"
     parts = []
     if w.failed:
         parts.append(f"the whole model is {w.ratio:.2f}x the base's time (tolerance {report.tolerance * 100:g}%)")
