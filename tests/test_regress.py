@@ -87,8 +87,12 @@ def test_update_creates_the_baseline_with_ratios_and_the_machine(recorded):
 
 
 def test_unchanged_model_passes(recorded, tmp_path):
+    # Recorded and re-measured minutes apart on a shared machine: the ratios move by up to
+    # ~10% under a neighbour's load, so this check of the mechanism allows 25% and two
+    # re-measurements (the slowed model below is 3-5x off, far outside either).
     junit, md = tmp_path / "r.xml", tmp_path / "r.md"
-    result = invoke("--baseline", recorded, "--junit", junit, "--markdown", md)
+    result = invoke("--baseline", recorded, "--junit", junit, "--markdown", md, "--tolerance", "25%",
+                    "--retries", "2")
     assert result.exit_code == 0, result.output + result.stderr
     assert "PASS: 1 entry within tolerance" in result.output
     cases = failures(junit)

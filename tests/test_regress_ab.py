@@ -37,7 +37,7 @@ def builds(tmp_path_factory):
 
 
 def test_same_model_passes(builds, tmp_path):
-    r = cli("regress", "--against", builds / "base", builds / "model.safetensors",
+    r = cli("regress", "--against", builds / "base", builds / "model.safetensors", "--retries", "2",
             "--junit", tmp_path / "r.xml", "--markdown", tmp_path / "r.md", "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     assert "PASS: candidate/base" in r.output
@@ -53,7 +53,7 @@ def test_same_model_passes(builds, tmp_path):
 
 
 def test_package_against_its_copy_passes(builds):
-    r = cli("regress", "--against", builds / "base", builds / "copy", "--no-per-layer")
+    r = cli("regress", "--against", builds / "base", builds / "copy", "--no-per-layer", "--retries", "2")
     assert r.exit_code == 0, r.output
 
 
