@@ -5,10 +5,11 @@ class, the context, the records and the manager. ``PIPELINE`` is the default ord
 """
 from structexport.errors import StructExportError
 
+from .decompose_structured_conv_pass import DecomposeStructuredConvPass
 from .decompose_structured_pass import DecomposeStructuredPass
 from .fold_batchnorm_pass import FoldBatchNormPass
-from .infra import (LayerRecord, Pass, PassContext, PassError, PassManager, PassResult, PassRun,
-                    replace_module)
+from .infra import (ONNX, TORCH, LayerRecord, ModelKind, Pass, PassContext, PassError, PassManager,
+                    PassResult, PassRun, replace_module)
 from .lower_ssc_pass import LowerSSCPass
 from .materialize_csg_pass import MaterializeCSGPass
 from .realize_sumpool_pass import RealizeSumPoolPass
@@ -17,6 +18,11 @@ PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass,
                 FoldBatchNormPass]
 PASSES = {cls.name: cls for cls in PASS_CLASSES}
 PIPELINE = [cls.name for cls in PASS_CLASSES]
+# Passes over ONNX graphs, for models that arrive without the zoo's layer classes: the
+# structure is discovered in their weights.
+ONNX_PASS_CLASSES = [DecomposeStructuredConvPass]
+ONNX_PASSES = {cls.name: cls for cls in ONNX_PASS_CLASSES}
+ONNX_PIPELINE = [cls.name for cls in ONNX_PASS_CLASSES]
 
 
 class UnknownPassError(StructExportError):
@@ -33,5 +39,15 @@ def select_passes(default: list[str], only: list[str] | None = None,
     return [PASSES[n]() for n in chosen if n not in (skip or [])]
 
 
-__all__ = ["LayerRecord", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
-           "PassRun", "replace_module", "PASSES", "PIPELINE", "select_passes", "UnknownPassError"]
+__all__ = ["LayerRecord", "ModelKind", "ONNX", "TORCH", "Pass", "PassContext", "PassError", "PassManager",
+           "PassResult", "PassRun", "replace_module", "PASSES", "PIPELINE", "ONNX_PASSES", "ONNX_PIPELINE",
+           "select_passes", "select_onnx_passes", "UnknownPassError"]
+
+
+def select_onnx_passes(only: list[str] | None = None, skip: list[str] | None = None) -> list[Pass]:
+    """The ONNX passes to run: ``only`` (in pipeline order) or all, minus ``skip``."""
+    for name in (only or []) + (skip or []):
+        if name not in ONNX_PASSES and name not in PASSES:
+            raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(ONNX_PIPELINE)}")
+    chosen = [n for n in ONNX_PIPELINE if n in only] if only else list(ONNX_PIPELINE)
+    return [ONNX_PASSES[n]() for n in chosen if n not in (skip or [])]

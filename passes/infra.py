@@ -1,4 +1,4 @@
-"""Pass infrastructure: small named rewrites of a torch model, and a manager that runs them.
+"""Pass infrastructure: small named rewrites of a model, and a manager that runs them.
 
 A pass checks its preconditions (:meth:`Pass.requires`), rewrites the model
 (:meth:`Pass.call`), checks its postconditions (:meth:`Pass.ensures`) and returns a
@@ -9,6 +9,10 @@ replacing modules keeps the source model's layer names for per-layer records and
 mapping profiles back, and the rewritten model stays an ordinary eager model that the
 ONNX exporter traces. Graph-shaped questions (which BN follows which conv) use a
 ``torch.fx`` trace read-only.
+
+The same contract serves passes over ONNX graphs (``ir = "onnx"``, an ``onnx_ir.Model``:
+for models that arrive as ONNX, or any model exported to it), which the manager copies,
+runs and checks through :class:`ModelKind` (:data:`ONNX`).
 
 The :class:`PassManager` orders passes, times each one, can compare the model's outputs
 after each pass with the outputs before the first, and on failure names the failing pass
@@ -69,10 +73,50 @@ class PassRun:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """What a pass manager needs to know of the IR its passes rewrite: how to copy a
+    model (passes rewrite in place), to settle it after a pass, and to run it on an input
+    (the output check after every pass)."""
+    name: str
+    copy: Callable
+    settle: Callable
+    run: Callable
+
+
+def _run_torch(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+TORCH = ModelKind("torch", lambda m: copy.deepcopy(m).eval(), lambda m: m.eval(), _run_torch)
+
+
+def _copy_onnx(model):
+    import onnx_ir as ir
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _run_onnx(model, x: torch.Tensor) -> torch.Tensor:
+    """The graph under ONNX Runtime with its optimizations off (what the pass wrote, run as
+    written), on one input."""
+    import onnx_ir as ir
+
+    from structexport.ortsession import ort_session
+    session = ort_session(ir.to_proto(model).SerializeToString(), optimize=False)
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+ONNX = ModelKind("onnx", _copy_onnx, lambda m: m, _run_onnx)
+
+
 class Pass:
-    """Base class. Subclasses set ``name`` and ``description`` and implement :meth:`call`."""
+    """Base class. Subclasses set ``name`` and ``description`` and implement :meth:`call`;
+    ``ir`` says what they rewrite: ``"torch"`` (an ``nn.Module``) or ``"onnx"`` (an
+    ``onnx_ir.Model``)."""
     name = ""
     description = ""
+    ir = "torch"
 
     def requires(self, module: nn.Module, ctx: PassContext) -> None:
         """Raise :class:`PassError` when the model cannot take this pass."""
@@ -114,19 +158,23 @@ class PassManager:
 
     def __init__(self, passes: list[Pass], check_inputs: torch.Tensor | None = None,
                  atol: float = 1e-4, rtol: float = 1e-4,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, model_kind: ModelKind | None = None):
         names = [p.name for p in passes]
         if len(set(names)) != len(names):
             raise ValueError(f"a pass appears twice: {names}")
+        self.kind = model_kind or TORCH
+        wrong = [p.name for p in passes if p.ir != self.kind.name]
+        if wrong:
+            raise ValueError(f"passes {wrong} rewrite another IR than {self.kind.name}")
         self.passes, self.check_inputs = passes, check_inputs
         self.atol, self.rtol, self.progress = atol, rtol, progress
 
-    def run(self, module: nn.Module, ctx: PassContext) -> tuple[nn.Module, list[PassRun]]:
-        module = copy.deepcopy(module).eval()
+    def run(self, module, ctx: PassContext) -> tuple[object, list[PassRun]]:
+        kind = self.kind
+        module = kind.copy(module)
         reference = None
         if self.check_inputs is not None:
-            with torch.no_grad():
-                reference = module(self.check_inputs)
+            reference = kind.run(module, self.check_inputs)
         runs: list[PassRun] = []
         for p in self.passes:
             if self.progress:
@@ -146,11 +194,10 @@ class PassManager:
                 raise PassError(f"pass {p.name} crashed: {type(exc).__name__}: {first_line}"
                                 + (f" (after {', '.join(before)})" if before else ""),
                                 "rerun with --skip-pass " + p.name + " to convert without it") from exc
-            module = result.module.eval()
+            module = kind.settle(result.module)
             run = PassRun(p.name, result.modified, time.perf_counter() - start, result.records)
             if reference is not None:
-                with torch.no_grad():
-                    out = module(self.check_inputs)
+                out = kind.run(module, self.check_inputs)
                 run.max_abs_diff = max_abs_diff(out, reference)
                 bound = self.atol + self.rtol * float(reference.abs().max())
                 if out.shape != reference.shape or not run.max_abs_diff <= bound:

@@ -218,10 +218,76 @@ def _jsonable_pass_options(options: dict) -> dict:
     return out
 
 
+def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dict, opts: ConvertOptions,
+                  say, timings: dict):
+    """The target's artifacts, verified on its device against ``reference`` (a torch module
+    or a function of an input array); (artifacts, manifest record, device, device error)."""
+    say("target")
+    t = time.perf_counter()
+    artifacts = {"model.onnx": "the verified ONNX model"}
+    device_lost: StructExportError | None = None
+    with target.device_scope(say) as device:
+        if hasattr(target, "options"):
+            target.options["device"] = device
+        artifacts.update(target.write_artifacts(onnx_path, staging))
+        timings["target"] = time.perf_counter() - t
+        t = time.perf_counter()
+        say(f"verify on {device.describe()}" if hasattr(device, "describe") else "verify target artifact")
+        try:
+            target_verification = target.verify(staging, reference, inputs, opts.precision,
+                                                opts.atol, opts.rtol)
+        except (DeviceUnreachableError, DeviceLostError) as exc:
+            # The artifact is built and the ONNX model verified: keep them, record that
+            # the device check did not run, and report the device error after writing.
+            device_lost = exc
+            target_verification = f"not run: {exc.message}"
+        if target_verification is not None:
+            timings["target_verify"] = time.perf_counter() - t
+    if isinstance(target_verification, str):  # could not run here: say so in the manifest
+        target_check = {"passed": None, "skipped": target_verification}
+    else:
+        target_check = target_verification.to_dict() if target_verification else None
+    if target_verification is not None and not isinstance(target_verification, str) \
+            and not target_verification.passed and not opts.force:
+        raise VerificationError(f"{target.name} artifact failed verification: "
+                                f"{target_verification.summary()}",
+                                "nothing was written; pass --force to keep the artifact")
+
+    return artifacts, target_check, device, device_lost
+
+
+def _artifact_records(staging: Path, artifacts: dict[str, str]) -> dict:
+    return {name: {"description": desc, "bytes": (staging / name).stat().st_size,
+                   "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()}
+
+
+def _staging(plan: _Plan) -> Path:
+    """A private folder beside OUTDIR that is swapped in whole at the end."""
+    parent = plan.outdir.resolve().parent
+    for folder in plan.missing_parents:  # created now, removed again if the run fails
+        folder.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f".{plan.outdir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUTDIR should not be
+    return staging
+
+
+def _clean_up(staging: Path, plan: _Plan) -> None:
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    if not plan.outdir.exists():
+        for folder in reversed(plan.missing_parents):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
              timings: dict[str, float]) -> ConvertResult:
     from structexport.passes import PassContext, PassManager
-    target, steps, outdir, missing_parents = plan.target, plan.steps, plan.outdir, plan.missing_parents
+    target, steps, outdir = plan.target, plan.steps, plan.outdir
     source = loaded.model.eval()
     shape = parse_input_shape(opts.input_shape) if opts.input_shape else default_input_shape(loaded.arch)
     _check_shape(source, shape, loaded.arch)
@@ -241,13 +307,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
     rewritten, runs = manager.run(source, ctx)
     timings["passes"] = time.perf_counter() - t
 
-    parent = outdir.resolve().parent
-    for folder in missing_parents:  # created now, removed again if the run fails
-        folder.mkdir()
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUTDIR should not be
+    staging = _staging(plan)
     try:
         say("export")
         t = time.perf_counter()
@@ -267,36 +327,8 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                     "nothing was written; loosen --atol/--rtol if the differences "
                                     "are expected, or pass --force to keep the artifact")
 
-        say("target")
-        t = time.perf_counter()
-        artifacts = {"model.onnx": "the verified ONNX model"}
-        device_lost: StructExportError | None = None
-        with target.device_scope(say) as device:
-            if hasattr(target, "options"):
-                target.options["device"] = device
-            artifacts.update(target.write_artifacts(onnx_path, staging))
-            timings["target"] = time.perf_counter() - t
-            t = time.perf_counter()
-            say(f"verify on {device.describe()}" if hasattr(device, "describe") else "verify target artifact")
-            try:
-                target_verification = target.verify(staging, source, inputs, opts.precision,
-                                                    opts.atol, opts.rtol)
-            except (DeviceUnreachableError, DeviceLostError) as exc:
-                # The artifact is built and the ONNX model verified: keep them, record that
-                # the device check did not run, and report the device error after writing.
-                device_lost = exc
-                target_verification = f"not run: {exc.message}"
-            if target_verification is not None:
-                timings["target_verify"] = time.perf_counter() - t
-        if isinstance(target_verification, str):  # could not run here: say so in the manifest
-            target_check = {"passed": None, "skipped": target_verification}
-        else:
-            target_check = target_verification.to_dict() if target_verification else None
-        if target_verification is not None and not isinstance(target_verification, str) \
-                and not target_verification.passed and not opts.force:
-            raise VerificationError(f"{target.name} artifact failed verification: "
-                                    f"{target_verification.summary()}",
-                                    "nothing was written; pass --force to keep the artifact")
+        artifacts, target_check, device, device_lost = _target_stage(
+            target, staging, onnx_path, source, inputs, opts, say, timings)
 
         say("export the dense reference")
         t = time.perf_counter()
@@ -337,8 +369,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "reference": {"file": REFERENCE, "passes": reference_info["passes"],
                           "ops": reference_info.get("ops"), "verification": reference_check.to_dict()},
             "target_verification": target_check,
-            "artifacts": {name: {"description": desc, "bytes": (staging / name).stat().st_size,
-                                 "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()},
+            "artifacts": _artifact_records(staging, artifacts),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
@@ -349,12 +380,180 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                     f"{outdir} holds the built artifact, verified under ONNX Runtime "
                                     f"but not on the device; {device_lost.hint}")
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        if not outdir.exists():
-            for folder in reversed(missing_parents):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+        _clean_up(staging, plan)
+    return ConvertResult(outdir, manifest)
+
+
+# --------------------------------------------------------------------------- ONNX sources
+
+def _onnx_input(proto) -> tuple[str, tuple[int, ...]]:
+    inits = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(graph_inputs) != 1:
+        raise InputShapeError(f"the model has {len(graph_inputs)} inputs; structexport converts "
+                              "models with one image input", "export the model with a single input")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    if len(shape) != 4 or min(shape) < 1:
+        raise InputShapeError(f"input {graph_inputs[0].name!r} has shape {list(shape)}: need a fixed "
+                              "N,C,H,W", "pass --input-shape N,C,H,W")
+    return graph_inputs[0].name, shape
+
+
+def onnx_layers(proto) -> list[dict]:
+    """The layer table of an ONNX graph: one row per conv or linear layer with a constant
+    weight, named after the weight (as :func:`~structexport.passes.decompose_structured_conv_pass.layer_name`)."""
+    from structexport.costmodel import node_costs
+    from structexport.passes.decompose_structured_conv_pass import layer_name
+    import onnx_ir as ir
+    model = ir.from_proto(proto)
+    rows, seen = [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(proto.SerializeToString())
+        costs = {c.name: c for c in node_costs(path)}
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.const_value is None:
+            continue
+        name = layer_name(weight)
+        if name in seen:
+            continue
+        seen.add(name)
+        shape = list(weight.const_value.shape)
+        cost = costs.get(node.name)
+        rows.append({"name": name, "kind": "dense" if node.op_type == "Conv" else "linear",
+                     "op": "conv2d" if node.op_type == "Conv" else "linear", "weight_shape": shape,
+                     "structure": "", "params": int(np.prod(shape)), "macs": int(cost.macs) if cost else 0,
+                     "adds": 0, "output_shape": [], "residual": None})
+    return rows
+
+
+def _onnx_totals(path: Path, proto) -> dict:
+    from structexport.costmodel import node_costs, totals
+    t = totals(node_costs(path))
+    params = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
+    return {"params": params, "macs": t["macs"], "sumpool_adds": t["adds"]}
+
+
+def prepare_onnx(proto):
+    """Weights held in ``Constant`` nodes become initializers, and every shape is inferred
+    (the passes read a conv's kernel and its input's size from them)."""
+    import onnx
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+    model = ir.from_proto(proto)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    return onnx.shape_inference.infer_shapes(ir.to_proto(model), strict_mode=False, data_prop=True)
+
+
+def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = None,
+                 progress: Callable[[str], None] | None = None, source: dict | None = None) -> ConvertResult:
+    """Convert an ONNX model whose dimensions are all fixed (a front end's output) into the
+    package ``outdir``: the structure is discovered in its weights by the ONNX passes, and
+    the artifact is verified against the original graph under ONNX Runtime with its graph
+    optimizations off. ``source``: path, sha256, format, name and notes, for the manifest."""
+    import onnx
+    import onnx_ir as ir
+
+    from structexport.export import onnx_runner, verify_arrays
+    from structexport.passes import ONNX, PassContext, PassManager, select_onnx_passes
+    from structexport.targets import get_target
+    opts = options or ConvertOptions()
+    say = progress or (lambda _msg: None)
+    source = dict(source or {})
+    outdir = Path(outdir)
+    if opts.precision != "fp32":
+        raise InputShapeError(f"--precision {opts.precision} is for zoo checkpoints",
+                              "convert ONNX models at fp32")
+    target = get_target(opts.target, dict(opts.target_options, progress=say))
+    plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
+    target.preflight()
+    timings: dict[str, float] = {}
+    proto = prepare_onnx(proto)
+    _name, shape = _onnx_input(proto)
+    reference_bytes = proto.SerializeToString()
+    run_reference = onnx_runner(reference_bytes)
+    user_inputs = _load_inputs(opts.inputs_file, shape) if opts.inputs_file else {}
+    gen = torch.Generator().manual_seed(opts.seed)
+    inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
+    inputs.update(user_inputs)
+    expected = reference_outputs(run_reference, inputs)
+
+    say("passes")
+    t = time.perf_counter()
+    ctx = PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force))
+    manager = PassManager(plan.steps, check_inputs=next(iter(inputs.values())),
+                          atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
+                          progress=lambda name: say(f"pass {name}"), model_kind=ONNX)
+    rewritten, runs = manager.run(ir.from_proto(proto), ctx)
+    timings["passes"] = time.perf_counter() - t
+
+    staging = _staging(plan)
+    try:
+        say("write")
+        onnx_path = staging / "model.onnx"
+        out_proto = ir.to_proto(rewritten)
+        try:
+            onnx.checker.check_model(out_proto, full_check=True)
+        except Exception as exc:
+            raise VerificationError(f"the rewritten graph fails onnx.checker: {str(exc).splitlines()[0][:200]}",
+                                    "rerun with --skip-pass decompose_structured_conv") from None
+        onnx_path.write_bytes(out_proto.SerializeToString())
+        (staging / REFERENCE).write_bytes(reference_bytes)
+
+        say("verify")
+        t = time.perf_counter()
+        arrays = {k: v.numpy() for k, v in inputs.items()}
+        verification = verify_arrays(onnx_runner(onnx_path), arrays, expected, "fp32", opts.atol, opts.rtol)
+        timings["verify"] = time.perf_counter() - t
+        if not verification.passed and not opts.force:
+            raise VerificationError(f"verification failed: {verification.summary()}",
+                                    "nothing was written; loosen --atol/--rtol or --max-residual, or pass "
+                                    "--force to keep the artifact")
+        artifacts, target_check, device, device_lost = _target_stage(
+            target, staging, onnx_path, run_reference, inputs, opts, say, timings)
+        save_verification_arrays(staging / VERIFICATION_DATA, arrays,
+                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
+        artifacts[REFERENCE] = "the source model as given: what the artifact was verified against, and bench's dense counterpart"
+        artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
+        ops: dict[str, int] = {}
+        for node in out_proto.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        name = source.get("name") or Path(source.get("path") or "model").stem
+        manifest = {
+            "structexport_manifest": MANIFEST_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(Path(source["path"]).resolve()) if source.get("path") else None,
+                       "sha256": source.get("sha256"), "format": source.get("format", "onnx"),
+                       "arch": name, "family": "discovered", "notes": list(source.get("notes", [])),
+                       "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+                       "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
+            "target": target.name, "precision": "fp32", "input_shape": list(shape),
+            "target_build": target.build_info or None,
+            "device": device.to_dict() if hasattr(device, "to_dict") else None,
+            "passes": [r.to_dict() for r in runs],
+            "pass_options": _jsonable_pass_options(opts.pass_options),
+            "source_layers": onnx_layers(proto),
+            "before": _onnx_totals(staging / REFERENCE, proto),
+            "after": _onnx_totals(onnx_path, out_proto),
+            "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
+            "verification": verification.to_dict(),
+            "reference": {"file": REFERENCE, "passes": [], "ops": None,
+                          "verification": {"passed": True, "note": "the source model itself"}},
+            "target_verification": target_check,
+            "artifacts": _artifact_records(staging, artifacts),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "versions": tool_versions(),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _swap_in(staging, outdir)
+        if device_lost is not None:
+            raise type(device_lost)(device_lost.message,
+                                    f"{outdir} holds the built artifact, verified under ONNX Runtime "
+                                    f"but not on the device; {device_lost.hint}")
+    finally:
+        _clean_up(staging, plan)
     return ConvertResult(outdir, manifest)

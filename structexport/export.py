@@ -151,9 +151,14 @@ class Verification:
 
 def reference_outputs(reference: nn.Module, inputs: dict[str, torch.Tensor]
                       ) -> dict[str, list[np.ndarray]]:
-    """The source model's outputs on every input (float64 where the model is)."""
+    """The source model's outputs on every input (float64 where the model is). The
+    reference is a torch module, or a function of a float32 array returning arrays (an ONNX
+    source under ONNX Runtime)."""
     out = {}
     for label, x in inputs.items():
+        if not isinstance(reference, nn.Module):
+            out[label] = [np.asarray(o, dtype=np.float64) for o in reference(x.numpy().astype(np.float32))]
+            continue
         with torch.no_grad():
             want = reference(x.to(next(reference.parameters()).dtype))
         wants = [want] if isinstance(want, torch.Tensor) else list(want)

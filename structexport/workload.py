@@ -103,12 +103,25 @@ def _differences(package: Package, target: str, shape, opts: WorkloadOptions) ->
     if target.startswith("tvm") and opts.need == "artifact":
         if package.library is None:
             why.append(f"a {target} library (it has none)")
-        given = {k: v for k, v in opts.target_options.items() if k in ("tvm_target", "tvm_preset") and v}
+        given = []
+        if opts.target_options.get("tvm_preset"):
+            given.append("--tvm-preset")
+        wanted = opts.target_options.get("tvm_target")
+        if wanted and _parsed(wanted) != package.tvm_target:   # its own target is no change
+            given.append("--tvm-target")
         if given:
-            why.append("another TVM target (" + ", ".join(f"--{k.replace('_', '-')}" for k in given) + ")")
+            why.append(f"another TVM target ({', '.join(given)})")
     if not package.self_contained:
         why.append("a dense reference and verification data (it was written by an older structexport)")
     return why
+
+
+def _parsed(tvm_target):
+    import json
+    try:
+        return json.loads(tvm_target) if isinstance(tvm_target, str) else tvm_target
+    except ValueError:
+        return tvm_target
 
 
 def check_package_outputs(package: Package, progress: Callable[[str], None] | None = None) -> None:

@@ -1,0 +1,153 @@
+"""decompose_structured_conv: convs whose *weights* are structured become a sum-pool and a
+small conv, in an ONNX graph (models that arrive as ONNX, or any model exported to it).
+
+Nothing is declared: for every ``Conv`` with a constant 2-D kernel, the cheapest
+``c x n x n`` structure whose relative residual is within ``max_residual`` is discovered
+in the weights (:func:`structexport.discovery.discover_structure`; exact structure by
+default). A layer is rewritten when that structure needs at most ``1 - min_saving`` of the
+dense multiplies:
+
+``Conv(X, W, stride=s, pads=p) == Conv(SumPool(pad(X, p)), alpha, stride=s)``
+
+(DESIGN.md section 1.1), the sum-pool emitted by :mod:`structexport.onnx_sumpool` in the
+realization the cost model picks for the layer's input size. Convs that cannot be read as
+a dense 2-D conv with a constant square kernel (dilation, asymmetric padding, auto_pad,
+weights computed at run time) are left as they are and recorded with the reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from structexport.discovery import EXACT, discover_structure
+from structexport.layers.structured import box_window
+from structexport.layers.sumpool import SumPool
+from structexport.onnx_sumpool import GraphBuilder, emit_sumpool
+
+from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
+from .realize_sumpool_pass import estimate_costs
+
+DEFAULT_MIN_SAVING = 0.2
+
+
+def layer_name(weight: ir.Value) -> str:
+    """The source layer a conv belongs to: its weight's name without ``.weight`` (the
+    name the profile's layer mapping finds again as a prefix of the new weights)."""
+    name = weight.name or "conv"
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _int_list(node: ir.Node, key: str, default):
+    attr = node.attributes.get(key)
+    return list(attr.value) if attr is not None else list(default)
+
+
+def _plain_conv(node: ir.Node) -> tuple[dict | None, str]:
+    """The conv's geometry when this pass can rewrite it, else (None, why not)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None:
+        return None, "weight is computed at run time"
+    w = weight.const_value.numpy()
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        return None, f"kernel {list(w.shape)} is not a square 2-D kernel"
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.value not in ("NOTSET", b"NOTSET"):
+        return None, f"auto_pad {auto_pad.value}"
+    if any(d != 1 for d in _int_list(node, "dilations", [1, 1])):
+        return None, "dilated"
+    pads = _int_list(node, "pads", [0, 0, 0, 0])
+    if len(set(pads)) != 1:
+        return None, f"asymmetric padding {pads}"
+    strides = _int_list(node, "strides", [1, 1])
+    if strides[0] != strides[1]:
+        return None, f"strides {strides}"
+    x = node.inputs[0]
+    if x.shape is None or len(x.shape) != 4 or not all(isinstance(d, int) for d in x.shape):
+        return None, "input shape unknown (run shape inference with fixed dims)"
+    group = node.attributes.get("group")
+    return {"weight": w, "groups": int(group.value) if group is not None else 1, "pad": pads[0],
+            "stride": strides[0], "input_shape": tuple(int(d) for d in x.shape)}, ""
+
+
+class DecomposeStructuredConvPass(Pass):
+    name = "decompose_structured_conv"
+    ir = "onnx"
+    description = "convs whose weights are structured become a sum-pool and a small conv (ONNX)"
+
+    def call(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        max_residual = ctx.option("max_residual") or EXACT
+        min_saving = ctx.option("min_saving", DEFAULT_MIN_SAVING)
+        forced = ctx.option("sumpool_realization")
+        graph = model.graph
+        records, modified = [], False
+        for node in [n for n in graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:
+            layer = layer_name(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+                else node.name
+            conv, why = _plain_conv(node)
+            if conv is None:
+                records.append(LayerRecord(layer, "kept", {"reason": why}))
+                continue
+            w = conv["weight"]
+            found = discover_structure(w, max_residual)
+            details = {"c": found.c, "n": found.n, "C": found.C, "N": found.N,
+                       "residual": found.residual, "macs_ratio": found.macs_ratio}
+            if not found.structured:
+                records.append(LayerRecord(layer, "dense", details))
+                continue
+            if found.macs_ratio > 1 - min_saving:
+                details["reason"] = f"saves {1 - found.macs_ratio:.0%} of the multiplies, under {min_saving:.0%}"
+                records.append(LayerRecord(layer, "kept", details))
+                continue
+            realization = forced or self._realization(conv, found)
+            self._rewrite(graph, node, conv, found, realization, layer)
+            details["realization"] = realization
+            records.append(LayerRecord(layer, "decomposed", details))
+            modified = True
+        if modified:
+            self._drop_unused_initializers(graph)
+        return PassResult(model, modified, records)
+
+    @staticmethod
+    def _realization(conv: dict, found) -> str:
+        n, channels, height, width = conv["input_shape"]
+        window = box_window(channels // conv["groups"], found.N, found.c, found.n)
+        pool = SumPool(channels, window, conv["pad"], conv["groups"])
+        costs = estimate_costs(pool, height, width)
+        costs.pop("avgpool3d", None)   # the naive form: a reference, never a choice
+        return min(costs, key=costs.get)
+
+    @staticmethod
+    def _rewrite(graph: ir.Graph, node: ir.Node, conv: dict, found, realization: str, layer: str) -> None:
+        w = conv["weight"]
+        n, channels, height, width = conv["input_shape"]
+        groups = conv["groups"]
+        window = box_window(channels // groups, found.N, found.c, found.n)
+        b = GraphBuilder(graph, node, layer)
+        pooled = emit_sumpool(b, node.inputs[0], conv["input_shape"], groups, window, conv["pad"],
+                              realization, w.dtype)
+        alpha = np.asarray(found.alpha.detach().numpy() if hasattr(found.alpha, "detach") else found.alpha,
+                           dtype=w.dtype)
+        inputs = [pooled, b.const(f"{layer}.alpha", alpha)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            inputs.append(node.inputs[2])
+        small = ir.node("Conv", inputs, attributes={"group": groups, "kernel_shape": [found.n, found.n],
+                                                    "strides": [conv["stride"]] * 2},
+                        name=f"{layer}/conv", num_outputs=1)
+        small.outputs[0].name = f"{layer}/conv:0"
+        b.nodes.append(small)
+        old_out = node.outputs[0]
+        small.outputs[0].shape, small.outputs[0].type = old_out.shape, old_out.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], b.nodes, [old_out], [small.outputs[0]])
+
+    @staticmethod
+    def _drop_unused_initializers(graph: ir.Graph) -> None:
+        # A replaced dense kernel would keep the dense model's size.
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                del graph.initializers[name]
+
+    def ensures(self, model: ir.Model, ctx: PassContext) -> None:
+        unused = [name for name, v in model.graph.initializers.items()
+                  if not v.uses() and not v.is_graph_output()]
+        if unused:
+            raise PassError(f"left {len(unused)} unused initializer(s), e.g. {unused[0]}")
