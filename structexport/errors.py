@@ -63,6 +63,50 @@ class GeneratorMismatchError(StructExportError):
     exit_code, kind = 20, "generator-mismatch"
 
 
+# Model sources other than zoo checkpoints (structexport.frontends).
+class InvalidOnnxModelError(StructExportError):
+    """Truncated or garbage bytes, a model onnx.checker rejects, or one ONNX Runtime
+    cannot load for a reason other than a missing operator."""
+    exit_code, kind = 21, "invalid-onnx-model"
+
+
+class OnnxExternalDataError(StructExportError):
+    """An external-data file of an ONNX model is missing, truncated or outside its folder."""
+    exit_code, kind = 22, "onnx-external-data"
+
+
+class OnnxOperatorUnsupportedError(StructExportError):
+    """An operator (or operator/type pair) ONNX Runtime has no implementation for."""
+    exit_code, kind = 23, "onnx-operator-unsupported"
+
+
+class InputDimensionError(StructExportError):
+    """An input dimension that is unknown and not given by --input-shape, or an
+    --input-shape the model's own fixed dimensions (or the model itself) reject."""
+    exit_code, kind = 24, "input-dimension"
+
+
+class ExportArchiveError(StructExportError):
+    """A truncated or invalid torch.export (.pt2) archive."""
+    exit_code, kind = 25, "invalid-export-archive"
+
+
+class ModelSpecError(StructExportError):
+    """--model FILE.py:FUNC or package.module:FUNC: file or function not found, or the
+    import failed."""
+    exit_code, kind = 26, "model-spec"
+
+
+class ModelBuildError(StructExportError):
+    """The --model function raised, or returned something that is not an nn.Module."""
+    exit_code, kind = 27, "model-build"
+
+
+class UnsupportedOnnxOpsetError(StructExportError):
+    """An ONNX model whose default-domain opset is older than 11."""
+    exit_code, kind = 28, "onnx-opset"
+
+
 # Devices and toolchains (TVM targets, RPC, the emulated aarch64 device).
 class DeviceUnreachableError(StructExportError):
     exit_code, kind = 42, "device-unreachable"
@@ -89,5 +133,7 @@ class TuningError(StructExportError):
 ALL_ERRORS = [PathNotFoundError, IsADirectoryCheckpointError, EmptyFileError, NotACheckpointError,
               CorruptCheckpointError, UnsafeCheckpointError, ArchitectureMismatchError,
               ShapeMismatchError, NonFiniteWeightsError, UnknownArchitectureError,
-              GeneratorMismatchError, DeviceUnreachableError, DeviceLostError,
-              CrossCompilerMissingError, EmulatorError, TuningError]
+              GeneratorMismatchError, InvalidOnnxModelError, OnnxExternalDataError,
+              OnnxOperatorUnsupportedError, InputDimensionError, ExportArchiveError,
+              ModelSpecError, ModelBuildError, UnsupportedOnnxOpsetError, DeviceUnreachableError,
+              DeviceLostError, CrossCompilerMissingError, EmulatorError, TuningError]

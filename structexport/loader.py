@@ -57,7 +57,7 @@ class LoadedCheckpoint:
 
 # ---------------------------------------------------------------------------- reading
 
-def _check_path(path: Path) -> None:
+def check_path(path: Path) -> None:
     if not path.exists():
         raise E.PathNotFoundError(f"no such file: {path}")
     if path.is_dir():
@@ -68,7 +68,7 @@ def _check_path(path: Path) -> None:
                                "the file was probably not written completely; save it again")
 
 
-def _is_safetensors(head: bytes) -> bool:
+def is_safetensors(head: bytes) -> bool:
     """An 8-byte little-endian header length, then a JSON object (it may be truncated)."""
     if len(head) < 10:
         return False
@@ -76,7 +76,7 @@ def _is_safetensors(head: bytes) -> bool:
     return 2 <= n <= 100_000_000 and head[8:10] in (b'{"', b"{}")
 
 
-def _pickle_globals(data: bytes) -> list[str]:
+def pickle_globals(data: bytes) -> list[str]:
     """Names a pickle would import, found by a static scan (nothing is executed)."""
     found, strings = [], []
     for op, arg, _ in pickletools.genops(io.BytesIO(data)):
@@ -89,11 +89,11 @@ def _pickle_globals(data: bytes) -> list[str]:
     return found
 
 
-_SAFE_GLOBAL = re.compile(r"^(torch\.|collections\.OrderedDict|builtins\.(set|frozenset|bytearray|slice|complex)|"
+SAFE_GLOBAL = re.compile(r"^(torch\.|collections\.OrderedDict|builtins\.(set|frozenset|bytearray|slice|complex)|"
                           r"_codecs\.encode|numpy\.(core\.)?multiarray\._reconstruct|numpy\.dtype|numpy\.ndarray)")
 
 
-def _unsafe_refusal(path: Path, names: list[str]) -> E.UnsafeCheckpointError:
+def unsafe_refusal(path: Path, names: list[str]) -> E.UnsafeCheckpointError:
     shown = ", ".join(sorted(set(names))[:3])
     return E.UnsafeCheckpointError(
         f"{path} needs arbitrary unpickling to load (it imports {shown}); refused by default",
@@ -122,14 +122,14 @@ def _torch_load(path: Path, trust_pickle: bool, is_zip: bool):
         message = str(exc)
         unsafe = re.findall(r"GLOBAL ([\w.]+)", message)
         if unsafe and not trust_pickle:
-            raise _unsafe_refusal(path, unsafe) from None
+            raise unsafe_refusal(path, unsafe) from None
         if "Unsupported operand" in message and not trust_pickle and not is_zip:
             try:
-                names = [n for n in _pickle_globals(path.read_bytes()) if not _SAFE_GLOBAL.match(n)]
+                names = [n for n in pickle_globals(path.read_bytes()) if not SAFE_GLOBAL.match(n)]
             except Exception:
                 names = []
             if names:
-                raise _unsafe_refusal(path, names) from None
+                raise unsafe_refusal(path, names) from None
         if isinstance(exc, (EOFError, struct.error)) or "EOF" in message or "central directory" in message:
             raise E.CorruptCheckpointError(f"{path} is truncated: the data ends early",
                                            "copy or download the file again") from None
@@ -156,11 +156,11 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
                     allow_torchscript: bool = False) -> tuple[object, str, dict]:
     """Read a file into a Python object, safely. Returns ``(object, format, metadata)``."""
     path = Path(path)
-    _check_path(path)
+    check_path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    if _is_safetensors(head):
+    if is_safetensors(head):
         if struct.unpack("<Q", head[:8])[0] > size - 8:
             raise E.CorruptCheckpointError(f"{path} is truncated: its safetensors header ends early",
                                            "copy or save the file again")
@@ -367,7 +367,7 @@ def _pattern(key: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.)", "N", key)
 
 
-def _grouped(keys: list[str], limit: int = 4) -> str:
+def grouped_keys(keys: list[str], limit: int = 4) -> str:
     counts = Counter(_pattern(k) for k in keys)
     parts = [f"{p} x{n}" if n > 1 else p for p, n in counts.most_common(limit)]
     if len(counts) > limit:
@@ -375,7 +375,7 @@ def _grouped(keys: list[str], limit: int = 4) -> str:
     return ", ".join(parts)
 
 
-def _mismatch(expected: dict, state: dict) -> tuple[list, list, list]:
+def key_mismatch(expected: dict, state: dict) -> tuple[list, list, list]:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [(k, list(expected[k].shape), list(state[k].shape)) for k in expected
@@ -383,24 +383,27 @@ def _mismatch(expected: dict, state: dict) -> tuple[list, list, list]:
     return missing, unexpected, shapes
 
 
-def _mismatch_error(arch: str, missing, unexpected, shapes, expected_keys) -> E.StructExportError:
+def mismatch_error(arch: str, missing, unexpected, shapes, expected_keys,
+                   hint: str | None = None) -> E.StructExportError:
+    """The grouped, nearest-name error for a state dict that does not fit ``arch`` (a zoo
+    name, or any label for a user's model); ``hint`` replaces the ``--arch`` advice."""
     if not missing and not unexpected and shapes:
         key, exp, got = shapes[0]
         more = f" (and {len(shapes) - 1} more tensors)" if len(shapes) > 1 else ""
         return E.ShapeMismatchError(f"shape mismatch for {arch} in layer {key}: expected {exp}, "
-                                    f"got {got}{more}", "check --arch")
+                                    f"got {got}{more}", hint or "check --arch")
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys ({_grouped(missing)})")
+        parts.append(f"{len(missing)} missing keys ({grouped_keys(missing)})")
     if unexpected:
         near = difflib.get_close_matches(unexpected[0], expected_keys, n=1, cutoff=0.4)
         nearest = f"; nearest to {unexpected[0]} is {near[0]}" if near else ""
-        parts.append(f"{len(unexpected)} unexpected keys ({_grouped(unexpected)}{nearest})")
+        parts.append(f"{len(unexpected)} unexpected keys ({grouped_keys(unexpected)}{nearest})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (first: {shapes[0][0]} expected "
                      f"{shapes[0][1]}, got {shapes[0][2]})")
     return E.ArchitectureMismatchError(f"checkpoint does not match {arch}: " + "; ".join(parts),
-                                       "check --arch (see `structexport zoo`)")
+                                       hint or "check --arch (see `structexport zoo`)")
 
 
 def _candidates(spec: ModelSpec, state: dict, path: Path) -> list[tuple[ModelSpec, dict, list]]:
@@ -448,7 +451,7 @@ def load_state_into_model(state: dict, spec: ModelSpec, path: Path, seed: int = 
     for cand, s, notes in _candidates(spec, state, path):
         model = build_model(cand, seed)
         expected = model.state_dict()
-        missing, unexpected, shapes = _mismatch(expected, s)
+        missing, unexpected, shapes = key_mismatch(expected, s)
         score = len(missing) + len(unexpected) + len(shapes)
         if best is None or score < best[0]:
             best = (score, cand, model, s, notes, (missing, unexpected, shapes), expected)
@@ -456,7 +459,7 @@ def load_state_into_model(state: dict, spec: ModelSpec, path: Path, seed: int = 
             break
     score, cand, model, s, notes, problems, expected = best
     if score:
-        raise _mismatch_error(spec.name if spec.base == cand.base else cand.name, *problems,
+        raise mismatch_error(spec.name if spec.base == cand.base else cand.name, *problems,
                               list(expected))
     if cand.base != spec.base:
         notes.append(f"growth rate read from the weights: this is {cand.base}, not {spec.base}")

@@ -1,0 +1,205 @@
+"""A state dict of the user's own ``nn.Module``: ``--model path/to/file.py:build`` or
+``--model package.module:build``, where ``build()`` returns the module.
+
+Importing the named file runs it -- that is the user's choice, they named it. The
+checkpoint itself is still read weights-only through the loader (``read_checkpoint``,
+``unwrap_state_dict``, ``strip_prefixes``) and matched strictly, with the loader's
+grouped, nearest-name error (exit 16 for keys, 17 for shapes).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from structexport import errors as E
+from structexport.frontends.base import (Frontend, SourceModel, check_module_runs, first_line,
+                                         module_input_shape, shape_text)
+from structexport.frontends.checkpoint import looks_like_torch_file
+from structexport.loader import (check_finite, file_sha256, key_mismatch, mismatch_error,
+                                 read_checkpoint, strip_prefixes, unwrap_state_dict)
+
+DEFAULT_FUNCTION = "build"
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    target, sep, func = spec.strip().rpartition(":")
+    if not sep or not func.isidentifier():  # no function named (or a Windows drive colon)
+        return spec.strip(), DEFAULT_FUNCTION
+    return target, func
+
+
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def _import_file(target: str, spec: str):
+    file = Path(target).expanduser()
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise E.ModelSpecError(f"--model file {target} {what}",
+                               "pass --model path/to/file.py:build (the file that defines your model)")
+    resolved = file.resolve()
+    name = f"structexport_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise E.ModelSpecError(f"--model file {target} cannot be imported as Python",
+                               "pass a .py file: --model path/to/file.py:build")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses, pickling and torch.export look modules up here
+    folder = str(resolved.parent)
+    sys.path.insert(0, folder)  # so the file can import its sibling modules
+    try:
+        module_spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SyntaxError, ImportError, SystemExit from argparse, ...
+        sys.modules.pop(name, None)
+        raise E.ModelSpecError(f"importing --model file {target} failed: {first_line(exc)}",
+                               "fix that error in the file (it must import without arguments)") from None
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module, file.name
+
+
+def _import_module(target: str, spec: str):
+    if not target or not all(p.isidentifier() for p in target.split(".")):
+        raise E.ModelSpecError(f"--model {spec!r} is neither FILE.py:FUNCTION nor package.module:FUNCTION",
+                               "pass --model path/to/file.py:build or --model mypackage.models:build")
+    try:
+        return importlib.import_module(target), target
+    except KeyboardInterrupt:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
+            raise E.ModelSpecError(f"--model module {target} is not importable: no module named "
+                                   f"{exc.name!r}", "check the module path, or install it / "
+                                   "add its folder to PYTHONPATH") from None
+        raise E.ModelSpecError(f"importing --model module {target} failed: {first_line(exc)}",
+                               "install what it imports, or fix the module") from None
+    except BaseException as exc:
+        raise E.ModelSpecError(f"importing --model module {target} failed: {first_line(exc)}",
+                               "fix that error in the module") from None
+
+
+def _callables(module) -> list[str]:
+    out = []
+    for key, value in vars(module).items():
+        if key.startswith("_") or not callable(value):
+            continue
+        if getattr(value, "__module__", None) == module.__name__ or inspect.isfunction(value):
+            out.append(key)
+    return sorted(out)
+
+
+def resolve_model_spec(spec: str):
+    """``(build function, label)`` for ``FILE.py:FUNC`` or ``package.module:FUNC``."""
+    target, func = _split_spec(spec)
+    module, where = _import_file(target, spec) if _is_file_spec(target) else _import_module(target, spec)
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        found = _callables(module)
+        listing = f"it defines {', '.join(found[:8])}" + (" ..." if len(found) > 8 else "") \
+            if found else "it defines no public callables"
+        raise E.ModelSpecError(f"{where} has no {'callable ' if fn is not None else ''}function "
+                               f"{func!r}; {listing}", f"pass --model {target}:NAME with the "
+                               "function that returns your nn.Module")
+    return fn, f"{where}:{func}"
+
+
+def build_module(spec: str):
+    """Import ``spec``, call its function, return ``(module, label)``."""
+    import torch.nn as nn
+    fn, label = resolve_model_spec(spec)
+    try:
+        model = fn()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise E.ModelBuildError(f"{label}() raised {first_line(exc)}",
+                                "fix it so that it returns the nn.Module the checkpoint was saved from") from None
+    if not isinstance(model, nn.Module):
+        raise E.ModelBuildError(f"{label}() returned a {type(model).__name__}, not a torch.nn.Module",
+                                "return the model instance, e.g. `return MyNet()`")
+    return model, label
+
+
+def _best_keys(state: dict, expected: dict) -> tuple[dict, list[str]]:
+    """The state dict as stored, or with its wrapper prefixes stripped: whichever fits."""
+    stripped, prefixes = strip_prefixes(state)
+    if not prefixes:
+        return state, []
+
+    def misfit(s):
+        missing, unexpected, shapes = key_mismatch(expected, s)
+        return len(missing) + len(unexpected) + len(shapes)
+
+    return (stripped, prefixes) if misfit(stripped) <= misfit(state) else (state, [])
+
+
+class UserModuleFrontend(Frontend):
+    name = "module"
+    family = "torch"
+    title = "a PyTorch checkpoint"
+    suffixes = (".pt", ".pth", ".t7", ".tar", ".ckpt", ".bin", ".safetensors", ".pkl")
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return looks_like_torch_file(path, head)
+
+    def load(self, path: Path, *, model_spec: str | None = None, input_shape=None,
+             trust_pickle: bool = False, allow_torchscript: bool = False, **_) -> SourceModel:
+        if not model_spec:
+            raise E.ModelSpecError("a state dict of your own model needs --model",
+                                   "pass --model path/to/file.py:build")
+        model, label = build_module(model_spec)
+        cls = type(model).__name__
+        notes: list[str] = [f"model built by {label}() ({cls})"]
+        obj, fmt, meta = read_checkpoint(path, trust_pickle, allow_torchscript)
+        if fmt in ("safetensors", "structexport"):
+            state, wrapper = obj, None
+        else:
+            state, wrapper, _extras = unwrap_state_dict(obj, path)
+        if wrapper:
+            notes.append(f"state dict taken from the training checkpoint's {wrapper!r} entry")
+        expected = model.state_dict()
+        state, stripped = _best_keys(state, expected)
+        if stripped:
+            notes.append(f"stripped key prefix {' and '.join(repr(p) for p in stripped)}")
+        if not state:
+            raise E.NotACheckpointError(f"{path} holds no tensors")
+        notes += check_finite(state, path)
+        missing, unexpected, shapes = key_mismatch(expected, state)
+        if missing or unexpected or shapes:
+            raise mismatch_error(f"{cls} built by {label}()", missing, unexpected, shapes,
+                                 list(expected), hint=f"check that {label}() builds the model "
+                                 "this checkpoint was saved from")
+        converted = {k: v.to(expected[k].dtype) if v.is_floating_point() and expected[k].is_floating_point()
+                     else v for k, v in state.items()}
+        model.load_state_dict(converted, strict=True)
+        model.eval()
+        low = sorted({str(t.dtype).replace("torch.", "") for t in state.values()
+                      if t.is_floating_point()} & {"float16", "bfloat16"})
+        if low:
+            notes.append(f"weights stored in {', '.join(low)}; cast to the model's own dtypes")
+        shape = input_shape
+        if shape is None:
+            carried = module_input_shape(model)
+            if carried is None:
+                raise E.InputDimensionError(
+                    f"{cls} ({label}) does not say its input shape",
+                    "pass --input-shape N,C,H,W (e.g. 1,3,224,224), or give the module an "
+                    "`input_shape` attribute")
+            shape, attr = carried
+            notes.append(f"input shape {shape_text(shape)} from the module's {attr!r}")
+        check_module_runs(model, shape, f"{cls} ({label})")
+        return SourceModel(format="module", path=str(path), sha256=file_sha256(path), name=cls,
+                           input_shape=tuple(shape), module=model, notes=notes,
+                           metadata={"model_spec": model_spec, "source_format": fmt,
+                                     "wrapper_key": wrapper, **{k: v for k, v in meta.items()}})
