@@ -405,7 +405,7 @@ def test_pt2_truncated_is_its_own_error(tmp_path, files):
     data = files["pt2"].read_bytes()
     for name in ("cut.pt2", "cut.bin"):
         (tmp_path / name).write_bytes(data[: len(data) // 2])
-        err = expect(E.ExportArchiveError, lambda: load_source(tmp_path / name), "truncated")
+        err = expect(E.ExportArchiveError, lambda name=name: load_source(tmp_path / name), "truncated")
         assert err.exit_code == 25 and "data.pkl" not in str(err)
     (tmp_path / "garbage.pt2").write_bytes(b"\x00garbage" * 100)
     expect(E.ExportArchiveError, lambda: load_source(tmp_path / "garbage.pt2"), "not a torch.export archive")
@@ -460,7 +460,7 @@ def test_pt2_expressions_and_guards_that_would_run_code_are_refused(tmp_path, fi
 
     for change, needle in ((evil_expr, "sympy would evaluate"), (evil_guard, "would exec")):
         evil = rewrite_zip(files["dynamic_pt2"], tmp_path / "evil.pt2", change)
-        expect(E.UnsafeCheckpointError, lambda: load_source(evil, input_shape=(1, 3, 32, 32)),
+        expect(E.UnsafeCheckpointError, lambda evil=evil: load_source(evil, input_shape=(1, 3, 32, 32)),
                needle, "__import__", "--trust-pickle")
         assert not marker.exists()
         try:  # trusted, the string is evaluated: the refusal guarded something real

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from structexport import errors as E
 
 if TYPE_CHECKING:  # imported for annotations only: importing frontends stays light
-    import onnx
+    import onnx as onnx_lib
     import torch.nn as nn
 
     from structexport.loader import LoadedCheckpoint
@@ -34,7 +34,7 @@ class SourceModel:
     sha256: str
     name: str
     input_shape: tuple[int, ...]             # fixed, N,C,H,W for image models
-    onnx: "onnx.ModelProto | None" = None
+    onnx: "onnx_lib.ModelProto | None" = None
     module: "nn.Module | None" = None
     notes: list[str] = field(default_factory=list)
     checkpoint: "LoadedCheckpoint | None" = None

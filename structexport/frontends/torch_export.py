@@ -325,7 +325,7 @@ def scan_archive(data: bytes, path: Path, trust_pickle: bool) -> list[str]:
         except (ValueError, AttributeError) as exc:
             raise E.ExportArchiveError(f"{path} is damaged: {r} is not valid JSON ({first_line(exc)})",
                                        "save or copy the archive again") from None
-        for fqn, meta in config.items():
+        for meta in config.values():
             member = f"{root}data/{m.group(1)}/{meta.get('path_name', '')}"
             if meta.get("path_name", "").startswith(("custom_obj_", "opaque_obj_")):
                 objects.append(member)
