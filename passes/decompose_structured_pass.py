@@ -57,7 +57,7 @@ class DecomposeStructuredPass(Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         realization = ctx.option("sumpool_realization", "cumsum")
-        max_residual = ctx.option("max_residual", DEFAULT_MAX_RESIDUAL)
+        max_residual = ctx.option("max_residual") or DEFAULT_MAX_RESIDUAL
         force = ctx.option("force", False)
         records, too_far = [], []
         for name, conv, (c, n) in self._declared(module, ctx):

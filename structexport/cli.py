@@ -121,6 +121,10 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--arch", help="Zoo name of the checkpoint's architecture (base name is enough).")
+@click.option("--model", "model_spec", metavar="FILE.py:FUNC",
+              help="Your own architecture for a state dict: path/to/file.py:build or package.module:build "
+              "(build() returns the nn.Module; importing your code is your choice, the checkpoint is "
+              "still read weights-only).")
 @click.option("--target", "target", default="onnx", show_default=True,
               type=click.Choice(sorted(TARGETS)), help="What to build for.")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=str),
@@ -145,21 +149,25 @@ def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscrip
               help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--declare-structured", multiple=True, metavar="GLOB=SPEC",
               help="Dense convs trained toward a structure, e.g. 'layer*.conv2=c2n2' or 'conv3=8x2'.")
-@click.option("--max-residual", type=float, default=0.01, show_default=True,
-              help="Largest relative residual a declared layer may have.")
+@click.option("--max-residual", type=float,
+              help="Largest relative residual a layer's structure may have: declared layers "
+              "(default 0.01), and layers of models outside the zoo, whose structure is "
+              "discovered (default: exact, 1e-5; larger takes approximately structured weights).")
 @click.option("--trust-pickle", is_flag=True, help="Allow arbitrary unpickling (trusted files only).")
 @click.option("--allow-torchscript", is_flag=True, help="Allow TorchScript archives (trusted files only).")
 @tvm_build_options
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
 @fail_cleanly
-def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, skip_passes,
+def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
             tvm_preset, tvm_target, tune_trials, tuning_db, rpc, tracker, key, rpc_timeout,
             as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
-    source model and write OUTDIR/model.onnx and OUTDIR/manifest.json."""
+    source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
+    model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
+    --allow-torchscript): for models outside the zoo the structure is found in the weights."""
     from structexport.convert import ConvertOptions
     from structexport.convert import convert as run_convert
     pass_options = {"keep_csg_codes": keep_csg_codes, "max_residual": max_residual,
@@ -172,6 +180,7 @@ def convert(checkpoint, arch, target, outdir, input_shape, precision, passes, sk
         passes=[p.strip() for p in passes.split(",") if p.strip()] if passes else None,
         skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
+        model_spec=model_spec,
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
                         "device": device_spec(rpc, tracker, key, rpc_timeout),
                         "tune_trials": tune_trials, "tuning_db": tuning_db})

@@ -7,6 +7,7 @@ manifest records the failure.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -32,6 +33,7 @@ from structexport.models import parse_name
 from structexport.package import (MANIFEST, MANIFEST_VERSION, REFERENCE, VERIFICATION_DATA,
                                   save_verification_arrays)
 from structexport.reference import export_reference
+from structexport.targets import get_target
 
 
 class OutputDirError(StructExportError):
@@ -65,6 +67,8 @@ class ConvertOptions:
     target_options: dict = field(default_factory=dict)
     trust_pickle: bool = False
     allow_torchscript: bool = False
+    # A user's own architecture: "path/to/file.py:build" or "package.module:build".
+    model_spec: str | None = None
 
 
 @dataclass
@@ -187,14 +191,71 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
             progress: Callable[[str], None] | None = None) -> ConvertResult:
     """Load ``checkpoint`` (checks first: nothing is loaded for a run that cannot succeed)
     and convert it into the package ``outdir``."""
+    from structexport.frontends import load_source
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
-    plan = _plan(outdir, opts, say)
+    if _zoo_checkpoint(checkpoint, arch, opts):
+        plan = _plan(outdir, opts, say)
+        say("load")
+        t = time.perf_counter()
+        loaded = load_checkpoint(checkpoint, arch, trust_pickle=opts.trust_pickle,
+                                 allow_torchscript=opts.allow_torchscript)
+        return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
+    get_target(opts.target, dict(opts.target_options, progress=say))   # usage errors first
+    _check_outdir(Path(outdir))
     say("load")
-    t = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=opts.trust_pickle,
-                             allow_torchscript=opts.allow_torchscript)
-    return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
+    source = load_source(checkpoint, model_spec=opts.model_spec, arch=arch, input_shape=opts.input_shape,
+                         trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript)
+    return convert_source(source, outdir, opts, say)
+
+
+def _zoo_checkpoint(path, arch: str | None, opts: ConvertOptions) -> bool:
+    """Whether the zoo's loader takes the file (a state dict of a zoo architecture, or a
+    TorchScript archive loaded into one with --arch), rather than a front end for models
+    from anywhere (ONNX, torch.export, a user's own module, TorchScript): by content."""
+    from structexport.frontends import detect_frontend, frontend_for_suffix
+    if opts.model_spec:
+        return False
+    try:
+        frontend = detect_frontend(path) or frontend_for_suffix(path)
+    except (StructExportError, OSError):
+        return True          # the loader gives the precise error (missing, empty, ...)
+    if frontend is None:
+        return True
+    return frontend.name == "checkpoint" or (frontend.name == "torchscript" and arch is not None)
+
+
+def convert_source(source, outdir: str | Path, options: ConvertOptions | None = None,
+                   progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert a front end's :class:`~structexport.frontends.base.SourceModel`: a zoo
+    checkpoint through the zoo's passes, anything else through ONNX (torch modules are
+    exported first), with the structure discovered in its weights."""
+    opts = options or ConvertOptions()
+    say = progress or (lambda _msg: None)
+    if source.format == "checkpoint" and source.checkpoint is not None:
+        return convert_loaded(source.checkpoint, outdir, opts, say)
+    proto = source.onnx
+    if proto is None:
+        proto = _export_module(source, say)
+    info = {"path": source.path, "sha256": source.sha256, "format": source.format, "name": source.name,
+            "notes": list(source.notes)}
+    return convert_onnx(proto, outdir, dataclasses.replace(opts, input_shape=None), say, info)
+
+
+def _export_module(source, say):
+    """A torch source exported to ONNX at its fixed input shape (dynamo; TorchScript,
+    which dynamo cannot trace, by the TorchScript-based exporter)."""
+    import onnx
+    say("export to ONNX")
+    example = source.example_input(0)
+    with tempfile.TemporaryDirectory(prefix="structexport-export-") as tmp:
+        path = Path(tmp) / "source.onnx"
+        if source.format == "torchscript":
+            from structexport.export import quiet_export_legacy
+            quiet_export_legacy(source.module, example, path)
+        else:
+            export_onnx(source.module, example, path)
+        return onnx.load(str(path))
 
 
 def convert_loaded(loaded: LoadedCheckpoint, outdir: str | Path, options: ConvertOptions | None = None,
@@ -460,7 +521,6 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
 
     from structexport.export import onnx_runner, verify_arrays
     from structexport.passes import ONNX, PassContext, PassManager, select_onnx_passes
-    from structexport.targets import get_target
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
     source = dict(source or {})

@@ -53,11 +53,24 @@ def _quiet():
             lg.setLevel(level)
 
 
+def quiet_export_legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> None:
+    """The TorchScript-based exporter, for modules dynamo cannot trace (TorchScript archives)."""
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset)
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
+                          "export the model to ONNX yourself and convert the .onnx file") from None
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: bool = True,
                 fold_constants: bool = True) -> dict:
     """Export ``model`` to ``path``; returns what was done (opset, simplification, op counts)."""
     import onnx
-    model = model.eval()
+    try:   # a torch.export program's module refuses eval(): it is fixed at export time
+        model = model.eval()
+    except NotImplementedError:
+        pass
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,

@@ -136,7 +136,9 @@ def test_error_classes_have_distinct_documented_exit_codes():
         "ArchitectureMismatchError": 16, "ShapeMismatchError": 17, "NonFiniteWeightsError": 18,
         "UnknownArchitectureError": 19, "GeneratorMismatchError": 20,
         "DeviceUnreachableError": 42, "DeviceLostError": 43, "CrossCompilerMissingError": 44,
-        "EmulatorError": 45, "TuningError": 46}
+        "EmulatorError": 45, "TuningError": 46, "InvalidOnnxModelError": 21, "OnnxExternalDataError": 22,
+        "OnnxOperatorUnsupportedError": 23, "InputDimensionError": 24, "ExportArchiveError": 25,
+        "ModelSpecError": 26, "ModelBuildError": 27, "UnsupportedOnnxOpsetError": 28}
     assert all(issubclass(cls, E.StructExportError) for cls in E.ALL_ERRORS)
     assert str(E.CorruptCheckpointError("bad", "fix it")) == "bad (fix it)"
     assert str(E.CorruptCheckpointError("bad")) == "bad"

@@ -1,0 +1,86 @@
+"""Issue 11's four forms of a model that is not in the zoo -- ONNX, torch.export (.pt2), a
+state dict with the user's own module (--model FILE.py:build) and TorchScript -- convert
+through the CLI to verified packages, with the structure discovered in the weights and
+the theoretical speedup (before.macs / after.macs) the same for all four."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from structexport.cli import main
+from structexport.package import Package
+from test_decompose_structured_conv_pass import STRUCTURE, structured_net
+
+MODULE_SOURCE = "from test_decompose_structured_conv_pass import MyNet\n\n\ndef build():\n    return MyNet()\n"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("four")
+    net, x = structured_net(), torch.randn(1, 3, 32, 32)
+    torch.onnx.export(net, (x,), dynamo=True, opset_version=18).save(str(root / "mynet.onnx"))
+    torch.export.save(torch.export.export(net, (x,)), str(root / "mynet.pt2"))
+    torch.save(net.state_dict(), root / "mynet_sd.pt")
+    torch.jit.trace(net, x).save(str(root / "mynet_ts.pt"))
+    (root / "mynet.py").write_text(MODULE_SOURCE)
+    return root
+
+
+FORMS = {
+    "onnx": ["mynet.onnx"],
+    "torch-export": ["mynet.pt2"],
+    "module": ["mynet_sd.pt", "--model", "{root}/mynet.py:build", "--input-shape", "1,3,32,32"],
+    "torchscript": ["mynet_ts.pt", "--allow-torchscript", "--input-shape", "1,3,32,32"],
+}
+
+
+@pytest.fixture(scope="module")
+def converted(saved, tmp_path_factory):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    out = {}
+    for form, args in FORMS.items():
+        args = [a.format(root=saved) for a in args]
+        outdir = tmp_path_factory.mktemp("out") / form
+        r = CliRunner().invoke(main, ["convert", str(saved / args[0]), *args[1:], "--target", "ort-cpu",
+                                      "-o", str(outdir), "--json"])
+        assert r.exit_code == 0, (form, r.output)
+        out[form] = Package.load(outdir)
+    return out
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_form_converts_verified_with_the_structure_discovered(converted, form):
+    package = converted[form]
+    m = package.manifest
+    assert m["source"]["format"] == form
+    assert m["verification"]["passed"] is True and package.self_contained
+    decomposed = {r["layer"]: r for r in m["passes"][0]["records"] if r["action"] == "decomposed"}
+    # TorchScript's exporter folds the first batch norm into c1 and renames its weight
+    expected = set(STRUCTURE) - ({"c1"} if form == "torchscript" else set())
+    assert expected <= set(decomposed), decomposed
+    for name in expected:
+        assert (decomposed[name]["details"]["c"], decomposed[name]["details"]["n"]) == STRUCTURE[name]
+
+
+def test_the_theoretical_speedup_is_what_the_weights_allow_in_every_form(converted):
+    ratios = {form: p.manifest["before"]["macs"] / p.manifest["after"]["macs"] for form, p in converted.items()}
+    assert min(ratios.values()) > 1.5, ratios
+    assert max(ratios.values()) - min(ratios.values()) < 1e-9, ratios
+
+
+def test_an_onnx_package_benches_and_profiles(converted, tmp_path):
+    root = converted["onnx"].root
+    r = CliRunner().invoke(main, ["bench", str(root), "--repeat", "5", "--warmup", "1",
+                                  "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["speedup_theoretical"] > 1.5
+    r = CliRunner().invoke(main, ["profile", str(root), "--repeat", "3", "--warmup", "1", "--no-peak",
+                                  "-o", str(tmp_path / "p.html")])
+    assert r.exit_code == 0, r.output
+    rows = {row["layer"] for row in json.loads((tmp_path / "p.json").read_text())["layers"]}
+    assert {"c2", "grouped", "pointwise"} <= rows
