@@ -12,6 +12,7 @@ from .infra import (ONNX, TORCH, LayerRecord, ModelKind, Pass, PassContext, Pass
                     PassResult, PassRun, replace_module)
 from .lower_ssc_pass import LowerSSCPass
 from .materialize_csg_pass import MaterializeCSGPass
+from .project_structured_weights_pass import ProjectStructuredWeightsPass
 from .realize_sumpool_pass import RealizeSumPoolPass
 
 PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass, LowerSSCPass,
@@ -20,7 +21,7 @@ PASSES = {cls.name: cls for cls in PASS_CLASSES}
 PIPELINE = [cls.name for cls in PASS_CLASSES]
 # Passes over ONNX graphs, for models that arrive without the zoo's layer classes: the
 # structure is discovered in their weights.
-ONNX_PASS_CLASSES = [DecomposeStructuredConvPass]
+ONNX_PASS_CLASSES = [ProjectStructuredWeightsPass, DecomposeStructuredConvPass]
 ONNX_PASSES = {cls.name: cls for cls in ONNX_PASS_CLASSES}
 ONNX_PIPELINE = [cls.name for cls in ONNX_PASS_CLASSES]
 

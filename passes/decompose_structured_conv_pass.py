@@ -42,7 +42,7 @@ def _int_list(node: ir.Node, key: str, default):
     return list(attr.value) if attr is not None else list(default)
 
 
-def _plain_conv(node: ir.Node) -> tuple[dict | None, str]:
+def plain_conv(node: ir.Node) -> tuple[dict | None, str]:
     """The conv's geometry when this pass can rewrite it, else (None, why not)."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or weight.const_value is None:
@@ -83,7 +83,7 @@ class DecomposeStructuredConvPass(Pass):
         for node in [n for n in graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:
             layer = layer_name(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
                 else node.name
-            conv, why = _plain_conv(node)
+            conv, why = plain_conv(node)
             if conv is None:
                 records.append(LayerRecord(layer, "kept", {"reason": why}))
                 continue

@@ -151,3 +151,30 @@ def test_convert_onnx_writes_a_verified_package_with_the_discovered_speedup(expo
     layers = {row["name"] for row in m["source_layers"]}
     assert {"stem", "c1", "c2", "grouped", "depthwise", "pointwise", "dense", "fc"} <= layers
     assert result.verified
+
+
+def test_approximate_structure_converts_against_the_decomposed_reference(tmp_path):
+    """--max-residual: the projected kernels are decomposed, verification compares the
+    artifact with the decomposed reference, and the manifest says how far it moved."""
+    net = structured_net()
+    with torch.no_grad():
+        for name in ("c1", "grouped"):
+            w = getattr(net, name).weight
+            w.add_(torch.randn_like(w) * 1e-3 * w.norm() / w.numel() ** 0.5)
+    path = tmp_path / "approx.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), dynamo=True, opset_version=18).save(str(path))
+    exact = convert_onnx(onnx.load(path), tmp_path / "exact", ConvertOptions(target="ort-cpu"))
+    actions = {r["layer"]: r["action"] for run in exact.manifest["passes"] for r in run["records"]}
+    assert actions["c1"] == "dense" and exact.manifest["source_deviation"] is None
+    loose = convert_onnx(onnx.load(path), tmp_path / "loose", ConvertOptions(
+        target="ort-cpu", pass_options={"max_residual": 1e-2}))
+    m = loose.manifest
+    projected = {r["layer"]: r for r in m["passes"][0]["records"]}
+    assert set(projected) == {"c1", "grouped"} and all(1e-4 < r["details"]["residual"] < 1e-2
+                                                       for r in projected.values())
+    decomposed = {r["layer"] for r in m["passes"][1]["records"] if r["action"] == "decomposed"}
+    assert {"c1", "grouped"} <= decomposed
+    assert m["verification"]["passed"] is True
+    dev = m["source_deviation"]
+    assert dev["max_abs_diff"] > 0 and dev["max_rel_diff"] < 0.1 and dev["top1_agreement"] == 1.0
+    assert m["after"]["macs"] < exact.manifest["after"]["macs"]
