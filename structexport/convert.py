@@ -7,6 +7,7 @@ manifest records the failure.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -499,15 +500,34 @@ def _onnx_totals(path: Path, proto) -> dict:
     return {"params": params, "macs": t["macs"], "sumpool_adds": t["adds"]}
 
 
-def prepare_onnx(proto):
-    """Weights held in ``Constant`` nodes become initializers, and every shape is inferred
-    (the passes read a conv's kernel and its input's size from them)."""
+def prepare_onnx(proto, fold_constants: bool = True):
+    """Weights held in ``Constant`` nodes become initializers, subgraphs of constants are
+    folded (a CSG generator's ``codes x generator``, reshape and crop become the kernel
+    they compute; ``--keep-csg-codes`` keeps them), and every shape is inferred (the passes
+    read a conv's kernel and its input's size from them)."""
     import onnx
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
     model = ir.from_proto(proto)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return onnx.shape_inference.infer_shapes(ir.to_proto(model), strict_mode=False, data_prop=True)
+    proto = ir.to_proto(model)
+    if fold_constants:
+        import onnxsim
+        try:
+            with _quiet_native():
+                folded, ok = onnxsim.simplify(proto)
+            if ok:
+                proto = folded
+        except Exception:  # an op onnxsim cannot evaluate: keep the graph unfolded
+            pass
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+
+
+@contextlib.contextmanager
+def _quiet_native():
+    import io
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def source_deviation(source: dict[str, list[np.ndarray]], reference: dict[str, list[np.ndarray]]) -> dict:
@@ -552,7 +572,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
     target.preflight()
     timings: dict[str, float] = {}
-    proto = prepare_onnx(proto)
+    proto = prepare_onnx(proto, fold_constants=not opts.pass_options.get("keep_csg_codes"))
     _name, shape = _onnx_input(proto)
     reference_bytes = proto.SerializeToString()
     run_reference = onnx_runner(reference_bytes)

@@ -84,3 +84,22 @@ def test_an_onnx_package_benches_and_profiles(converted, tmp_path):
     assert r.exit_code == 0, r.output
     rows = {row["layer"] for row in json.loads((tmp_path / "p.json").read_text())["layers"]}
     assert {"c2", "grouped", "pointwise"} <= rows
+
+
+def test_csg_generator_subgraphs_are_folded_into_kernels(tmp_path):
+    """An exported graph that computes its kernels (CSG: codes x generator, reshape, crop)
+    converts with the generator folded away; --keep-csg-codes keeps it."""
+    import onnx
+
+    from structexport.convert import ConvertOptions, convert_onnx
+    ckpt = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "resnet20-csg-16x16x3x3-72.t7"
+    r = CliRunner().invoke(main, ["convert", str(ckpt), "--arch", "resnet20", "--target", "onnx",
+                                  "--keep-csg-codes", "-o", str(tmp_path / "codes")])
+    assert r.exit_code == 0, r.output
+    graph = onnx.load(tmp_path / "codes" / "model.onnx")
+    assert sum(n.op_type == "MatMul" for n in graph.graph.node) == 18      # one generator product per CSG conv
+    folded = convert_onnx(graph, tmp_path / "folded", ConvertOptions(target="ort-cpu"))
+    assert folded.manifest["verification"]["passed"] and "MatMul" not in folded.manifest["export"]["ops"]
+    kept = convert_onnx(graph, tmp_path / "kept", ConvertOptions(target="ort-cpu",
+                                                                 pass_options={"keep_csg_codes": True}))
+    assert kept.manifest["export"]["ops"].get("MatMul") == 18
