@@ -10,6 +10,7 @@ from .decompose_structured_pass import DecomposeStructuredPass
 from .fold_batchnorm_pass import FoldBatchNormPass
 from .infra import (ONNX, TORCH, LayerRecord, ModelKind, Pass, PassContext, PassError, PassManager,
                     PassResult, PassRun, replace_module)
+from .lower_sparse_conv_pass import LowerSparseConvPass
 from .lower_ssc_pass import LowerSSCPass
 from .materialize_csg_pass import MaterializeCSGPass
 from .project_structured_weights_pass import ProjectStructuredWeightsPass
@@ -21,7 +22,7 @@ PASSES = {cls.name: cls for cls in PASS_CLASSES}
 PIPELINE = [cls.name for cls in PASS_CLASSES]
 # Passes over ONNX graphs, for models that arrive without the zoo's layer classes: the
 # structure is discovered in their weights.
-ONNX_PASS_CLASSES = [ProjectStructuredWeightsPass, DecomposeStructuredConvPass]
+ONNX_PASS_CLASSES = [ProjectStructuredWeightsPass, DecomposeStructuredConvPass, LowerSparseConvPass]
 ONNX_PASSES = {cls.name: cls for cls in ONNX_PASS_CLASSES}
 ONNX_PIPELINE = [cls.name for cls in ONNX_PASS_CLASSES]
 
