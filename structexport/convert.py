@@ -195,7 +195,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     from structexport.frontends import load_source
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
-    if _zoo_checkpoint(checkpoint, arch, opts):
+    if is_zoo_checkpoint(checkpoint, arch, opts):
         plan = _plan(outdir, opts, say)
         say("load")
         t = time.perf_counter()
@@ -210,7 +210,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     return convert_source(source, outdir, opts, say)
 
 
-def _zoo_checkpoint(path, arch: str | None, opts: ConvertOptions) -> bool:
+def is_zoo_checkpoint(path, arch: str | None, opts: ConvertOptions) -> bool:
     """Whether the zoo's loader takes the file (a state dict of a zoo architecture, or a
     TorchScript archive loaded into one with --arch), rather than a front end for models
     from anywhere (ONNX, torch.export, a user's own module, TorchScript): by content."""

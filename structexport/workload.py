@@ -169,6 +169,9 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
     if path:
         if Path(path).is_dir():  # a folder that is not a package: the package loader's error
             Package.load(path)
+        from structexport.convert import ConvertOptions, is_zoo_checkpoint
+        if not is_zoo_checkpoint(path, arch, ConvertOptions(allow_torchscript=opts.allow_torchscript)):
+            return _convert_source_here(path, arch, opts, workdir, say)
         loaded = _load(path, arch, opts, say)
         origin, label = "checkpoint", str(path)
     elif arch:
@@ -215,4 +218,24 @@ def _convert_here(loaded, target: str, shape, pass_options: dict, opts: Workload
         target=convert_target, input_shape=shape, pass_options=pass_options,
         target_options=target_options), progress=say)
     return Workload(Package.load(result.outdir, check_hashes=False), origin, label, target,
+                    converted_here=True)
+
+
+def _convert_source_here(path: str, arch: str | None, opts: WorkloadOptions, workdir: Path, say) -> Workload:
+    """A model from outside the zoo (ONNX, torch.export, TorchScript): its front end, then
+    the ONNX passes, into the work folder."""
+    from structexport.convert import ConvertOptions, convert_source
+    from structexport.frontends import load_source
+    target = opts.target or "ort-cpu"
+    say("load")
+    source = load_source(path, arch=arch, input_shape=opts.input_shape, trust_pickle=opts.trust_pickle,
+                         allow_torchscript=opts.allow_torchscript)
+    convert_target = "onnx" if opts.need == "graph" and graph_compatible("onnx", target, "graph") else target
+    outdir = workdir / f"converted-source-{len(list(workdir.glob('converted-*')))}"
+    say(f"convert for {convert_target}")
+    result = convert_source(source, outdir, ConvertOptions(
+        target=convert_target, pass_options={k: v for k, v in opts.pass_options.items()
+                                             if k in ("max_residual", "sumpool_realization")},
+        target_options=opts.target_options if convert_target.startswith("tvm") else {}), say)
+    return Workload(Package.load(result.outdir, check_hashes=False), "checkpoint", str(path), target,
                     converted_here=True)

@@ -103,3 +103,16 @@ def test_csg_generator_subgraphs_are_folded_into_kernels(tmp_path):
     kept = convert_onnx(graph, tmp_path / "kept", ConvertOptions(target="ort-cpu",
                                                                  pass_options={"keep_csg_codes": True}))
     assert kept.manifest["export"]["ops"].get("MatMul") == 18
+
+
+def test_bench_profile_and_regress_take_the_files_directly(saved, converted, tmp_path):
+    r = CliRunner().invoke(main, ["bench", str(saved / "mynet.onnx"), "--repeat", "5", "--warmup", "1",
+                                  "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["workload"]["origin"] == "checkpoint"
+    r = CliRunner().invoke(main, ["profile", str(saved / "mynet.pt2"), "--repeat", "3", "--warmup", "1",
+                                  "--no-peak", "-o", str(tmp_path / "p.html")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["regress", "--against", str(converted["onnx"].root), str(saved / "mynet.onnx"),
+                                  "--no-per-layer", "--retries", "2"])
+    assert r.exit_code == 0, r.output
