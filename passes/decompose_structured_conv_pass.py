@@ -16,6 +16,8 @@ weights computed at run time) are left as they are and recorded with the reason.
 """
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import onnx_ir as ir
 
@@ -28,6 +30,18 @@ from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
 from .realize_sumpool_pass import estimate_costs
 
 DEFAULT_MIN_SAVING = 0.2
+
+
+def declared_structure(layer: str, C: int, ctx: PassContext) -> tuple[int, int] | None:
+    """The ``(c, n)`` that ``--declare-structured GLOB=SPEC`` forces on ``layer`` (C input
+    channels per group), or None: then the structure is discovered."""
+    for glob, spec in (ctx.option("declared_structures") or {}).items():
+        if fnmatch.fnmatchcase(layer, glob):
+            if spec in ("c2n2", "c1n2"):
+                return (max(1, C // 2) if spec == "c2n2" else C), 2
+            c, n = spec
+            return int(c), int(n)
+    return None
 
 
 def layer_name(weight: ir.Value) -> str:
@@ -88,7 +102,13 @@ class DecomposeStructuredConvPass(Pass):
                 records.append(LayerRecord(layer, "kept", {"reason": why}))
                 continue
             w = conv["weight"]
-            found = discover_structure(w, max_residual)
+            declared = declared_structure(layer, w.shape[1], ctx)
+            if declared is not None and declared[1] > w.shape[2]:
+                records.append(LayerRecord(layer, "kept", {"reason": f"declared {declared} does not fit {list(w.shape)}"}))
+                continue
+            # a declared layer was projected by project_structured_weights: exact now
+            found = discover_structure(w, max(max_residual, 1e-4) if declared else max_residual,
+                                       candidates=[declared] if declared else None)
             details = {"c": found.c, "n": found.n, "C": found.C, "N": found.N,
                        "residual": found.residual, "macs_ratio": found.macs_ratio}
             if not found.structured:

@@ -116,3 +116,19 @@ def test_bench_profile_and_regress_take_the_files_directly(saved, converted, tmp
     r = CliRunner().invoke(main, ["regress", "--against", str(converted["onnx"].root), str(saved / "mynet.onnx"),
                                   "--no-per-layer", "--retries", "2"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("make, args, code, text", [
+    (lambda d: (d / "bad.onnx").write_bytes(b"\x08\x07garbage" * 10), ["bad.onnx"], 21, "ONNX"),
+    (lambda d: (d / "cut.onnx").write_bytes((d / "mynet.onnx").read_bytes()[:2000]), ["cut.onnx"], 21, "ONNX"),
+    (lambda d: None, ["mynet_sd.pt", "--model", "{root}/nope.py:build", "--input-shape", "1,3,32,32"], 26, "nope.py"),
+    (lambda d: (d / "cut.pt2").write_bytes((d / "mynet.pt2").read_bytes()[:3000]), ["cut.pt2"], 25, ".pt2"),
+])
+def test_bad_input_is_one_line_with_its_exit_code_and_nothing_written(saved, tmp_path, make, args, code, text):
+    make(saved)
+    args = [a.format(root=saved) for a in args]
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(saved / args[0]), *args[1:], "-o", str(out)])
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and r.output.count("error:") == 1 and text in r.output
+    assert not out.exists()

@@ -178,3 +178,26 @@ def test_approximate_structure_converts_against_the_decomposed_reference(tmp_pat
     dev = m["source_deviation"]
     assert dev["max_abs_diff"] > 0 and dev["max_rel_diff"] < 0.1 and dev["top1_agreement"] == 1.0
     assert m["after"]["macs"] < exact.manifest["after"]["macs"]
+
+
+def test_declared_structure_forces_a_layer_and_refuses_one_too_far(tmp_path):
+    """--declare-structured on a model from outside the zoo: the declared layer is
+    projected onto the declared structure (within --max-residual's 0.01 by default) and
+    decomposed; a declaration the weights are far from is refused (exit 30) unless --force."""
+    from structexport.errors import StructExportError
+    net = structured_net()
+    with torch.no_grad():
+        w = net.c1.weight
+        w.add_(torch.randn_like(w) * 1e-3 * w.norm() / w.numel() ** 0.5)
+    path = tmp_path / "approx.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), dynamo=True, opset_version=18).save(str(path))
+    r = convert_onnx(onnx.load(path), tmp_path / "declared", ConvertOptions(
+        target="ort-cpu", pass_options={"declared_structures": {"c1": "c2n2"}}))
+    records = {rec["layer"]: rec for run in r.manifest["passes"] for rec in run["records"]}
+    assert records["c1"]["action"] == "decomposed" and (records["c1"]["details"]["c"], records["c1"]["details"]["n"]) == (8, 2)
+    assert r.manifest["source_deviation"]["top1_agreement"] == 1.0
+    with pytest.raises(StructExportError) as exc:     # the random dense conv is nowhere near c2n2
+        convert_onnx(onnx.load(path), tmp_path / "far", ConvertOptions(
+            target="ort-cpu", pass_options={"declared_structures": {"dense": "c2n2"}}))
+    assert exc.value.exit_code == 30 and "too far" in str(exc.value)
+    assert not (tmp_path / "far").exists()
