@@ -97,23 +97,60 @@ def zoo(name, as_json):
 @click.argument("checkpoint", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--arch", help="Zoo name of the checkpoint's architecture (base name is enough; "
               "optional for structexport checkpoints).")
+@click.option("--model", "model_spec", metavar="FILE.py:FUNC",
+              help="Your own architecture for a state dict: path/to/file.py:build or "
+              "package.module:build (importing your code is your choice, the checkpoint is still "
+              "read weights-only).")
+@click.option("--input-shape", help="N,C,H,W of the example input (default: the model's).")
+@click.option("--max-residual", type=click.FloatRange(min=0),
+              help="Largest relative residual a discovered structure may have (default: exact, "
+              "1e-5; larger takes approximately structured weights).")
 @click.option("--residual-structure", default="c2n2", show_default=True,
               type=click.Choice(["c2n2", "c1n2"]),
-              help="Structure dense 3x3 weights are measured against (relative residual).")
+              help="Zoo checkpoints: structure dense 3x3 weights are measured against (relative residual).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow arbitrary unpickling (runs code from the file: trusted files only).")
 @click.option("--allow-torchscript", is_flag=True,
               help="Allow TorchScript archives (they carry code: trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @fail_cleanly
-def inspect(checkpoint, arch, residual_structure, trust_pickle, allow_torchscript, as_json):
-    """Load CHECKPOINT and show its layers: kind, shapes, structure, params, MACs."""
-    from structexport.inspection import inspect_checkpoint, render_inspection
-    report = inspect_checkpoint(checkpoint, arch, trust_pickle=trust_pickle,
-                                allow_torchscript=allow_torchscript,
-                                residual_structure=residual_structure)
+def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_structure, trust_pickle,
+            allow_torchscript, as_json):
+    """Load CHECKPOINT and show its layers: shapes, structure, params, MACs. CHECKPOINT is
+    anything convert takes: a zoo checkpoint, an ONNX model, a torch.export archive (.pt2),
+    a state dict with --model, or TorchScript (with --allow-torchscript).
+
+    For models outside the zoo (torch modules are exported to ONNX first, as convert does),
+    every Conv with a constant weight and every Gemm/MatMul layer is listed with the
+    cheapest c x n x n structure found in its weights and whether convert would decompose
+    it. --json keys:
+
+    \b
+    source {path, sha256, format, name}, arch, input_shape, max_residual, min_saving, notes,
+    layers[]: name, op (conv2d|linear), onnx_op, nodes, weight_shape, output_shape, groups,
+      stride, padding, dilation, structure ("cxnxn", e.g. "8x2x2" | "dense" | null when
+      not searched), c, n, C, N, residual, macs_ratio, structured, decompose, reason (why
+      not: "dense", "saves N% ... under 20%", "dilated", ...), params_before, params_after,
+      macs_before, macs_after (the small conv's), sumpool_adds (naive count, apart)
+    totals: layers, structured, decomposed, params_before, params_after (conv and linear
+      layers), graph_params, macs_before, macs_after (whole graph), other_macs,
+      sumpool_adds, speedup_theoretical (macs_before / macs_after)
+
+    \b
+    Zoo checkpoints: source, checkpoint {path, sha256, format, wrapper_key, stored_dtypes,
+    metadata}, arch, input_shape, max_residual, notes, generator, layers[] (name, kind, op,
+    weight_shape, structure, params, macs, adds, output_shape, residual, discovered
+    {c, n, C, N, residual, macs_ratio, structured} for dense 3x3 convs, else null), totals
+    {params, trainable_params, layer_params, macs, sumpool_adds, layers, by_kind}."""
+    from structexport.inspection import inspect_model, render_inspection
+    with err.status("inspecting", spinner="dots") as status:
+        report = inspect_model(checkpoint, arch, model_spec=model_spec, input_shape=input_shape,
+                               max_residual=max_residual, trust_pickle=trust_pickle,
+                               allow_torchscript=allow_torchscript,
+                               residual_structure=residual_structure,
+                               progress=lambda stage: status.update(f"inspecting: {stage}"))
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2, default=str))
     else:
         render_inspection(report, out)
 
