@@ -195,7 +195,8 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     from structexport.frontends import load_source
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
-    if is_zoo_checkpoint(checkpoint, arch, opts):
+    from structexport.frontends import is_zoo_checkpoint
+    if is_zoo_checkpoint(checkpoint, arch, opts.model_spec):
         plan = _plan(outdir, opts, say)
         say("load")
         t = time.perf_counter()
@@ -208,22 +209,6 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     source = load_source(checkpoint, model_spec=opts.model_spec, arch=arch, input_shape=opts.input_shape,
                          trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript)
     return convert_source(source, outdir, opts, say)
-
-
-def is_zoo_checkpoint(path, arch: str | None, opts: ConvertOptions) -> bool:
-    """Whether the zoo's loader takes the file (a state dict of a zoo architecture, or a
-    TorchScript archive loaded into one with --arch), rather than a front end for models
-    from anywhere (ONNX, torch.export, a user's own module, TorchScript): by content."""
-    from structexport.frontends import detect_frontend, frontend_for_suffix
-    if opts.model_spec:
-        return False
-    try:
-        frontend = detect_frontend(path) or frontend_for_suffix(path)
-    except (StructExportError, OSError):
-        return True          # the loader gives the precise error (missing, empty, ...)
-    if frontend is None:
-        return True
-    return frontend.name == "checkpoint" or (frontend.name == "torchscript" and arch is not None)
 
 
 def convert_source(source, outdir: str | Path, options: ConvertOptions | None = None,

@@ -29,8 +29,7 @@ from rich.table import Table
 
 from structexport.analysis import count_params, generator_info, layer_table
 from structexport.discovery import EXACT, discover_structure
-from structexport.errors import StructExportError
-from structexport.frontends import detect_frontend, frontend_for_suffix, load_source
+from structexport.frontends import is_zoo_checkpoint, load_source
 from structexport.frontends.base import check_module_runs, parse_input_shape
 from structexport.layers import StructuredConv2d, structured_residual
 from structexport.layers.structured import box_window
@@ -74,22 +73,6 @@ def structure_label(c, n) -> str:
 
 
 # --------------------------------------------------------------------------- dispatch
-
-def is_zoo_checkpoint(path, arch: str | None = None, model_spec: str | None = None) -> bool:
-    """Whether the zoo's loader takes the file (a state dict of a zoo architecture, or a
-    TorchScript archive read into one with ``--arch``) rather than a front end for models
-    from anywhere; by content, as ``convert`` decides. Unreadable paths go to the loader,
-    whose errors name the problem precisely (missing, empty, a directory, ...)."""
-    if model_spec:
-        return False
-    try:
-        frontend = detect_frontend(path) or frontend_for_suffix(path)
-    except (StructExportError, OSError):
-        return True
-    if frontend is None:
-        return True
-    return frontend.name == "checkpoint" or (frontend.name == "torchscript" and arch is not None)
-
 
 def inspect_model(path: str, arch: str | None = None, model_spec: str | None = None,
                   input_shape=None, max_residual: float | None = None,

@@ -169,8 +169,8 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
     if path:
         if Path(path).is_dir():  # a folder that is not a package: the package loader's error
             Package.load(path)
-        from structexport.convert import ConvertOptions, is_zoo_checkpoint
-        if not is_zoo_checkpoint(path, arch, ConvertOptions(allow_torchscript=opts.allow_torchscript)):
+        from structexport.frontends import is_zoo_checkpoint
+        if not is_zoo_checkpoint(path, arch):
             return _convert_source_here(path, arch, opts, workdir, say)
         loaded = _load(path, arch, opts, say)
         origin, label = "checkpoint", str(path)

@@ -117,3 +117,19 @@ def load_source(path: str | os.PathLike, *, model_spec: str | None = None, arch:
                            trust_pickle=trust_pickle, allow_torchscript=allow_torchscript)
     source.notes[:0] = notes
     return source
+
+
+def is_zoo_checkpoint(path, arch: str | None = None, model_spec: str | None = None) -> bool:
+    """Whether the zoo's loader takes the file (a state dict of a zoo architecture, or a
+    TorchScript archive read into one with ``--arch``) rather than a front end for models
+    from anywhere; by content, as ``convert`` decides. Unreadable paths go to the loader,
+    whose errors name the problem precisely (missing, empty, a directory, ...)."""
+    if model_spec:
+        return False
+    try:
+        frontend = detect_frontend(path) or frontend_for_suffix(path)
+    except (E.StructExportError, OSError):
+        return True
+    if frontend is None:
+        return True
+    return frontend.name == "checkpoint" or (frontend.name == "torchscript" and arch is not None)
