@@ -132,3 +132,15 @@ def test_bad_input_is_one_line_with_its_exit_code_and_nothing_written(saved, tmp
     assert r.exit_code == code, r.output
     assert "Traceback" not in r.output and r.output.count("error:") == 1 and text in r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_form_converts_for_tvm_llvm_verified(saved, converted, form, tmp_path):
+    args = [a.format(root=saved) for a in FORMS[form]]
+    r = CliRunner().invoke(main, ["convert", str(saved / args[0]), *args[1:], "--target", "tvm-llvm",
+                                  "-o", str(tmp_path / "tvm")])
+    assert r.exit_code == 0, r.output
+    m = Package.load(tmp_path / "tvm").manifest
+    assert m["target_verification"]["passed"] is True and (tmp_path / "tvm" / "model.so").is_file()
+    ort = converted[form].manifest
+    assert (m["before"]["macs"], m["after"]["macs"]) == (ort["before"]["macs"], ort["after"]["macs"])
