@@ -14,6 +14,7 @@ artifact, its dense reference and the verification data:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,13 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
                 f"checkpoint {package.source_path} is not there to convert again",
                 "pass the checkpoint itself (with --arch if needed), or drop the options that differ")
         say(f"convert again from {source} ({'; '.join(why)})")
+        from structexport.frontends import is_zoo_checkpoint
+        if not is_zoo_checkpoint(source, None):   # ONNX, torch.export, TorchScript sources
+            shape_opts = dataclasses.replace(opts, input_shape=tuple(shape), target=target)
+            workload = _convert_source_here(str(source), None, shape_opts, workdir, say)
+            workload.origin, workload.label = "outdir", str(path)
+            workload.notes.append(f"converted again from {source}: {'; '.join(why)}")
+            return workload
         loaded = _load(str(source), package.arch, opts, say)
         pass_options = {**package.pass_options,
                         **{k: v for k, v in opts.pass_options.items() if v not in (None, False)}}

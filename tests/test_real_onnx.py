@@ -154,12 +154,6 @@ class _Timeout(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, raises=(_Timeout, AssertionError), reason=(
-    "structexport.profiling.layermap.call_layers: owner() only matches a layer name that is a "
-    "strict dotted prefix of a weight ('c1' of 'c1.weight'); this model's layers are named as "
-    "their weights ('_v_625', 'conv10_se_1_weights'), so no call maps, and layer_of, which "
-    "keeps no negative result, walks the graph exponentially (profile never ends). Fix: "
-    "range(len(parts), 0, -1) in owner(); then remove this marker"))
 @pytest.mark.parametrize("which", ["original", "projected"])
 def test_the_packages_profile(which, original, projected, tmp_path):
     package = original if which == "original" else projected[3]

@@ -93,16 +93,23 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
 
     def owner(name: str) -> str | None:
         parts = name.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
+        # the full name too: a layer of an ONNX source is named after its weight itself
+        # when the weight's name has no ``.weight`` suffix (other exporters' names)
+        for cut in range(len(parts), 0, -1):
             prefix = ".".join(parts[:cut])
             if prefix in layers:
                 return prefix
         return None
 
+    # A call that no layer reaches must not be searched again from every later call: a
+    # budget per top-level search keeps a graph with unmapped chains linear, not exponential.
+    budget = {"steps": 0}
+
     def layer_of(i: int, visiting: frozenset = frozenset()) -> str | None:
         if i in memo:
             return memo[i]
-        if i in visiting or len(visiting) > 200:
+        budget["steps"] += 1
+        if i in visiting or len(visiting) > 200 or budget["steps"] > 5000:
             return None
         visiting = visiting | {i}
         c = calls[i]
@@ -127,7 +134,11 @@ def call_layers(calls: list[dict], layers: set[str], known: dict[int, str] | Non
         if found:  # a None found under a cut cycle may resolve from elsewhere: not kept
             memo[i] = found
         return found
-    return [layer_of(i) for i in range(len(calls))]
+    out = []
+    for i in range(len(calls)):
+        budget["steps"] = 0
+        out.append(layer_of(i))
+    return out
 
 
 def tvm_op(symbol: str) -> str:
