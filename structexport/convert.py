@@ -7,7 +7,6 @@ manifest records the failure.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -24,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from structexport.analysis import count_params, layer_table
+from structexport.costmodel import node_costs
 from structexport.errors import DeviceLostError, DeviceUnreachableError, StructExportError
-from structexport.export import (TOLERANCES, VerificationError, export_onnx, reference_outputs,
-                                 verify_onnx)
+from structexport.export import (TOLERANCES, VerificationError, export_onnx, quiet, reference_outputs,
+                                 source_to_onnx, verify_onnx)
 from structexport.loader import LoadedCheckpoint, file_sha256, load_checkpoint
 from structexport.machine import tool_versions
 from structexport.models import input_shape as default_input_shape
@@ -220,28 +220,10 @@ def convert_source(source, outdir: str | Path, options: ConvertOptions | None = 
     say = progress or (lambda _msg: None)
     if source.format == "checkpoint" and source.checkpoint is not None:
         return convert_loaded(source.checkpoint, outdir, opts, say)
-    proto = source.onnx
-    if proto is None:
-        proto = _export_module(source, say)
+    proto = source.onnx if source.onnx is not None else source_to_onnx(source, say)
     info = {"path": source.path, "sha256": source.sha256, "format": source.format, "name": source.name,
             "notes": list(source.notes)}
     return convert_onnx(proto, outdir, dataclasses.replace(opts, input_shape=None), say, info)
-
-
-def _export_module(source, say):
-    """A torch source exported to ONNX at its fixed input shape (dynamo; TorchScript,
-    which dynamo cannot trace, by the TorchScript-based exporter)."""
-    import onnx
-    say("export to ONNX")
-    example = source.example_input(0)
-    with tempfile.TemporaryDirectory(prefix="structexport-export-") as tmp:
-        path = Path(tmp) / "source.onnx"
-        if source.format == "torchscript":
-            from structexport.export import quiet_export_legacy
-            quiet_export_legacy(source.module, example, path)
-        else:
-            export_onnx(source.module, example, path)
-        return onnx.load(str(path))
 
 
 def convert_loaded(loaded: LoadedCheckpoint, outdir: str | Path, options: ConvertOptions | None = None,
@@ -306,6 +288,17 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
 def _artifact_records(staging: Path, artifacts: dict[str, str]) -> dict:
     return {name: {"description": desc, "bytes": (staging / name).stat().st_size,
                    "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()}
+
+
+def _publish(staging: Path, outdir: Path, manifest: dict, device_lost) -> None:
+    """Write the manifest, swap the package in; a device lost on the way is reported after,
+    with the artifact kept."""
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    _swap_in(staging, outdir)
+    if device_lost is not None:
+        raise type(device_lost)(device_lost.message,
+                                f"{outdir} holds the built artifact, verified under ONNX Runtime "
+                                f"but not on the device; {device_lost.hint}")
 
 
 def _staging(plan: _Plan) -> Path:
@@ -420,12 +413,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _swap_in(staging, outdir)
-        if device_lost is not None:
-            raise type(device_lost)(device_lost.message,
-                                    f"{outdir} holds the built artifact, verified under ONNX Runtime "
-                                    f"but not on the device; {device_lost.hint}")
+        _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)
     return ConvertResult(outdir, manifest)
@@ -447,18 +435,16 @@ def _onnx_input(proto) -> tuple[str, tuple[int, ...]]:
     return graph_inputs[0].name, shape
 
 
-def onnx_layers(proto) -> list[dict]:
-    """The layer table of an ONNX graph: one row per conv or linear layer with a constant
-    weight, named after the weight (as :func:`~structexport.passes.decompose_structured_conv_pass.layer_name`)."""
-    from structexport.costmodel import node_costs
-    from structexport.passes.decompose_structured_conv_pass import layer_name
+def onnx_layers(proto, costs: list) -> list[dict]:
+    """The layer table of an ONNX graph (``costs``: its :func:`~structexport.costmodel.node_costs`):
+    one row per conv or linear layer with a constant weight, named after the weight (as
+    :func:`~structexport.passes.decompose_structured_conv_pass.layer_name`)."""
     import onnx_ir as ir
+
+    from structexport.passes.decompose_structured_conv_pass import layer_name
     model = ir.from_proto(proto)
+    costs = {c.name: c for c in costs}
     rows, seen = [], set()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(proto.SerializeToString())
-        costs = {c.name: c for c in node_costs(path)}
     for node in model.graph:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
@@ -478,9 +464,9 @@ def onnx_layers(proto) -> list[dict]:
     return rows
 
 
-def _onnx_totals(path: Path, proto) -> dict:
-    from structexport.costmodel import node_costs, totals
-    t = totals(node_costs(path))
+def _onnx_totals(costs: list, proto) -> dict:
+    from structexport.costmodel import totals
+    t = totals(costs)
     params = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
     return {"params": params, "macs": t["macs"], "sumpool_adds": t["adds"]}
 
@@ -499,20 +485,13 @@ def prepare_onnx(proto, fold_constants: bool = True):
     if fold_constants:
         import onnxsim
         try:
-            with _quiet_native():
+            with quiet():
                 folded, ok = onnxsim.simplify(proto)
             if ok:
                 proto = folded
         except Exception:  # an op onnxsim cannot evaluate: keep the graph unfolded
             pass
     return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-
-
-@contextlib.contextmanager
-def _quiet_native():
-    import io
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
 
 
 def source_deviation(source: dict[str, list[np.ndarray]], reference: dict[str, list[np.ndarray]]) -> dict:
@@ -617,6 +596,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
         for node in out_proto.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         name = source.get("name") or Path(source.get("path") or "model").stem
+        reference_costs = node_costs(staging / REFERENCE)
         manifest = {
             "structexport_manifest": MANIFEST_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -630,9 +610,9 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
             "pass_options": _jsonable_pass_options(opts.pass_options),
-            "source_layers": onnx_layers(proto),
-            "before": _onnx_totals(staging / REFERENCE, proto),
-            "after": _onnx_totals(onnx_path, out_proto),
+            "source_layers": onnx_layers(proto, reference_costs),
+            "before": _onnx_totals(reference_costs, proto),
+            "after": _onnx_totals(node_costs(onnx_path), out_proto),
             "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
             "verification": verification.to_dict(),
             "reference": {"file": REFERENCE, "passes": [], "ops": None,
@@ -647,12 +627,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _swap_in(staging, outdir)
-        if device_lost is not None:
-            raise type(device_lost)(device_lost.message,
-                                    f"{outdir} holds the built artifact, verified under ONNX Runtime "
-                                    f"but not on the device; {device_lost.hint}")
+        _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)
     return ConvertResult(outdir, manifest)

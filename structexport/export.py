@@ -37,7 +37,7 @@ class VerificationError(StructExportError):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporter prints progress and warnings of its own; keep the user's terminal ours."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -56,11 +56,29 @@ def _quiet():
 def quiet_export_legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> None:
     """The TorchScript-based exporter, for modules dynamo cannot trace (TorchScript archives)."""
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset)
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
                           "export the model to ONNX yourself and convert the .onnx file") from None
+
+
+def source_to_onnx(source, progress=None):
+    """A front end's torch source exported to ONNX at its fixed input shape (dynamo;
+    TorchScript, which dynamo cannot trace, by the TorchScript-based exporter)."""
+    import tempfile
+
+    import onnx
+    if progress:
+        progress("export to ONNX")
+    example = source.example_input(0)
+    with tempfile.TemporaryDirectory(prefix="structexport-export-") as tmp:
+        path = Path(tmp) / "source.onnx"
+        if source.format == "torchscript":
+            quiet_export_legacy(source.module, example, path)
+        else:
+            export_onnx(source.module, example, path)
+        return onnx.load(str(path))
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: bool = True,
@@ -72,7 +90,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: b
     except NotImplementedError:
         pass
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
                                         input_names=["input"], output_names=["output"])
             program.save(str(path))
@@ -83,7 +101,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: b
     if simplify:
         import onnxsim
         try:
-            with _quiet():
+            with quiet():
                 simplified, ok = onnxsim.simplify(onnx.load(str(path)),
                                                   skip_constant_folding=not fold_constants)
         except Exception as exc:  # keep the unsimplified model, say why

@@ -163,30 +163,14 @@ def inspect_loaded(loaded: LoadedCheckpoint, residual_structure: str = "c2n2", i
 
 # --------------------------------------------------------------------------- any other model
 
-def _export(source, say):
-    """A torch source exported to ONNX at its fixed input shape, as ``convert`` exports it
-    (dynamo; TorchScript, which dynamo cannot trace, by the TorchScript-based exporter)."""
-    import onnx
-
-    from structexport.export import export_onnx, quiet_export_legacy
-    say("export to ONNX")
-    example = source.example_input(0)
-    with tempfile.TemporaryDirectory(prefix="structexport-inspect-") as tmp:
-        path = Path(tmp) / "source.onnx"
-        if source.format == "torchscript":
-            quiet_export_legacy(source.module, example, path)
-        else:
-            export_onnx(source.module, example, path)
-        return onnx.load(str(path))
-
-
 def inspect_source(source, max_residual: float | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
     """The report of a front end's :class:`~structexport.frontends.base.SourceModel` that is
     not a zoo checkpoint."""
     from structexport.convert import prepare_onnx
+    from structexport.export import source_to_onnx
     say = progress or (lambda _msg: None)
-    proto = source.onnx if source.onnx is not None else _export(source, say)
+    proto = source.onnx if source.onnx is not None else source_to_onnx(source, say)
     say("discover structure")
     report = inspect_graph(prepare_onnx(proto), max_residual=max_residual)
     report["source"] = {"path": source.path, "sha256": source.sha256, "format": source.format,

@@ -21,7 +21,7 @@ from structexport.layers import CSGConv2d, SSCConv2d, StructuredConv2d, Structur
 NON_STRUCTURAL_PASSES = ("fold_batchnorm",)
 
 
-class ReferenceError(StructExportError):
+class DenseReferenceError(StructExportError):
     exit_code, kind = 40, "reference-failed"
 
 
@@ -43,7 +43,7 @@ def checked_dense_counterpart(source: nn.Module, example: torch.Tensor, arch: st
     with torch.no_grad():
         ref, got = source(example), dense(example)
     if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
-        raise ReferenceError(f"the dense counterpart of {arch} does not reproduce it "
+        raise DenseReferenceError(f"the dense counterpart of {arch} does not reproduce it "
                              f"(max abs diff {float((ref - got).abs().max()):.3g})",
                              "report this: a structured layer's to_dense() is wrong")
     return dense

@@ -211,17 +211,20 @@ def _build(arch: str, seed: int, say):
                             metadata={"seed": seed})
 
 
+def _conversion(target: str, opts: WorkloadOptions, workdir: Path, kind: str, say) -> tuple[str, Path, dict]:
+    """(the target to convert for, a fresh folder, its target options). When only the
+    rewritten ONNX graph is needed, "onnx" runs the same passes without compiling a library
+    nobody reads."""
+    convert_target = "onnx" if opts.need == "graph" and graph_compatible("onnx", target, "graph") else target
+    outdir = workdir / f"converted-{kind}-{len(list(workdir.glob('converted-*')))}"
+    say(f"convert for {convert_target}")
+    return convert_target, outdir, (opts.target_options if convert_target.startswith("tvm") else {})
+
+
 def _convert_here(loaded, target: str, shape, pass_options: dict, opts: WorkloadOptions,
                   workdir: Path, say, origin: str, label: str) -> Workload:
     from structexport.convert import ConvertOptions, convert_loaded
-    convert_target = target
-    if opts.need == "graph" and graph_compatible("onnx", target, "graph"):
-        # The rewritten ONNX graph is all that is needed; "onnx" runs the same passes
-        # without compiling a library nobody reads.
-        convert_target = "onnx"
-    outdir = workdir / f"converted-{origin}-{len(list(workdir.glob('converted-*')))}"
-    say(f"convert for {convert_target}")
-    target_options = opts.target_options if convert_target.startswith("tvm") else {}
+    convert_target, outdir, target_options = _conversion(target, opts, workdir, origin, say)
     result = convert_loaded(loaded, outdir, ConvertOptions(
         target=convert_target, input_shape=shape, pass_options=pass_options,
         target_options=target_options), progress=say)
@@ -238,12 +241,10 @@ def _convert_source_here(path: str, arch: str | None, opts: WorkloadOptions, wor
     say("load")
     source = load_source(path, arch=arch, input_shape=opts.input_shape, trust_pickle=opts.trust_pickle,
                          allow_torchscript=opts.allow_torchscript)
-    convert_target = "onnx" if opts.need == "graph" and graph_compatible("onnx", target, "graph") else target
-    outdir = workdir / f"converted-source-{len(list(workdir.glob('converted-*')))}"
-    say(f"convert for {convert_target}")
+    convert_target, outdir, target_options = _conversion(target, opts, workdir, "source", say)
     result = convert_source(source, outdir, ConvertOptions(
         target=convert_target, pass_options={k: v for k, v in opts.pass_options.items()
                                              if k in ("max_residual", "sumpool_realization")},
-        target_options=opts.target_options if convert_target.startswith("tvm") else {}), say)
+        target_options=target_options), say)
     return Workload(Package.load(result.outdir, check_hashes=False), "checkpoint", str(path), target,
                     converted_here=True)

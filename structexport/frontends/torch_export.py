@@ -128,14 +128,21 @@ _ARITH = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, a
 _COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 
 
-def check_sym_expr(text: str) -> str | None:
-    """Why ``sympy.sympify(text)`` might do more than build an expression, or None."""
-    if not isinstance(text, str) or len(text) > 100_000 or any(c in text for c in "\n\r\\;"):
+def _one_expression(text, limit: int, forbidden: str):
+    """The parsed expression, or why ``text`` is not one short one-line expression."""
+    if not isinstance(text, str) or len(text) > limit or any(c in text for c in forbidden):
         return "not a one-line expression"
     try:
-        tree = ast.parse(text, mode="eval")
+        return ast.parse(text, mode="eval")
     except SyntaxError:
         return "not a Python expression"
+
+
+def check_sym_expr(text: str) -> str | None:
+    """Why ``sympy.sympify(text)`` might do more than build an expression, or None."""
+    tree = _one_expression(text, 100_000, "\n\r\\;")
+    if isinstance(tree, str):
+        return tree
 
     def bad(node) -> str | None:
         if isinstance(node, ast.Expression):
@@ -192,12 +199,9 @@ def check_guard(text: str) -> str | None:
     Guards are pasted into ``def _(*args): torch._assert(<guard>, "Guard failed: ...")``
     and exec'ed, so they must be one expression over ``L['name']...size()[i]``, numbers,
     arithmetic, comparisons and a few numeric functions."""
-    if not isinstance(text, str) or len(text) > 10_000 or any(c in text for c in "\n\r\\;\"#"):
-        return "not a one-line expression"
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return "not a Python expression"
+    tree = _one_expression(text, 10_000, "\n\r\\;\"#")
+    if isinstance(tree, str):
+        return tree
 
     def bad(node) -> str | None:
         if isinstance(node, ast.Expression):
