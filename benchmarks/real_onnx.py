@@ -8,20 +8,25 @@ MobileNetV3-small, trained by PaddlePaddle, exported by paddle2onnx: producer
 docs/real-models.md.
 
     .venv/bin/python benchmarks/real_onnx.py [--out DIR] [--layers 11] [--repeat 200]
+                                             [--structure structured grouped] [--tvm]
                                              [--json FILE] [--no-profile]
 
 1. converts the model as shipped (``structexport convert MODEL --target ort-cpu
-   --input-shape 1,3,48,192``): its weights are not structured, nothing is decomposed;
-2. writes a copy whose largest 1x1 pointwise convs (``--layers``, by multiplies) have
-   their kernels replaced by their least-squares projection onto a ``C/2 x 1 x 1``
-   structure (structure along input channels: ``project_kronecker(W, C/2, 1)``, then
-   ``compose_kernel``); nothing else in the file changes (same graph, same Constant
-   nodes, same names);
-3. converts that copy, benches it (``structexport bench OUT --repeat R``: the converted
-   model against its own dense reference, interleaved) and profiles it;
-4. times the converted projected model against the ORIGINAL model as shipped, and the
-   projected copy, interleaved in one process (``structexport.timing.time_interleaved``,
-   ONNX Runtime with all optimizations, 1 thread);
+   --input-shape 1,3,48,192``): its weights are not structured, nothing is rewritten;
+2. for each ``--structure``, writes a copy whose largest 1x1 pointwise convs (``--layers``,
+   by multiplies) have their kernels replaced by their projection onto that structure;
+   nothing else in the file changes (same graph, same Constant nodes, same names):
+   - ``structured``: the least-squares projection onto a ``C/2 x 1 x 1`` structured conv
+     (structure along input channels: ``project_kronecker(W, C/2, 1)``, ``compose_kernel``);
+   - ``grouped``: a block-diagonal pattern of 2 groups (the off-diagonal blocks zeroed),
+     the group sparsity SSC's ``p``/``g`` patterns generalize;
+3. converts that copy (the structure is found in the weights: decompose_structured_conv
+   for the first, lower_sparse_conv for the second), benches it (``structexport bench OUT
+   --repeat R``, the converted model against its own dense reference, interleaved) at
+   batch 1 and at the shipped batch 6, and profiles it;
+4. times the converted model against the ORIGINAL model as shipped, and the projected
+   copy, interleaved in one process (``structexport.timing.time_interleaved``, ONNX
+   Runtime with all optimizations, 1 thread);
 5. prints one JSON object (also written to ``--json``): the model's provenance, the
    layers projected and found, the theoretical and measured speedups, the machine and
    the commands.
@@ -48,6 +53,7 @@ PACKAGE_VERSION = "1.4.4"
 MODEL_FILE = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 # The package's own config.yaml: Cls.cls_image_shape [3, 48, 192]
 INPUT_SHAPE = (1, 3, 48, 192)
+SHIPPED_BATCH = 6     # config.yaml: Cls.cls_batch_num
 STRUCTEXPORT = [sys.executable, "-m", "structexport"]
 
 
@@ -132,17 +138,38 @@ def pick_pointwise(table: list[dict], count: int) -> list[dict]:
     return sorted(pointwise, key=lambda r: (-r["macs"], r["node"]))[:count]
 
 
-def project_copy(proto, picks: list[dict]):
-    """A copy of ``proto`` whose picked kernels are replaced by their projection onto a
-    ``C/2 x 1 x 1`` structure, in place in the Constant nodes (or initializers) that hold
-    them. Returns the copy and one record per layer (structure, relative change of the
-    kernel = the projection residual)."""
-    import onnx
+STRUCTURES = ("structured", "grouped")
+
+
+def _project_structured(w: np.ndarray) -> tuple[np.ndarray, str]:
+    """Least-squares projection onto a ``C/2 x 1 x 1`` structured conv (structure along the
+    input channels)."""
     import torch
-    from onnx import numpy_helper
 
     from structexport.discovery import project_kronecker
     from structexport.layers.structured import compose_kernel
+    _, C, N, _ = w.shape
+    alpha, _ = project_kronecker(torch.from_numpy(w.astype(np.float64)), C // 2, 1)
+    return compose_kernel(alpha, C, N).numpy().astype(w.dtype), f"{C // 2}x1x1"
+
+
+def _project_grouped(w: np.ndarray) -> tuple[np.ndarray, str]:
+    """Projection onto a block-diagonal pattern of 2 groups (an SSC-style sparse
+    pattern: the off-diagonal blocks zeroed), which a grouped conv computes."""
+    O, C = w.shape[:2]
+    mask = np.zeros_like(w)
+    mask[:O // 2, :C // 2] = mask[O // 2:, C // 2:] = 1
+    return w * mask, "2 groups"
+
+
+def project_copy(proto, picks: list[dict], structure: str = "structured"):
+    """A copy of ``proto`` whose picked kernels are replaced by their projection onto
+    ``structure`` (``"structured"``: ``C/2 x 1 x 1``; ``"grouped"``: block-diagonal, 2
+    groups), in place in the Constant nodes (or initializers) that hold them. Returns the
+    copy and one record per layer (structure, relative change of the kernel)."""
+    import onnx
+    from onnx import numpy_helper
+    project = {"structured": _project_structured, "grouped": _project_grouped}[structure]
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     holders = _weight_holders(out)
@@ -150,12 +177,10 @@ def project_copy(proto, picks: list[dict]):
     for r in picks:
         holder = holders[r["weight"]]
         w = numpy_helper.to_array(holder)
-        _, C, N, _ = w.shape
-        c, n = C // 2, 1
-        alpha, residual = project_kronecker(torch.from_numpy(w.astype(np.float64)), c, n)
-        projected = compose_kernel(alpha, C, N).numpy().astype(w.dtype)
+        projected, spec = project(w)
+        change = float(np.linalg.norm((projected - w).astype(np.float64)) / np.linalg.norm(w.astype(np.float64)))
         holder.CopyFrom(numpy_helper.from_array(projected, holder.name))
-        records.append(dict(r, c=c, n=n, residual=float(residual)))
+        records.append(dict(r, structure=spec, residual=change))
     onnx.checker.check_model(out)
     return out, records
 
@@ -183,20 +208,13 @@ def convert(model: Path, outdir: Path, log: list[str]) -> dict:
     return json.loads((outdir / "manifest.json").read_text())
 
 
-def decomposed(manifest: dict) -> dict[str, dict]:
-    return {r["layer"]: r["details"] for run in manifest["passes"] for r in run["records"]
-            if r["action"] == "decomposed"}
+REWRITTEN = ("decomposed", "lowered")   # decompose_structured_conv, lower_sparse_conv
 
 
-def found_by_node(package: Path, manifest: dict) -> dict[str, dict]:
-    """Decomposed layers by the source's Conv node name. convert folds each batch norm into
-    its conv (onnxsim), which names the fused kernels ``_v_NNN``: the package's layer names
-    are those, and the Conv node names, which are kept, lead back to the source."""
-    import onnx
-    found = decomposed(manifest)
-    ref = onnx.load(str(package / "reference.onnx"))
-    return {n.name: dict(found[n.input[1]], layer=n.input[1])
-            for n in ref.graph.node if n.op_type == "Conv" and n.input[1] in found}
+def rewritten(manifest: dict) -> dict[str, dict]:
+    """Layers a pass rewrote: {layer name: the pass record's details and action}."""
+    return {r["layer"]: dict(r["details"], action=r["action"]) for run in manifest["passes"]
+            for r in run["records"] if r["action"] in REWRITTEN}
 
 
 def time_against_source(original: Path, projected: Path, package: Path, repeat: int) -> dict:
@@ -215,11 +233,13 @@ def time_against_source(original: Path, projected: Path, package: Path, repeat: 
             "speedup_vs_projected_copy": res["projected copy (dense)"]["median"] / res["converted projected"]["median"]}
 
 
-def bench(package: Path, repeat: int, log: list[str]) -> dict:
-    """``structexport bench PACKAGE --repeat R``: the converted model against its own dense
-    reference (the source it was converted from), interleaved."""
-    out = package.parent / f"{package.name}.bench.json"
-    proc = _cli(["bench", str(package), "--repeat", str(repeat), "--json", str(out)], 900, log)
+def bench(package: Path, repeat: int, log: list[str], batch: int = 1) -> dict:
+    """``structexport bench PACKAGE --repeat R [--batch B]``: the converted model against its
+    own dense reference (the source it was converted from), interleaved. At another batch
+    than the package's, bench converts again from the source file."""
+    out = package.parent / f"{package.name}.bench{batch}.json"
+    proc = _cli(["bench", str(package), "--repeat", str(repeat), "--json", str(out)]
+                + (["--batch", str(batch)] if batch != 1 else []), 900, log)
     if proc.returncode != 0:
         return {"failed": proc.returncode, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
     b = json.loads(out.read_text())
@@ -248,7 +268,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--no-profile", action="store_true", help="skip structexport profile")
     ap.add_argument("--profile-timeout", type=float, default=60, help="seconds before a profile is given up [60]")
-    ap.add_argument("--tvm", action="store_true", help="also convert the projected copy for tvm-llvm and bench it")
+    ap.add_argument("--tvm", action="store_true", help="also convert the projected copies for tvm-llvm and bench them")
+    ap.add_argument("--structure", nargs="+", choices=STRUCTURES, default=list(STRUCTURES),
+                    help="the structures to project the picked layers onto [both]: structured "
+                         "(C/2x1x1) and grouped (block-diagonal, 2 groups)")
     args = ap.parse_args(argv)
     import onnx
 
@@ -265,7 +288,7 @@ def main(argv=None) -> dict:
         for r in run["records"]:
             actions[r["action"]] = actions.get(r["action"], 0) + 1
     result["original"] = {"verification_passed": base["verification"]["passed"],
-                          "decompose_actions": actions, "decomposed": sorted(decomposed(base)),
+                          "decompose_actions": actions, "rewritten": sorted(rewritten(base)),
                           "macs": base["before"]["macs"],
                           "speedup_theoretical": base["before"]["macs"] / base["after"]["macs"],
                           "bench": bench(work / "original", args.repeat, log)}
@@ -273,34 +296,36 @@ def main(argv=None) -> dict:
         result["original"]["profile"] = profile(work / "original", args.profile_timeout, log)
 
     proto = onnx.load(str(src))
-    projected, records = project_copy(proto, pick_pointwise(conv_table(proto), args.layers))
-    copy = work / "projected.onnx"
-    onnx.save(projected, str(copy))
-
-    pkg = convert(copy, work / "projected", log)
-    found = decomposed(pkg)
-    by_node = found_by_node(work / "projected", pkg)
-    result["projected"] = {
-        "layers": [{"node": r["node"], "source_weight": r["weight"], "shape": r["shape"], "macs": r["macs"],
-                    "structure": f"{r['c']}x{r['n']}x{r['n']}", "kernel_change": r["residual"],
-                    "found": by_node.get(r["node"])} for r in records],
-        "decomposed_elsewhere": sorted(set(found) - {v["layer"] for v in by_node.values()}),
-        "verification_passed": pkg["verification"]["passed"],
-        "macs_before": pkg["before"]["macs"], "macs_after": pkg["after"]["macs"],
-        "sumpool_adds": pkg["after"]["sumpool_adds"],
-        "speedup_theoretical": pkg["before"]["macs"] / pkg["after"]["macs"],
-        "bench": bench(work / "projected", args.repeat, log)}
-    if not args.no_profile:
-        result["projected"]["profile"] = profile(work / "projected", args.profile_timeout, log)
-
-    result["interleaved"] = time_against_source(src, copy, work / "projected", args.repeat)
-
-    if args.tvm:
-        shape = ",".join(map(str, INPUT_SHAPE))
-        proc = _cli(["convert", str(copy), "--target", "tvm-llvm", "--input-shape", shape,
-                     "-o", str(work / "projected-tvm")], 900, log)
-        result["tvm_llvm"] = (bench(work / "projected-tvm", args.repeat, log) if proc.returncode == 0
-                              else {"failed": proc.returncode})
+    picks = pick_pointwise(conv_table(proto), args.layers)
+    for structure in args.structure:
+        projected, records = project_copy(proto, picks, structure)
+        copy = work / f"{structure}.onnx"
+        onnx.save(projected, str(copy))
+        pkg_dir = work / structure
+        pkg = convert(copy, pkg_dir, log)
+        found = rewritten(pkg)     # convert keeps the source's weight names
+        entry = {
+            "layers": [{"node": r["node"], "source_weight": r["weight"], "shape": r["shape"], "macs": r["macs"],
+                        "structure": r["structure"], "kernel_change": r["residual"],
+                        "found": found.get(r["weight"])} for r in records],
+            "rewritten_elsewhere": sorted(set(found) - {r["weight"] for r in records}),
+            "verification_passed": pkg["verification"]["passed"],
+            "macs_before": pkg["before"]["macs"], "macs_after": pkg["after"]["macs"],
+            "sumpool_adds": pkg["after"]["sumpool_adds"],
+            "speedup_theoretical": pkg["before"]["macs"] / pkg["after"]["macs"],
+            "bench": bench(pkg_dir, args.repeat, log),
+            # the batch the package that ships the model runs it at
+            f"bench_batch{SHIPPED_BATCH}": bench(pkg_dir, args.repeat, log, batch=SHIPPED_BATCH)}
+        if not args.no_profile:
+            entry["profile"] = profile(pkg_dir, args.profile_timeout, log)
+        entry["interleaved"] = time_against_source(src, copy, pkg_dir, args.repeat)
+        if args.tvm:
+            shape = ",".join(map(str, INPUT_SHAPE))
+            proc = _cli(["convert", str(copy), "--target", "tvm-llvm", "--input-shape", shape,
+                         "-o", str(work / f"{structure}-tvm")], 900, log)
+            entry["tvm_llvm"] = (bench(work / f"{structure}-tvm", args.repeat, log) if proc.returncode == 0
+                                 else {"failed": proc.returncode})
+        result[structure] = entry
     result["commands"] = log
     text = json.dumps(result, indent=2, default=str)
     if args.json:

@@ -404,6 +404,9 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "pass_options": _jsonable_pass_options(opts.pass_options),
             "source_layers": [r.to_dict() for r in layer_table(source, shape)],
             "before": _totals(source, shape), "after": _totals(rewritten, shape),
+            # What a runtime would execute without structexport: the source with every
+            # kernel dense (reference.onnx). The theoretical speedup is dense / after.
+            "dense": _dense_totals(staging / REFERENCE),
             "export": export_info,
             "verification": verification.to_dict(),
             "reference": {"file": REFERENCE, "passes": reference_info["passes"],
@@ -464,6 +467,11 @@ def onnx_layers(proto, costs: list) -> list[dict]:
     return rows
 
 
+def _dense_totals(reference: Path) -> dict:
+    import onnx
+    return _onnx_totals(node_costs(reference), onnx.load(str(reference)))
+
+
 def _onnx_totals(costs: list, proto) -> dict:
     from structexport.costmodel import totals
     t = totals(costs)
@@ -488,10 +496,40 @@ def prepare_onnx(proto, fold_constants: bool = True):
             with quiet():
                 folded, ok = onnxsim.simplify(proto)
             if ok:
-                proto = folded
+                proto = restore_weight_names(proto, folded)
         except Exception:  # an op onnxsim cannot evaluate: keep the graph unfolded
             pass
     return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+
+
+def restore_weight_names(before, after):
+    """onnxsim names the kernels it folds (a batch norm into its conv) ``_v_NNN``, and the
+    layer names of the manifest, bench and profile are the weights' names: give each
+    Conv's new kernel back the name its weight had in ``before`` (matched by the Conv
+    node's name, which onnxsim keeps) when that name is free in ``after``."""
+    def conv_weights(proto):
+        named = [n for n in proto.graph.node if n.op_type == "Conv" and n.name and len(n.input) > 1]
+        counts = {}
+        for n in named:
+            counts[n.name] = counts.get(n.name, 0) + 1
+        return {n.name: n for n in named if counts[n.name] == 1}
+    old = {name: n.input[1] for name, n in conv_weights(before).items()}
+    used = {v for n in after.graph.node for v in (*n.input, *n.output)}
+    used |= {i.name for i in after.graph.input} | {o.name for o in after.graph.output}
+    readers: dict[str, int] = {}
+    for n in after.graph.node:
+        for v in n.input:
+            readers[v] = readers.get(v, 0) + 1
+    initializers = {i.name: i for i in after.graph.initializer}
+    for name, node in conv_weights(after).items():
+        current, wanted = node.input[1], old.get(name)
+        if (not wanted or wanted == current or wanted in used or current not in initializers
+                or readers.get(current) != 1):
+            continue
+        initializers[current].name = wanted
+        node.input[1] = wanted
+        used.add(wanted)
+    return after
 
 
 def source_deviation(source: dict[str, list[np.ndarray]], reference: dict[str, list[np.ndarray]]) -> dict:
@@ -612,6 +650,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "pass_options": _jsonable_pass_options(opts.pass_options),
             "source_layers": onnx_layers(proto, reference_costs),
             "before": _onnx_totals(reference_costs, proto),
+            "dense": _onnx_totals(reference_costs, proto),   # the source's kernels are dense already
             "after": _onnx_totals(node_costs(onnx_path), out_proto),
             "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
             "verification": verification.to_dict(),

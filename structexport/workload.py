@@ -157,7 +157,9 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
         if source is None:
             raise PackageIncompatibleError(
                 f"{path} does not fit this run, which needs {'; '.join(why)}, and its source "
-                f"checkpoint {package.source_path} is not there to convert again",
+                f"checkpoint {package.source_path} "
+                f"{'has changed since (its SHA-256 differs)' if package.source_path and Path(package.source_path).is_file() else 'is not there'}"
+                " to convert again",
                 "pass the checkpoint itself (with --arch if needed), or drop the options that differ")
         say(f"convert again from {source} ({'; '.join(why)})")
         from structexport.frontends import is_zoo_checkpoint

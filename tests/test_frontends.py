@@ -228,7 +228,8 @@ def test_onnx_exports_load_and_match_the_module(files, net, key):
 
 def test_onnx_dynamic_axes_need_input_shape(files, net):
     err = expect(E.InputDimensionError, lambda: load_source(files["dynamic"]),
-                 "input 'x'", "'height'", "unknown", "--input-shape 1,3,224,224")
+                 "input 'x' (declared [batch, 3, height, width])", "'height'", "unknown",
+                 "--input-shape with the size the model was trained at", "e.g. 1,3,224,224")
     assert err.exit_code == 24
     source = load_source(files["dynamic"], input_shape=(2, 3, 24, 24))
     assert source.input_shape == (2, 3, 24, 24)

@@ -2,9 +2,10 @@
 classifier (MobileNetV3-small, PaddlePaddle / paddle2onnx, opset 11, weights in Constant
 nodes, dynamic H and W), shipped inside the PyPI package rapidocr-onnxruntime (the
 ``test`` extra). It converts for ort-cpu verified, with nothing decomposed (its weights
-are not structured); a copy with its largest 1x1 convs projected onto ``C/2 x 1 x 1``
-structures (benchmarks/real_onnx.py) has exactly those layers found and decomposed, and
-benches and profiles. See docs/real-models.md."""
+are not structured); copies with its largest 1x1 convs projected onto ``C/2 x 1 x 1``
+structures, or onto a block-diagonal 2-group pattern (benchmarks/real_onnx.py), have
+exactly those layers found (decomposed, or lowered to grouped convs), and bench and
+profile. See docs/real-models.md."""
 from __future__ import annotations
 
 import importlib.util
@@ -55,14 +56,23 @@ def original(source, tmp_path_factory) -> Package:
     return _convert(source, tmp_path_factory.mktemp("real") / "original")
 
 
-@pytest.fixture(scope="module")
-def projected(source, tmp_path_factory):
+def _projected(source, tmp_path_factory, structure):
     import onnx
-    root = tmp_path_factory.mktemp("real-projected")
+    root = tmp_path_factory.mktemp(f"real-{structure}")
     proto = onnx.load(str(source))
-    copy, records = R.project_copy(proto, R.pick_pointwise(R.conv_table(proto), LAYERS))
+    copy, records = R.project_copy(proto, R.pick_pointwise(R.conv_table(proto), LAYERS), structure)
     onnx.save(copy, str(root / "projected.onnx"))
     return proto, copy, records, _convert(root / "projected.onnx", root / "package")
+
+
+@pytest.fixture(scope="module")
+def projected(source, tmp_path_factory):
+    return _projected(source, tmp_path_factory, "structured")
+
+
+@pytest.fixture(scope="module")
+def grouped(source, tmp_path_factory):
+    return _projected(source, tmp_path_factory, "grouped")
 
 
 def _actions(manifest: dict) -> dict[str, int]:
@@ -115,7 +125,8 @@ def test_the_copy_changes_only_the_projected_kernels(projected):
                                                         numpy_helper.to_array(after[k]))}
     assert changed == {r["weight"] for r in records}
     assert len(records) == LAYERS
-    assert all(r["shape"][2:] == [1, 1] and r["group"] == 1 and r["c"] == r["shape"][1] // 2 for r in records)
+    assert all(r["shape"][2:] == [1, 1] and r["group"] == 1 and r["structure"] == f"{r['shape'][1] // 2}x1x1"
+               for r in records)
     assert [len(copy.graph.node), copy.producer_name] == [len(proto.graph.node), proto.producer_name]
 
 
@@ -123,17 +134,41 @@ def test_the_projected_layers_are_found_with_their_structure(projected):
     _, _, records, package = projected
     m = package.manifest
     assert m["verification"]["passed"] is True
-    by_node = R.found_by_node(package.root, m)
-    assert set(by_node) == {r["node"] for r in records}, by_node
+    # the package's layers keep the source's weight names (onnxsim's batch-norm folding
+    # renames the fused kernels; convert gives them their names back)
+    found = R.rewritten(m)
+    assert set(found) == {r["weight"] for r in records}, sorted(found)
+    assert {row["name"] for row in m["source_layers"]} >= set(found)
     for r in records:
-        found = by_node[r["node"]]
-        assert (found["c"], found["n"], found["C"], found["N"]) == (r["c"], 1, r["shape"][1], 1)
-        assert found["residual"] < 1e-6
+        f = found[r["weight"]]
+        assert (f["c"], f["n"], f["C"], f["N"]) == (r["shape"][1] // 2, 1, r["shape"][1], 1)
+        assert f["residual"] < 1e-6
     assert _actions(m)["decomposed"] == LAYERS
     # a C/2 x 1 x 1 structure halves the layer's multiplies (the sum-pool adds are counted apart)
     assert m["after"]["macs"] == m["before"]["macs"] - sum(r["macs"] for r in records) // 2
     assert m["before"]["macs"] / m["after"]["macs"] > 1.3
     assert m["after"]["sumpool_adds"] > 0
+
+
+def test_the_grouped_layers_are_found_and_lowered(grouped):
+    """Block-diagonal zeros in a plain conv: lower_sparse_conv finds the two groups from the
+    weights alone and the layer becomes a conv with group=2, nothing else changes."""
+    import onnx
+    proto, copy, records, package = grouped
+    m = package.manifest
+    assert m["verification"]["passed"] is True
+    assert m["verification"]["max_abs_diff"] < 1e-5
+    found = R.rewritten(m)
+    assert set(found) == {r["weight"] for r in records}, sorted(found)
+    assert all(f["action"] == "lowered" and f["groups"] == {"kxk": [], "1x1": [2]} and f["zeros"] == 0.5
+               for f in found.values())
+    assert _actions(m)["lowered"] == LAYERS and "decomposed" not in _actions(m)
+    assert m["after"]["macs"] == m["before"]["macs"] - sum(r["macs"] for r in records) // 2
+    assert m["after"]["sumpool_adds"] == 0
+    model = onnx.load(str(package.root / "model.onnx"))
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
+              for n in model.graph.node if n.op_type == "Conv"]
+    assert len(groups) == 53 and groups.count(2) == LAYERS   # no gathers: the blocks are in place
 
 
 def test_the_projected_package_benches(projected, tmp_path):
@@ -154,9 +189,9 @@ class _Timeout(Exception):
     pass
 
 
-@pytest.mark.parametrize("which", ["original", "projected"])
-def test_the_packages_profile(which, original, projected, tmp_path):
-    package = original if which == "original" else projected[3]
+@pytest.mark.parametrize("which", ["original", "projected", "grouped"])
+def test_the_packages_profile(which, original, projected, grouped, tmp_path):
+    package = {"original": original, "projected": projected[3], "grouped": grouped[3]}[which]
 
     def _alarm(*_):
         raise _Timeout("profile did not finish in 15 s")

@@ -159,7 +159,7 @@ def _suggestion(dims: list) -> str:
 
 def _dim_label(dims: list, axis: int) -> str:
     d = dims[axis]
-    return f"{d!r} (axis {axis})" if isinstance(d, str) else f"{axis} (no size or name)"
+    return f"{d!r} (axis {axis})" if isinstance(d, str) and d != "?" else f"{axis} (no size or name)"
 
 
 def _fix_inputs(model, inputs, input_shape, notes) -> tuple[list[tuple[int, ...]], bool]:
@@ -199,9 +199,12 @@ def _fix_inputs(model, inputs, input_shape, notes) -> tuple[list[tuple[int, ...]
             elif unknown:
                 axis = unknown[0] if unknown[0] != 0 else unknown[1]
                 where = "" if index == 0 else " (only the first input's shape can be given)"
+                declared = "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in dims) + "]"
                 raise E.InputDimensionError(
-                    f"input {vi.name!r} has dimension {_dim_label(dims, axis)} unknown{where}",
-                    f"pass --input-shape {_suggestion(dims)}")
+                    f"input {vi.name!r} (declared {declared}) has dimension {_dim_label(dims, axis)} "
+                    f"unknown{where}",
+                    f"pass --input-shape with the size the model was trained at for each unknown "
+                    f"dimension, e.g. {_suggestion(dims)}")
             else:
                 fixed = dims
         shape_proto = vi.type.tensor_type.shape
