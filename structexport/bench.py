@@ -204,8 +204,11 @@ def library_options(package: Package, target_options: dict) -> dict:
     if build.get("tvm_target") and not (given.get("tvm_target") or given.get("tvm_preset")):
         out["tvm_target"] = json.dumps(build["tvm_target"])
     tuning = build.get("tuning")
-    if tuning and not given.get("tune_trials"):
-        out["tune_trials"] = tuning["trials_requested"]
+    if tuning and not (given.get("tune_trials") or given.get("tune_per_task")):
+        if tuning.get("trials_per_task"):
+            out["tune_per_task"] = tuning["trials_per_task"]
+        else:
+            out["tune_trials"] = tuning["trials_requested"]
         out["tuning_db"] = str(Path(tuning["database"]).parent)
     return {**target_options, **out}
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from structexport import __version__, cli_device, cli_profile, cli_regress
 from structexport.cli_common import (declared_structures, device_options, device_spec, err,
                                      fail_cleanly, out, sumpool_choice, trust_options,
-                                     tvm_build_options)
+                                     tune_options, tvm_build_options)
 from structexport.targets import TARGETS
 
 
@@ -199,8 +199,8 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
 def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
-            tvm_preset, tvm_target, tune_trials, tuning_db, rpc, tracker, key, rpc_timeout,
-            as_json):
+            tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db, rpc, tracker, key,
+            rpc_timeout, as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
     model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
@@ -220,7 +220,7 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
         model_spec=model_spec,
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
                         "device": device_spec(rpc, tracker, key, rpc_timeout),
-                        "tune_trials": tune_trials, "tuning_db": tuning_db})
+                        **tune_options(tune_trials, tune_per_task), "tuning_db": tuning_db})
     with err.status("converting", spinner="dots") as status:
         result = run_convert(checkpoint, outdir, arch, options,
                              progress=lambda stage: status.update(f"converting: {stage}"))
@@ -259,7 +259,7 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
-          sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_trials,
+          sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_per_task, tune_trials,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file, trust_pickle, allow_torchscript):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
@@ -275,7 +275,8 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
                                          if sumpool_realization else {})},
                         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
                                         "device": device_spec(rpc, tracker, key, rpc_timeout),
-                                        "tune_trials": tune_trials, "tuning_db": tuning_db})
+                                        **tune_options(tune_trials, tune_per_task),
+                                        "tuning_db": tuning_db})
     with err.status("bench", spinner="dots") as status:
         result = run_bench(path, arch, opts, progress=lambda m: status.update(f"bench: {m}"))
     if json_file:
@@ -361,9 +362,21 @@ def _render_convert(m: dict, outdir) -> None:
     build = m.get("target_build") or {}
     if build.get("tuning"):
         tu = build["tuning"]
-        out.print(f"tuning: {tu['trials_run']} MetaSchedule trials run on {tu['measured_on']} "
+        budget = (f"{tu['trials_per_task']} per task" if tu.get("trials_per_task")
+                  else f"{tu['trials_requested']} in all")
+        out.print(f"tuning ({budget}): {tu['trials_run']} MetaSchedule trials run on {tu['measured_on']} "
                   f"({tu['tasks_from_database']} of {tu['tasks']} tasks from the database "
                   f"{tu['database']}), {tu['seconds']:.0f} s")
+        if tu.get("per_task"):
+            tasks = Table(title="tuning tasks", title_justify="left")
+            for col, justify in (("task", "left"), ("trials now", "right"), ("best ms", "right"),
+                                 ("from the database", "left")):
+                tasks.add_column(col, justify=justify)
+            for t in tu["per_task"]:
+                tasks.add_row(t["task"], str(t["trials"]),
+                              "-" if t["best_ms"] is None else f"{t['best_ms']:.4f}",
+                              "yes" if t["from_database"] else "no")
+            out.print(tasks)
     if (m.get("device") or {}).get("emulated"):
         out.print("device: emulated aarch64 (qemu user mode) -- it proves the library runs and is "
                   "correct; its timings are not ARM latency")

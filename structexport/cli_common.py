@@ -51,17 +51,44 @@ def device_options(fn):
     return fn
 
 
+def _tune_budget(ctx, param, value):
+    from structexport.tuning import TUNE_BUDGETS
+    if value is None:
+        return None
+    if value in TUNE_BUDGETS:
+        return TUNE_BUDGETS[value]
+    try:
+        trials = int(value)
+    except ValueError:
+        trials = 0
+    if trials < 1:
+        raise click.BadParameter(f"{value!r} is not a budget: give quick, full or a number of "
+                                 "trials per task (1 or more)")
+    return trials
+
+
+def tune_options(tune_trials: int, tune_per_task: int | None) -> dict:
+    """The target options of --tune-trials / --tune (one of them)."""
+    if tune_trials and tune_per_task:
+        raise click.UsageError("--tune and --tune-trials both set a tuning budget: give one")
+    return {"tune_trials": tune_trials, "tune_per_task": tune_per_task}
+
+
 def tvm_build_options(fn):
-    """--tvm-target / --tvm-preset / --tune-trials / --tuning-db (TVM targets only)."""
+    """--tvm-target / --tvm-preset / --tune / --tune-trials / --tuning-db (TVM targets only)."""
     from structexport.targets import ARM_PRESETS
     for decorator in reversed([
         click.option("--tvm-preset", type=click.Choice(sorted(ARM_PRESETS)),
                      help="Board preset for --target tvm-arm (default: any aarch64 with NEON)."),
         click.option("--tvm-target", metavar="JSON", help="TVM target as JSON, overriding the "
                      "target's default and --tvm-preset, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}'."),
+        click.option("--tune", "tune_per_task", metavar="quick|full|N", callback=_tune_budget,
+                     help="Tune with MetaSchedule, a budget per task: quick (16 trials), full (64: "
+                          "ONNX Runtime's level on a CIFAR ResNet-20, about 1 s a trial) or N. "
+                          "Tasks already in the tuning database are not tuned again."),
         click.option("--tune-trials", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
-                     help="MetaSchedule trials in all (0: untuned). Tasks already in the tuning "
-                          "database are not tuned again."),
+                     help="MetaSchedule trials in all, shared by the tasks as MetaSchedule sees fit "
+                          "(0: untuned; --tune gives every task its own budget)."),
         click.option("--tuning-db", type=click.Path(file_okay=False, path_type=str),
                      help="Tuning database folder (default ~/.cache/structexport/tvm-tuning)."),
     ]):

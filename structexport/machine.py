@@ -40,6 +40,18 @@ def cpu_info() -> dict:
             "simd": [f for f in SIMD if f in flags]}
 
 
+def llvm_host_cpu() -> str | None:
+    """LLVM's name for this host's CPU (``rocketlake``, ``znver3``, ``neoverse-n1``), as TVM
+    reports it; None without TVM. A TVM target without ``mcpu`` (or with ``native``)
+    compiles for a baseline x86-64 with no AVX at all."""
+    try:
+        import tvm
+        name = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
+    except Exception:
+        return None
+    return str(name) if name and name != "generic" else None
+
+
 def tool_versions() -> dict:
     """The versions a converted package and a measurement record."""
     import torch

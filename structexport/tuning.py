@@ -22,8 +22,36 @@ from typing import Callable
 from structexport.errors import TuningError
 from structexport.fsutil import cache_root, write_text_atomic
 
+# Named budgets, trials per task. On a CIFAR ResNet-20 (14 tasks, 1 thread, this project's
+# Intel and AMD machines) MetaSchedule reached 1.5-1.6x ONNX Runtime's time at 16 trials
+# per task and 1.00-1.10x at 64 (docs/benchmarks.md); a trial costs about 1 s on 2 cores.
+TUNE_BUDGETS = {"quick": 16, "full": 64}
+
+
 def default_db() -> Path:
     return cache_root() / "tvm-tuning"
+
+
+@dataclass
+class TuningBudget:
+    """``total`` trials shared by the tasks as MetaSchedule's scheduler sees fit
+    (``--tune-trials``), or ``per_task`` trials for every task (``--tune``)."""
+    total: int = 0
+    per_task: int = 0
+
+    def __post_init__(self):
+        if self.total and self.per_task:
+            raise ValueError("a tuning budget is either in all or per task")
+
+    def share(self, tasks: int) -> int:
+        """Trials one task gets (what the index remembers it was given)."""
+        return self.per_task or max(1, self.total // max(tasks, 1))
+
+    def global_trials(self, todo: int) -> int:
+        return self.per_task * todo if self.per_task else self.total
+
+    def __bool__(self) -> bool:
+        return bool(self.total or self.per_task)
 
 
 @dataclass
@@ -36,6 +64,9 @@ class TuningResult:
     seconds: float
     measured_on: str
     trials_failed: int = 0
+    trials_per_task: int | None = None     # --tune; None: --tune-trials in all
+    # one per task: name, trials spent now, best latency (ms) in the database, from_database
+    per_task: list = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -107,9 +138,9 @@ def _task_key(task) -> str:
 
 
 def _load_index(folder: Path) -> dict:
-    """Tasks already given a tuning budget here: {structural hash: {name, trials}}. A task
-    that got no record within its budget (MetaSchedule spent it elsewhere) is not retried
-    for an equal or smaller budget."""
+    """Tasks already given a tuning budget here: {structural hash: {name, trials}}, the
+    trials being the task's share of the budget. A task that got no record within its
+    budget (MetaSchedule spent it elsewhere) is not retried for an equal or smaller one."""
     try:
         return json.loads((folder / "tasks.json").read_text())
     except (OSError, ValueError):
@@ -167,6 +198,19 @@ def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
+def _best_ms(db, task) -> float | None:
+    """The best measured latency of ``task`` in ``db`` (ms), None when it has no record."""
+    mod = task.dispatched[0]
+    try:
+        if not db.has_workload(mod):
+            return None
+        records = db.get_top_k(db.commit_workload(mod), 1)
+    except Exception:
+        return None
+    secs = [float(x) for r in records for x in (r.run_secs or [])]
+    return round(1000 * min(secs), 4) if secs else None
+
+
 def _progress_callback(total: int, say: Callable[[str], None], count: dict):
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
@@ -178,6 +222,8 @@ def _progress_callback(total: int, say: Callable[[str], None], count: dict):
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             count["trials"] += len(measure_candidates)
+            count.setdefault("by_task", {})
+            count["by_task"][task_id] = count["by_task"].get(task_id, 0) + len(measure_candidates)
             for built, ran in zip(builder_results, runner_results):
                 error = built.error_msg or (ran.error_msg if ran is not None else None)
                 if error:
@@ -189,11 +235,13 @@ def _progress_callback(total: int, say: Callable[[str], None], count: dict):
     return Progress()
 
 
-def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str | Path | None,
+def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int, db_root: str | Path | None,
                      device=None, cross_compile: bool = False,
                      progress: Callable[[str], None] | None = None):
-    """Tune ``mod``'s tasks missing from the database with ``trials`` trials in all, then
-    compile with the database applied. Returns ``(executable, TuningResult)``."""
+    """Tune ``mod``'s tasks missing from the database within ``budget`` (an int: trials in
+    all), then compile with the database applied. Returns ``(executable, TuningResult)``."""
+    if isinstance(budget, int):
+        budget = TuningBudget(total=budget)
     from tvm.s_tir import meta_schedule as ms
     say = progress or (lambda _m: None)
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -217,9 +265,12 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not t.mod.attrs.get("tirx.is_scheduled", False)]
     index = _load_index(folder)
-    todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < trials]
+    share = budget.share(len(tasks))
+    todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < share]
+    trials = budget.global_trials(len(todo))
     measured_on = "this host"
     trials_run = failed = 0
+    count = {"trials": 0, "failed": 0, "by_task": {}}
     if todo and trials > 0:
         if device is not None and getattr(device, "remote", False):
             runner = ms.runner.RPCRunner(
@@ -235,15 +286,18 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
         builder = ms.builder.LocalBuilder(f_export=export_aarch64 if cross_compile else None,
                                           initializer=preload_tvm_tensor_intrinsics, timeout_sec=120)
         with tempfile.TemporaryDirectory(prefix="structexport-tune-") as work:
-            say(f"tuning: {len(todo)} of {len(tasks)} tasks not in the database, {trials} trials")
+            say(f"tuning: {len(todo)} of {len(tasks)} tasks not in the database, {trials} trials"
+                + (f" ({budget.per_task} per task)" if budget.per_task else ""))
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 todo, work, strategy=_search_strategy(trials, len(todo)), seed=0)
-            count = {"trials": 0, "failed": 0}
             callbacks = (ms.measure_callback.MeasureCallback.create("default")
                          + [_progress_callback(trials, say, count)])
+            per_iter = (min(64, budget.per_task) if budget.per_task
+                        else min(64, max(8, trials // max(len(todo), 1))))
             try:
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
-                              max_trials_global=trials, num_trials_per_iter=min(64, max(8, trials // max(len(todo), 1))),
+                              max_trials_global=trials, max_trials_per_task=budget.per_task or None,
+                              num_trials_per_iter=per_iter,
                               builder=builder, runner=runner, database=db,
                               measure_callbacks=callbacks)
             except Exception as exc:
@@ -261,12 +315,15 @@ def tune_and_compile(mod, target, target_dict: dict, trials: int, db_root: str |
                               f"{count.get('first_error', 'no message')}",
                               "run without --tune-trials to build untuned")
         failed = count["failed"]
-        index.update({_task_key(t): {"name": t.task_name, "trials": trials} for t in todo})
+        index.update({_task_key(t): {"name": t.task_name, "trials": share} for t in todo})
         _save_index(folder, index)
+    tuned_now = {id(t): count["by_task"].get(i, 0) for i, t in enumerate(todo)}
+    per_task = [{"task": t.task_name, "trials": tuned_now.get(id(t), 0), "best_ms": _best_ms(db, t),
+                 "from_database": id(t) not in tuned_now} for t in tasks]
     say("compiling with the tuning database")
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     executable = tvm.compile(mod, target=target)
-    return executable, TuningResult(trials, trials_run, len(tasks), len(tasks) - len(todo),
+    return executable, TuningResult(budget.total or trials, trials_run, len(tasks), len(tasks) - len(todo),
                                     str(folder), round(time.perf_counter() - start, 1), measured_on,
-                                    failed)
+                                    failed, budget.per_task or None, per_task)

@@ -112,9 +112,20 @@ def _differences(package: Package, target: str, shape, opts: WorkloadOptions) ->
             given.append("--tvm-target")
         if given:
             why.append(f"another TVM target ({', '.join(given)})")
+        elif target == "tvm-llvm" and package.library is not None and not _remote(opts):
+            # a library built for another CPU family may not even load here (SIGILL)
+            from structexport.machine import llvm_host_cpu
+            built_for, host = (package.tvm_target or {}).get("mcpu"), llvm_host_cpu()
+            if built_for and host and built_for != host:
+                why.append(f"a library for this host's CPU {host} (it was built for {built_for})")
     if not package.self_contained:
         why.append("a dense reference and verification data (it was written by an older structexport)")
     return why
+
+
+def _remote(opts: WorkloadOptions) -> bool:
+    """Whether the run measures on a device over RPC (the library need not suit this host)."""
+    return getattr(opts.target_options.get("device"), "remote", False) is True
 
 
 def _parsed(tvm_target):

@@ -37,7 +37,10 @@ def test_tuned_library_verifies_and_records_its_tuning(tuned):
     assert tu["trials_run"] >= 8 and tu["trials_failed"] < tu["trials_run"]
     assert tu["tasks"] >= 10 and tu["tasks_from_database"] == 0
     assert Path(tu["database"]).parent == db
-    assert m["target_build"]["tvm_target"] == {"kind": "llvm", "num-cores": m["target_build"]["tvm_target"]["num-cores"]}
+    from structexport.machine import llvm_host_cpu
+    assert m["target_build"]["tvm_target"] == {"kind": "llvm", "mcpu": llvm_host_cpu(),
+                                               "num-cores": m["target_build"]["tvm_target"]["num-cores"]}
+    assert tu["trials_per_task"] is None and len(tu["per_task"]) == tu["tasks"]
     records = (Path(tu["database"]) / "records.json").read_text().strip().splitlines()
     assert len(records) >= 1
     assert m["target_verification"]["passed"] is True
@@ -87,3 +90,57 @@ def test_unreadable_tuning_database_is_exit_46(tmp_path):
     with pytest.raises(TuningError) as info:
         _database(folder)
     assert info.value.exit_code == 46 and "unreadable" in str(info.value)
+
+
+def test_tune_budgets_are_named_or_counted_and_exclusive(tmp_path):
+    res = cli("convert", BUNDLED, "--arch", "resnet20", "--target", "tvm-llvm", "-o", tmp_path / "o",
+              "--tune", "forever")
+    assert res.exit_code == 2 and "'forever' is not a budget: give quick, full or a number" in res.output
+    res = cli("convert", BUNDLED, "--arch", "resnet20", "--target", "tvm-llvm", "-o", tmp_path / "o",
+              "--tune", "quick", "--tune-trials", 8)
+    assert res.exit_code == 2 and "--tune and --tune-trials both set a tuning budget" in res.output
+    assert not (tmp_path / "o").exists()
+    from structexport.tuning import TUNE_BUDGETS, TuningBudget
+    assert TUNE_BUDGETS == {"quick": 16, "full": 64}
+    assert TuningBudget(per_task=4).global_trials(14) == 56 and TuningBudget(per_task=4).share(14) == 4
+    assert TuningBudget(total=64).global_trials(3) == 64 and TuningBudget(total=64).share(14) == 4
+
+
+def test_a_per_task_budget_reaches_every_task_and_is_reported(tmp_path):
+    """--tune 1: every task gets its own trial (MetaSchedule's scheduler is not left to
+    spend the budget on a few), each reported with its best latency; converting again
+    takes every task from the database."""
+    db = tmp_path / "db"
+    res = cli("convert", BUNDLED, "--arch", "resnet20", "--target", "tvm-llvm", "-o", tmp_path / "a",
+              "--tune", 1, "--tuning-db", db)
+    assert res.exit_code == 0, res.output
+    tu = json.loads((tmp_path / "a" / "manifest.json").read_text())["target_build"]["tuning"]
+    assert tu["trials_per_task"] == 1 and tu["tasks"] >= 10
+    rows = tu["per_task"]
+    assert len(rows) == tu["tasks"] and not any(r["from_database"] for r in rows)
+    assert all(r["trials"] == 1 for r in rows), rows          # one each: none skipped, none doubled
+    assert sum(r["trials"] for r in rows) == tu["trials_run"]
+    assert sum(r["best_ms"] is not None for r in rows) >= tu["tasks"] - tu["trials_failed"]
+    assert "tuning (1 per task)" in res.output and "tuning tasks" in res.output
+    again = cli("convert", BUNDLED, "--arch", "resnet20", "--target", "tvm-llvm", "-o", tmp_path / "b",
+                "--tune", 1, "--tuning-db", db)
+    assert again.exit_code == 0, again.output
+    tu2 = json.loads((tmp_path / "b" / "manifest.json").read_text())["target_build"]["tuning"]
+    assert tu2["trials_run"] == 0 and all(r["from_database"] and r["trials"] == 0 for r in tu2["per_task"])
+    assert [r["best_ms"] for r in tu2["per_task"]] == [r["best_ms"] for r in rows]
+
+
+def test_a_library_for_another_cpu_is_built_again_for_this_one(tuned, tmp_path):
+    """A tvm-llvm library names its CPU (mcpu); on a host of another CPU family it may not
+    even load, so bench converts again from the source instead of running it."""
+    import shutil
+    _, out, m = tuned
+    copy = tmp_path / "pkg"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target_build"]["tvm_target"]["mcpu"] = "some-other-cpu"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = cli("bench", copy, "--repeat", 3, "--warmup", 1, "--json", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    notes = json.loads((tmp_path / "b.json").read_text())["workload"]["notes"]
+    assert any("built for some-other-cpu" in n for n in notes), notes
