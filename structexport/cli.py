@@ -199,8 +199,8 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
 def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
-            tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db, rpc, tracker, key,
-            rpc_timeout, as_json):
+            tvm_preset, tvm_target, tvm_structured, tune_per_task, tune_trials, tuning_db, rpc,
+            tracker, key, rpc_timeout, as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
     model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
@@ -219,6 +219,7 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
         model_spec=model_spec,
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
+                        "tvm_structured": tvm_structured,
                         "device": device_spec(rpc, tracker, key, rpc_timeout),
                         **tune_options(tune_trials, tune_per_task), "tuning_db": tuning_db})
     with err.status("converting", spinner="dots") as status:
@@ -259,7 +260,8 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @fail_cleanly
 def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
-          sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tune_per_task, tune_trials,
+          sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tvm_structured,
+          tune_per_task, tune_trials,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file, trust_pickle, allow_torchscript):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
@@ -274,6 +276,7 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
                                       **({"sumpool_realization": sumpool_realization}
                                          if sumpool_realization else {})},
                         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
+                                        "tvm_structured": tvm_structured,
                                         "device": device_spec(rpc, tracker, key, rpc_timeout),
                                         **tune_options(tune_trials, tune_per_task),
                                         "tuning_db": tuning_db})
@@ -293,7 +296,9 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
     out.print(table)
     eff = result["realization_efficiency"]
     device = result.get("device")
-    where = (f"{'emulated aarch64 device' if result.get('emulated') else 'device'} at {device['address']}"
+    where = ((f"device {device['served_by']} (key {device['key']!r}, from the tracker at {device['address']})"
+              if device.get("served_by") else
+              f"{'emulated aarch64 device' if result.get('emulated') else 'device'} at {device['address']}")
              if device and device["address"] != "local" else result["machine"]["cpu"]["model"])
     out.print(f"speedup measured {result['speedup_measured']:.2f}x, theoretical "
               f"{result['speedup_theoretical']:.2f}x, realization efficiency "

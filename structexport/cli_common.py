@@ -82,6 +82,10 @@ def tvm_build_options(fn):
                      help="Board preset for --target tvm-arm (default: any aarch64 with NEON)."),
         click.option("--tvm-target", metavar="JSON", help="TVM target as JSON, overriding the "
                      "target's default and --tvm-preset, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}'."),
+        click.option("--tvm-structured", type=click.Choice(["fused", "decomposed"]),
+                     help="How TVM targets compile structured convs: fused (the default: the "
+                          "sum-pool in one hand-scheduled kernel feeding the small conv) or "
+                          "decomposed (the decomposed ONNX graph's operators one by one)."),
         click.option("--tune", "tune_per_task", metavar="quick|full|N", callback=_tune_budget,
                      help="Tune with MetaSchedule, a budget per task: quick (16 trials), full (64: "
                           "ONNX Runtime's level on a CIFAR ResNet-20, about 1 s a trial) or N. "

@@ -285,6 +285,22 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
     return artifacts, target_check, device, device_lost
 
 
+# The composed graph a fusing target builds from (structured convs as plain convs with
+# their exactly structured kernels): staged for the target, never part of the package.
+COMPOSED = ".composed.onnx"
+
+
+def _wants_composed(target) -> bool:
+    wants = getattr(target, "wants_composed_graph", None)
+    return bool(wants and wants())
+
+
+def _drop_composed(target, staging: Path) -> None:
+    if hasattr(target, "options"):
+        target.options.pop("composed_onnx", None)
+    (staging / COMPOSED).unlink(missing_ok=True)
+
+
 def _artifact_records(staging: Path, artifacts: dict[str, str]) -> dict:
     return {name: {"description": desc, "bytes": (staging / name).stat().st_size,
                    "sha256": file_sha256(staging / name)} for name, desc in artifacts.items()}
@@ -367,8 +383,16 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                     "nothing was written; loosen --atol/--rtol if the differences "
                                     "are expected, or pass --force to keep the artifact")
 
+        if _wants_composed(target):
+            from structexport.layers.decomposed import recompose
+            say("export the composed graph for the target")
+            composed_path = staging / COMPOSED
+            export_onnx(recompose(export_model), example, composed_path,
+                        fold_constants=not ctx.option("keep_csg_codes", False))
+            target.options["composed_onnx"] = composed_path
         artifacts, target_check, device, device_lost = _target_stage(
             target, staging, onnx_path, source, inputs, opts, say, timings)
+        _drop_composed(target, staging)
 
         say("export the dense reference")
         t = time.perf_counter()
@@ -624,8 +648,19 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             raise VerificationError(f"verification failed: {verification.summary()}",
                                     "nothing was written; loosen --atol/--rtol or --max-residual, or pass "
                                     "--force to keep the artifact")
+        if _wants_composed(target):
+            # the same passes but the decomposition: structured convs stay plain convs,
+            # their kernels projected when --max-residual asked for it
+            say("compose the graph for the target")
+            steps = [p for p in plan.steps if p.name != "decompose_structured_conv"]
+            composed, _ = PassManager(steps, check_inputs=next(iter(inputs.values())),
+                                      atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
+                                      model_kind=ONNX).run(ir.from_proto(proto), ctx)
+            (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
+            target.options["composed_onnx"] = staging / COMPOSED
         artifacts, target_check, device, device_lost = _target_stage(
             target, staging, onnx_path, run_reference, inputs, opts, say, timings)
+        _drop_composed(target, staging)
         save_verification_arrays(staging / VERIFICATION_DATA, arrays,
                                  {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
         artifacts[REFERENCE] = "the source model as given: what the artifact was verified against, and bench's dense counterpart"

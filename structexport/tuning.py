@@ -132,6 +132,15 @@ def preload_tvm_tensor_intrinsics() -> None:
         inspect.stack = original
 
 
+def _scheduled(task_mod) -> bool:
+    """A task already scheduled by hand (the fused structured conv's sum-pool kernel): the
+    mark is on its PrimFunc, not on the task's module."""
+    if task_mod.attrs is not None and task_mod.attrs.get("tirx.is_scheduled", False):
+        return True
+    return any(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+               for f in task_mod.functions.values())
+
+
 def _task_key(task) -> str:
     import tvm_ffi
     return f"{tvm_ffi.structural_hash(task.dispatched[0]) & (2**64 - 1):016x}"
@@ -262,8 +271,7 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings(),
                                         relax.pipeline.zero_pipeline()])(mod)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.mod)]
     index = _load_index(folder)
     share = budget.share(len(tasks))
     todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < share]

@@ -16,7 +16,7 @@ class TargetOptionError(StructExportError):
 # Options only the TVM targets understand (the CLI flag that sets each).
 TVM_ONLY_OPTIONS = {"tvm_target": "--tvm-target", "tvm_preset": "--tvm-preset",
                     "device": "--rpc/--tracker", "tune_trials": "--tune-trials",
-                    "tune_per_task": "--tune",
+                    "tune_per_task": "--tune", "tvm_structured": "--tvm-structured",
                     "tuning_db": "--tuning-db"}
 
 

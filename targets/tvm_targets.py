@@ -24,6 +24,10 @@ from structexport.errors import CrossCompilerMissingError, StructExportError
 from .base import Target
 
 
+# How structured convs are compiled (--tvm-structured): see TvmLlvmTarget.structured_mode.
+STRUCTURED_MODES = ("fused", "decomposed")
+
+
 class TvmError(StructExportError):
     exit_code, kind = 41, "tvm-failed"
 
@@ -93,6 +97,8 @@ class TvmLlvmTarget(Target):
     library = "model.so"
     device_kind = "cpu"
 
+    default_structured_mode = "fused"
+
     def __init__(self, options: dict | None = None):
         self.options = dict(options or {})
         self.build_info: dict = {}
@@ -102,6 +108,7 @@ class TvmLlvmTarget(Target):
         configured.options = {k: v for k, v in options.items() if v is not None}
         configured.build_info = {}
         configured.tvm_target()  # validate now, before any work
+        configured.structured_mode()
         return configured
 
     # ------------------------------------------------------------------ the TVM target
@@ -156,6 +163,34 @@ class TvmLlvmTarget(Target):
             probe(device)
 
     # ------------------------------------------------------------------ build
+    def structured_mode(self) -> str:
+        """``fused`` (default): structured convs become the fused operator of
+        ``structexport.tvm_fused``, built from the composed graph convert hands over;
+        ``decomposed``: the decomposed ONNX graph's operators, each compiled on its own."""
+        mode = self.options.get("tvm_structured") or self.default_structured_mode
+        if mode not in STRUCTURED_MODES:
+            raise TvmTargetSpecError(f"unknown --tvm-structured {mode!r}", f"choose {' or '.join(STRUCTURED_MODES)}")
+        return mode
+
+    def wants_composed_graph(self) -> bool:
+        """Whether convert should hand over the composed graph (structured convs as plain
+        convs holding their exactly structured kernels) beside the verified model."""
+        return self.structured_mode() == "fused"
+
+    def _fuse(self, mod, say):
+        from structexport.tvm_fused import fuse_structured_convs
+        say("fuse the structured convs")
+        mod, records = fuse_structured_convs(mod)
+        fused = [r for r in records if r.get("fused")]
+        self.build_info["structured_convs"] = {
+            "mode": "fused", "built_from": "the composed graph (structured convs as plain convs)",
+            "convs": len(records), "fused": len(fused),
+            "macs_before": sum(int(r.get("macs_before") or 0) for r in fused),
+            "macs_after": sum(int(r.get("macs_after") or 0) for r in fused),
+            "layers": [{k: r.get(k) for k in ("name", "weight_shape", "structure", "fused", "reason",
+                                              "macs_before", "macs_after")} for r in records]}
+        return mod
+
     def export_library(self, executable, path: Path) -> None:
         executable.export_library(str(path))
 
@@ -170,9 +205,13 @@ class TvmLlvmTarget(Target):
         trials = int(self.options.get("tune_trials") or 0)
         per_task = int(self.options.get("tune_per_task") or 0)
         say = self.options.get("progress") or (lambda _m: None)
+        composed = self.options.get("composed_onnx")
+        fuse = composed is not None and self.structured_mode() == "fused"
         try:
             with quiet_native_stderr():
-                mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
+                mod = from_onnx(onnx.load(str(composed if fuse else onnx_path)), keep_params_in_input=False)
+                if fuse:
+                    mod = self._fuse(mod, say)
                 if trials > 0 or per_task > 0:
                     from structexport.tuning import TuningBudget, tune_and_compile, with_core_count
                     spec = with_core_count(self.tvm_target(), self.options.get("device"))
@@ -192,10 +231,15 @@ class TvmLlvmTarget(Target):
             raise TvmError(f"TVM could not compile the model: {type(exc).__name__}: {_first_line(exc)}") from None
         self.build_info["tvm_target"] = self.tvm_target()
         self.build_info["runs_on"] = self.runs_on()
+        self.build_info.setdefault("structured_convs", {
+            "mode": "decomposed", "built_from": onnx_path.name,
+            "note": "the decomposed graph's operators compiled one by one"})
         self.build_info.setdefault("tuning", None)
         (outdir / "tvm_target.json").write_text(json.dumps(self.tvm_target()) + "\n")
         tuned = (f"tuned, {self.build_info['tuning']['tasks']} tasks" if self.build_info["tuning"]
                  else "untuned")
+        if self.build_info["structured_convs"]["mode"] == "fused":
+            tuned += f", {self.build_info['structured_convs']['fused']} structured convs fused"
         return {self.library: f"TVM library for {json.dumps(self.tvm_target())} ({tuned})",
                 "tvm_target.json": "the TVM target the library was built for"}
 
@@ -218,10 +262,15 @@ class TvmLlvmTarget(Target):
         if device is None and (missing := self._local_device_missing()):
             return missing
         with quiet_native_stderr():
-            loaded = LoadedLibrary(outdir / self.library, device, self.device_kind)
-        where = device.describe() if device is not None else f"this host ({self.device_kind})"
-        return verify_runner(reference, loaded.run, inputs, precision, atol, rtol,
-                             runtime=f"TVM VM, {self.library} on {where}")
+            loaded = LoadedLibrary(outdir / self.library, device, self.device_kind,
+                                   progress=self.options.get("progress"))
+
+        def where():
+            return device.describe() if device is not None else f"this host ({self.device_kind})"
+        result = verify_runner(reference, loaded.run, inputs, precision, atol, rtol,
+                               runtime=f"TVM VM, {self.library} on {where()}")
+        result.runtime = f"TVM VM, {self.library} on {where()}"   # a failover mid-run moved it
+        return result
 
 
 class TvmArmTarget(TvmLlvmTarget):
@@ -288,6 +337,17 @@ class TvmCudaTarget(TvmLlvmTarget):
 
     def runs_on(self) -> str:
         return f"NVIDIA GPUs of compute capability {self.tvm_target().get('arch', 'sm_80')} or newer"
+
+    # the fused sum-pool kernel is scheduled for CPUs (a loop nest with no GPU thread
+    # binding), so CUDA compiles the decomposed graph
+    default_structured_mode = "decomposed"
+
+    def structured_mode(self) -> str:
+        if self.options.get("tvm_structured") == "fused":
+            raise TvmTargetSpecError("--tvm-structured fused is for the CPU targets (tvm-llvm, tvm-arm): "
+                                     "the fused sum-pool kernel has no GPU schedule yet",
+                                     "drop --tvm-structured, or pass --tvm-structured decomposed")
+        return super().structured_mode()
 
     def target_host(self) -> dict | None:
         return {"kind": "llvm"}

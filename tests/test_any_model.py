@@ -144,3 +144,8 @@ def test_each_form_converts_for_tvm_llvm_verified(saved, converted, form, tmp_pa
     assert m["target_verification"]["passed"] is True and (tmp_path / "tvm" / "model.so").is_file()
     ort = converted[form].manifest
     assert (m["before"]["macs"], m["after"]["macs"]) == (ort["before"]["macs"], ort["after"]["macs"])
+    # TVM fuses, from the composed graph, exactly the layers ONNX Runtime's graph decomposes
+    sc = m["target_build"]["structured_convs"]
+    decomposed = [r for run in ort["passes"] for r in run["records"] if r["action"] == "decomposed"]
+    assert sc["mode"] == "fused" and sc["fused"] == len(decomposed) == 5
+    assert not (tmp_path / "tvm" / ".composed.onnx").exists()

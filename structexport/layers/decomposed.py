@@ -58,3 +58,29 @@ class DecomposedStructuredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(x.reshape(-1, x.shape[-1], 1, 1))
         return self.linear(pooled.reshape(*x.shape[:-1], -1))
+
+
+def recompose(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose decomposed structured convs are plain convs again, each
+    holding its composed (exactly structured) kernel; everything else is shared as is.
+
+    A compiler that fuses the sum-pool into the conv itself (the TVM targets'
+    ``tvm_fused``) starts from this form: the structure is read back from the kernel, and
+    no chain of separate pool operators is imported to be undone."""
+    import copy
+
+    from structexport.layers.common import dense_conv
+    from structexport.layers.structured import compose_kernel
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, DecomposedStructuredConv):
+                pool, conv = child.pool, child.conv
+                kc, kh, _ = pool.window
+                C = pool.channels // pool.groups
+                N = conv.kernel_size[0] + kh - 1
+                with torch.no_grad():
+                    weight = compose_kernel(conv.weight.double(), C, N).to(conv.weight.dtype)
+                    bias = None if conv.bias is None else conv.bias.detach().clone()
+                setattr(module, child_name, dense_conv(weight, bias, conv.stride, pool.padding, pool.groups))
+    return out
