@@ -110,6 +110,10 @@ def _differences(package: Package, target: str, shape, opts: WorkloadOptions) ->
         wanted = opts.target_options.get("tvm_target")
         if wanted and _parsed(wanted) != package.tvm_target:   # its own target is no change
             given.append("--tvm-target")
+        wanted_mode = opts.target_options.get("tvm_structured")
+        built_mode = ((package.target_build or {}).get("structured_convs") or {}).get("mode", "decomposed")
+        if wanted_mode and wanted_mode != built_mode:
+            why.append(f"--tvm-structured {wanted_mode} (its library has them {built_mode})")
         if given:
             why.append(f"another TVM target ({', '.join(given)})")
         elif target == "tvm-llvm" and package.library is not None and not _remote(opts):

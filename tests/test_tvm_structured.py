@@ -106,3 +106,12 @@ def test_cuda_compiles_the_decomposed_graph(tmp_path):
     r = cli("convert", STRUCT, "--target", "tvm-cuda", "--tvm-structured", "fused", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "no GPU schedule yet" in r.output and "--tvm-structured decomposed" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_with_the_other_mode_converts_again(builds, tmp_path):
+    root, _ = builds
+    r = cli("bench", root / "fused", "--tvm-structured", "decomposed", "--repeat", 3, "--warmup", 1,
+            "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    notes = json.loads((tmp_path / "b.json").read_text())["workload"]["notes"]
+    assert any("--tvm-structured decomposed (its library has them fused)" in n for n in notes), notes
