@@ -61,6 +61,20 @@ def test_tvm_arm_library_is_aarch64_and_verified_on_the_emulated_device(arm56, e
     assert m["target_build"]["tuning"] is None
 
 
+def test_fused_structured_convs_cross_compile_and_verify_on_the_emulated_device(emulated_arm, tmp_path):
+    """The fused operator (the hand-scheduled sum-pool kernel and the small conv) built for
+    aarch64 NEON and run on the emulated device against the PyTorch source."""
+    struct = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "resnet20-struct-c2n2.safetensors"
+    res = cli("convert", struct, "--target", "tvm-arm", "-o", tmp_path / "o", "--json")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert elf_machine(tmp_path / "o" / "model.so") == EM_AARCH64
+    sc = m["target_build"]["structured_convs"]
+    assert sc["mode"] == "fused" and sc["fused"] == 18
+    tv = m["target_verification"]
+    assert tv["passed"] is True and tv["max_abs_diff"] <= 1e-4 and "emulated aarch64 device" in tv["runtime"]
+
+
 def test_bench_over_rpc_reports_emulated_timings(arm56, emulated_arm, tmp_path):
     out, _ = arm56
     res = cli("bench", out, "--rpc", emulated_arm.address, "--repeat", 3, "--warmup", 1,
