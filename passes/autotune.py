@@ -2,7 +2,11 @@
 
 For each decomposed layer the candidate realizations are exported as a one-layer ONNX
 model (sum-pool + small conv) and timed under ONNX Runtime, interleaved; the fastest
-wins. Results are kept in a JSON cache so converting again does not measure again.
+wins. The layer is timed as it sits in a network: between two identity depthwise 1x1
+convs, so that a realization ONNX Runtime keeps in its blocked layout (convs, 2-D pools)
+is not charged the layout changes in and out that a lone layer pays, and one whose
+element-wise channel sum leaves that layout is. Results are kept in a JSON cache so
+converting again does not measure again.
 The key holds everything the timing depends on: target, ONNX Runtime version, CPU model,
 threads, and the layer's channels, window, padding, groups, small-conv shape and input size.
 """
@@ -29,7 +33,8 @@ def machine_key(target: str, threads: int) -> str:
     import onnxruntime as ort
 
     from structexport.machine import cpu_info
-    return f"{target}|ort {ort.__version__}|{cpu_info()['model']}|threads {threads}"
+    # "in network": the timing context (entries timed as lone layers, before, are not reused)
+    return f"{target}|ort {ort.__version__}|{cpu_info()['model']}|threads {threads}|in network"
 
 
 def layer_key(layer: nn.Module, pool, size: tuple[int, int]) -> str:
@@ -57,19 +62,48 @@ class AutotuneCache:
         write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
+class InNetwork(nn.Module):
+    """``layer`` between identity depthwise 1x1 convs: ONNX Runtime's blocked layout flows in
+    and out of it as from the convs around it in a network. The same for every candidate."""
+
+    def __init__(self, layer: nn.Module, channels: int, out_channels: int, dtype=torch.float32):
+        super().__init__()
+        self.before = nn.Conv2d(channels, channels, 1, groups=channels, bias=False, dtype=dtype)
+        self.layer = layer
+        self.after = nn.Conv2d(out_channels, out_channels, 1, groups=out_channels, bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.before.weight.fill_(1.0)
+            self.after.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(self.layer(self.before(x)))
+
+
+def in_network(layer: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``layer`` wrapped in :class:`InNetwork` where its input and output are images (the
+    layer itself is not changed)."""
+    with torch.no_grad():
+        y = layer(x)
+    if x.dim() != 4 or y.dim() != 4:
+        return layer
+    return InNetwork(layer, x.shape[1], y.shape[1], x.dtype)
+
+
 def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
             repeat: int = 30) -> dict[str, float]:
-    """Median milliseconds of ``layer`` with each candidate realization of ``pool``."""
+    """Median milliseconds of ``layer`` (in a network, :class:`InNetwork`) with each
+    candidate realization of ``pool``."""
     from structexport.export import export_onnx
     original = pool.realization
     sessions = {}
-    x = torch.randn(in_shape, dtype=next(layer.parameters()).dtype)
+    param = next(layer.parameters(), None)  # a lone SumPool has buffers only
+    x = torch.randn(in_shape, dtype=param.dtype if param is not None else torch.float32)
     with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
         try:
             for cand in CANDIDATES:
                 pool.realization = cand
                 path = Path(tmp) / f"{cand}.onnx"
-                export_onnx(layer, x.float(), path, simplify=False)
+                export_onnx(in_network(layer, x), x.float(), path, simplify=False)
                 sessions[cand] = ort_session(path, threads)
         finally:
             pool.realization = original

@@ -3,10 +3,12 @@
 One counting rule per operator, as ptflops keeps one per layer type; the torch-side
 counterpart is :mod:`structexport.analysis` (per source layer). Multiply-accumulates
 (``macs``) come from Conv, ConvTranspose, Gemm and MatMul; the element-wise additions of
-sum-pools and box filters (CumSum, Add/Sub between activations, AveragePool, and the
-ones-kernels of box convs) are counted apart (``adds``), because the theoretical speedup
-is a ratio of multiplies (DESIGN.md section 4). A conv whose weights are only 0s and 1s is
-a sum (a sum-pool's band or box filter): its work counts as additions.
+sum-pools and box filters (CumSum, Add/Sub between activations, AveragePool -- the
+window sums of the "pool2d" realization, whose Mul by the window's volume is a scale,
+counted as neither -- and the ones-kernels of box convs) are counted apart (``adds``),
+because the theoretical speedup is a ratio of multiplies (DESIGN.md section 4). A conv
+whose weights are only 0s and 1s is a sum (a sum-pool's band or box filter): its work
+counts as additions.
 """
 from __future__ import annotations
 

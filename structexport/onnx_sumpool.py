@@ -7,7 +7,11 @@ arrive as ONNX: zero padding, then per channel group a ``kc x kh x kw`` box sum 
 - channel sums: running sums along the channel axis (CumSum, two Slices, Sub, Concat);
 - spatial sums: ``"box"`` a depthwise Conv with a kernel of ones (it pads, so no Pad
   node), ``"cumsum"`` running sums along each spatial axis after a Pad, ``"banded"`` the
-  channel sum as a 1x1 Conv with a 0/1 band instead of running sums, then the box.
+  channel sum as a 1x1 Conv with a 0/1 band instead of running sums, then the box;
+- ``"pool2d"``: no CumSum, only 2-D AveragePools (DESIGN.md section 5): the channel sum as
+  a ``(kc, 1)`` AveragePool of the ``(N * groups, 1, C / groups, H * W)`` view, one Mul by
+  ``kc * kh * kw`` (an AveragePool is a mean), then a ``(kh, kw)`` AveragePool whose pads
+  count as zeros (``count_include_pad=1``; a Pad first where the pads exceed half the kernel).
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def emit_sumpool(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int],
     kc, kh, kw = window
     cg = channels // groups
     out_channels = groups * (cg - kc + 1)
+    if realization == "pool2d":
+        return _pool2d(b, x, shape, groups, window, padding, dtype)
     if realization == "banded" and kc > 1:
         band = np.zeros((out_channels, cg, 1, 1), dtype=dtype)
         for a in range(cg - kc + 1):
@@ -90,3 +96,28 @@ def emit_sumpool(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int],
         x = b.op("Pad", [x, b.ints("pads", [0, 0, padding, padding, 0, 0, padding, padding])])
     x = running_sum(b, x, 2, kh, height + 2 * padding)
     return running_sum(b, x, 3, kw, width + 2 * padding)
+
+
+def _pool2d(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int], groups: int,
+            window: tuple[int, int, int], padding: int, dtype) -> ir.Value:
+    """As :meth:`structexport.layers.sumpool.SumPool._pool2d` (the same nodes as its export;
+    the reshapes leave the batch free)."""
+    from structexport.layers.sumpool import pool_pads
+    _, channels, height, width = shape
+    kc, kh, kw = window
+    cg = channels // groups
+    out_channels = groups * (cg - kc + 1)
+    if kc > 1:
+        x = b.op("Reshape", [x, b.ints("pool_view", [-1, 1, cg, height * width])])
+        x = b.op("AveragePool", [x], kernel_shape=[kc, 1], strides=[1, 1], pads=[0, 0, 0, 0],
+                 count_include_pad=1)
+        x = b.op("Reshape", [x, b.ints("pooled_shape", [-1, out_channels, height, width])])
+    if kc * kh * kw > 1:
+        x = b.op("Mul", [x, b.const(f"{b.prefix}.sumpool_scale", np.asarray(kc * kh * kw, dtype=dtype))])
+    inside = pool_pads(window, padding)
+    if padding and not inside:
+        x = b.op("Pad", [x, b.ints("pads", [0, 0, padding, padding, 0, 0, padding, padding])])
+    if kh * kw > 1:
+        x = b.op("AveragePool", [x], kernel_shape=[kh, kw], strides=[1, 1],
+                 pads=[padding if inside else 0] * 4, count_include_pad=1)
+    return x

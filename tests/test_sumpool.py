@@ -48,6 +48,9 @@ CASES = [
     (9, 3, (2, 3, 1), 1, 1, 5, 4),        # non-square spatial window
     (4, 1, (2, 2, 2), 0, 1, 2, 2),        # window as large as the input: 1x1 output
     (5, 1, (3, 3, 3), 1, 1, 1, 1),        # 1x1 input, padding makes the window fit
+    (6, 2, (3, 1, 1), 2, 1, 3, 4),        # padding but no spatial window: zeros only
+    (10, 5, (2, 2, 3), 1, 2, 6, 3),       # grouped, kw = 3 > kh, pads inside the pool
+    (8, 1, (8, 4, 4), 1, 1, 5, 7),        # padding below half the window, kc = all channels
 ]
 
 
@@ -179,6 +182,7 @@ def test_additions_running_sums_beat_naive_on_resnet_layer():
 ONNX_SHAPES = {
     "dense": (8, 1, (5, 2, 2), 1, 7, 7),
     "grouped": (12, 3, (3, 2, 2), 1, 5, 6),
+    "wide_pad": (7, 1, (4, 3, 3), 2, 9, 5),   # padding 2 > half of 3: an explicit Pad
 }
 
 
@@ -240,17 +244,93 @@ def test_onnx_export_runs_and_matches(exported, shape_name, realization):
     assert np.abs(got - reference).max() <= 1e-4
 
     pools = [n for n in _model_nodes(model) if n.op_type == "AveragePool"]
+    ops = {n.op_type for n in _model_nodes(model)}
     if realization == "avgpool3d":
         assert pools, "the avgpool3d realization must export an AveragePool node"
         kernels = [list(a.ints) for n in pools for a in n.attribute if a.name == "kernel_shape"]
         assert kernels and all(len(k) == 3 for k in kernels)
         assert list(w) in kernels
+    elif realization == "pool2d":
+        assert_pool2d_graph(model, w, p)
     else:
         assert pools == [], f"{realization} exported AveragePool nodes"
-        ops = {n.op_type for n in _model_nodes(model)}
         if realization == "cumsum":
             assert "CumSum" in ops and "Conv" not in ops
         elif realization == "banded":
             assert "Conv" in ops and "CumSum" not in ops
         else:  # box
             assert {"CumSum", "Conv"} <= ops
+
+
+def _attrs(node):
+    import onnx
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constant_values(model):
+    """Every constant of the graph (initializers and Constant nodes) as a numpy array."""
+    from onnx import numpy_helper
+    values = [numpy_helper.to_array(i) for i in model.graph.initializer]
+    for n in _model_nodes(model):
+        if n.op_type == "Constant":
+            values += [numpy_helper.to_array(a.t) for a in n.attribute if a.name == "value"]
+    return values
+
+
+def assert_pool2d_graph(model, window, padding):
+    """The pool2d form: 2-D AveragePools only (no CumSum, no Conv, no 3-D pool), a (kc, 1)
+    channel pool, a (kh, kw) spatial pool whose padded zeros count, one Mul by the volume."""
+    kc, kh, kw = window
+    nodes = _model_nodes(model)
+    ops = [n.op_type for n in nodes]
+    assert "CumSum" not in ops and "Conv" not in ops
+    pools = [_attrs(n) for n in nodes if n.op_type == "AveragePool"]
+    kernels = [list(a["kernel_shape"]) for a in pools]
+    assert sorted(kernels) == sorted(k for k in ([kc, 1], [kh, kw]) if k[0] * k[1] > 1)
+    assert all(len(k) == 2 for k in kernels)
+    for a in pools:
+        assert a.get("count_include_pad", 0) == 1 or not any(a.get("pads", [0]))
+        assert not a.get("ceil_mode", 0)
+    spatial = [a for a in pools if list(a["kernel_shape"]) == [kh, kw]]
+    inside = padding and padding <= kh // 2 and padding <= kw // 2
+    assert spatial[0].get("pads", [0] * 4) == [padding if inside else 0] * 4
+    assert ("Pad" in ops) == bool(padding and not inside)
+    # AveragePool is a mean: the sum needs the explicit scale (divisor_override exports a mean)
+    muls = [n for n in nodes if n.op_type == "Mul"]
+    assert len(muls) == 1
+    scales = [float(v) for v in _constant_values(model) if v.size == 1]
+    assert float(kc * kh * kw) in scales
+
+
+@pytest.mark.parametrize("shape_name", list(ONNX_SHAPES))
+def test_pool2d_onnx_matches_with_ort_optimizations(exported, shape_name):
+    """ONNX Runtime rewrites 2-D pools to its blocked-layout (NCHWc) kernels when all
+    optimizations are on: the sums must survive that (pads counted as zeros)."""
+    from structexport.ortsession import ort_session
+    module, x, path = exported(shape_name, "pool2d")
+    C, g, w, p, H, W = ONNX_SHAPES[shape_name]
+    reference = sum_pool(x.double(), g, w, p).numpy()
+    for optimize in (True, False):
+        session = ort_session(path, optimize=optimize)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert got.shape == reference.shape
+        assert np.abs(got - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_pool2d_is_not_a_mean():
+    """The export hazard of DESIGN.md section 5: a sum-pool that came out as a mean would be
+    off by the window's volume. Ones in, the window's volume out (away from the border)."""
+    pool = SumPool(8, (5, 2, 2), 1, 1, "pool2d")
+    out = pool(torch.ones(1, 8, 6, 6, dtype=DT))
+    assert out.shape == (1, 4, 7, 7)
+    assert torch.all(out[:, :, 1:-1, 1:-1] == 20.0)
+    assert torch.all(out[:, :, 0, 0] == 5.0)  # a corner: one real pixel, three padded zeros
+
+
+def test_pool2d_additions_by_hand():
+    # 8 channels, window 4x2x2, padding 1, 5x5 input: the channel pool gives 5 x 5 x 5 = 125
+    # values of 3 additions each, the spatial pool 5 x 6 x 6 = 180 values of 3 additions each.
+    pool = SumPool(8, (4, 2, 2), padding=1, realization="pool2d")
+    assert pool.additions(5, 5) == 125 * 3 + 180 * 3 == 915
+    assert SumPool(10, (6, 1, 1), realization="pool2d").additions(1, 1) == 5 * 5
+    assert SumPool(4, (1, 2, 2), 1, 4, "pool2d").additions(3, 3) == 64 * 3
