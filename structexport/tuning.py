@@ -141,6 +141,30 @@ def _scheduled(task_mod) -> bool:
                for f in task_mod.functions.values())
 
 
+def quiet_meta_schedule_logger() -> None:
+    """MetaSchedule logs every round at INFO: quiet unless STRUCTEXPORT_MS_LOG asks. It
+    re-adds its logger's handlers by name on every run; handlers left from an earlier run
+    in this process (or added by a host such as pytest) break that, and they point to an
+    earlier run's deleted work folder anyway."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
+    for handler in list(ms_logger.handlers):
+        ms_logger.removeHandler(handler)
+
+
+def tunable_tasks(mod, target):
+    """``(legalized module, its MetaSchedule tasks)``: legalized and fused as TVM's
+    static_shape_tuning pipeline does, hand-scheduled kernels left out."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings(),
+                                        relax.pipeline.zero_pipeline()])(mod)
+    return mod, [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.mod)]
+
+
 def _task_key(task) -> str:
     import tvm_ffi
     return f"{tvm_ffi.structural_hash(task.dispatched[0]) & (2**64 - 1):016x}"
@@ -253,13 +277,7 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
         budget = TuningBudget(total=budget)
     from tvm.s_tir import meta_schedule as ms
     say = progress or (lambda _m: None)
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    ms_logger.setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
-    # MetaSchedule re-adds its logger's handlers by name on every run; handlers left from an
-    # earlier run in this process (or added by a host such as pytest) break that, and they
-    # point to an earlier run's deleted work folder anyway.
-    for handler in list(ms_logger.handlers):
-        ms_logger.removeHandler(handler)
+    quiet_meta_schedule_logger()
     start = time.perf_counter()
     folder = database_dir(db_root, target_dict)
     db = _database(folder)
@@ -267,11 +285,7 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
     preload_tvm_tensor_intrinsics()
     import tvm
     from tvm import relax
-    with target:  # as TVM's static_shape_tuning pipeline: legalize and fuse, then tune
-        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                        relax.transform.CanonicalizeBindings(),
-                                        relax.pipeline.zero_pipeline()])(mod)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.mod)]
+    mod, tasks = tunable_tasks(mod, target)
     index = _load_index(folder)
     share = budget.share(len(tasks))
     todo = [t for t in tasks if index.get(_task_key(t), {}).get("trials", -1) < share]

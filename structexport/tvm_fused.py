@@ -449,32 +449,11 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
 
 def llvm_host_target(**extra) -> dict:
     """This host's CPU as an llvm target dict: without ``mcpu`` TVM emits no AVX at all."""
-    tvm, _, _, _ = _tvm()
-    return {"kind": "llvm", "mcpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")(), **extra}
+    from structexport.machine import llvm_host_cpu
+    return {"kind": "llvm", "mcpu": llvm_host_cpu(), **extra}
 
 
 # ------------------------------------------------------------------ tuning and checking
-
-def _with_cores(target: dict) -> dict:
-    if target.get("kind") != "llvm" or "num-cores" in target:
-        return target
-    import os
-    try:
-        import psutil
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        cores = os.cpu_count() or 1
-    return {**target, "num-cores": int(cores)}
-
-
-def _scheduled(task_mod) -> bool:
-    """Whether a task's function is marked ``tirx.is_scheduled`` (the mark is on the
-    PrimFunc; the task's IRModule itself has no attributes)."""
-    if task_mod.attrs is not None and task_mod.attrs.get("tirx.is_scheduled", False):
-        return True
-    return any(bool(f.attrs.get("tirx.is_scheduled", False)) for f in task_mod.functions.values()
-               if f.attrs is not None)
-
 
 def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=None, seed: int = 0,
          skip_known: bool = False):
@@ -490,24 +469,12 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
     tvm, relax, _, _ = _tvm()
     from tvm.s_tir import meta_schedule as ms
 
-    from structexport.tuning import preload_tvm_tensor_intrinsics
+    from structexport.tuning import (preload_tvm_tensor_intrinsics, quiet_meta_schedule_logger,
+                                     tunable_tasks, with_core_count)
     preload_tvm_tensor_intrinsics()
-    # MetaSchedule logs every round to stdout at INFO; quiet unless asked (as
-    # structexport.tuning does). Handlers it left from an earlier run point to a deleted
-    # work folder: drop them, it adds its own per run.
-    import logging
-    import os
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    ms_logger.setLevel(int(os.environ.get("STRUCTEXPORT_MS_LOG", logging.WARNING)))
-    for handler in list(ms_logger.handlers):
-        ms_logger.removeHandler(handler)
-    spec = _with_cores(dict(target))
-    tgt = tvm.target.Target(spec)
-    with tgt:
-        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                        relax.transform.CanonicalizeBindings(),
-                                        relax.pipeline.zero_pipeline()])(mod)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _scheduled(t.mod)]
+    quiet_meta_schedule_logger()
+    tgt = tvm.target.Target(with_core_count(dict(target)))
+    mod, tasks = tunable_tasks(mod, tgt)
     db = database if database is not None else ms.database.MemoryDatabase()
     todo = [t for t in tasks if not (skip_known and db.has_workload(t.dispatched[0]))]
     if todo and trials_per_task > 0:
@@ -551,7 +518,8 @@ def check_tuned_candidates(db, target: dict, *, tasks=(), rtol: float = 1e-4,
     ``rtol``, False beyond it, None when the candidate does not build or run (``error``)."""
     tvm, _, _, _ = _tvm()
     from tvm import s_tir
-    tgt = tvm.target.Target(_with_cores(dict(target)))
+    from structexport.tuning import with_core_count
+    tgt = tvm.target.Target(with_core_count(dict(target)))
     rng = np.random.default_rng(seed)
     names = {_workload_key(t.dispatched[0]): t.task_name for t in tasks}
     references: dict[str, tuple] = {}
