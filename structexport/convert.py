@@ -611,9 +611,11 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     say("passes")
     t = time.perf_counter()
     ctx = PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force))
-    manager = PassManager(plan.steps, check_inputs=next(iter(inputs.values())),
-                          atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
-                          progress=lambda name: say(f"pass {name}"), model_kind=ONNX)
+    def onnx_passes(steps, progress=None):
+        return PassManager(steps, check_inputs=next(iter(inputs.values())),
+                           atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
+                           progress=progress, model_kind=ONNX)
+    manager = onnx_passes(plan.steps, lambda name: say(f"pass {name}"))
     rewritten, runs = manager.run(ir.from_proto(proto), ctx)
     timings["passes"] = time.perf_counter() - t
     deviation = None
@@ -653,9 +655,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             # their kernels projected when --max-residual asked for it
             say("compose the graph for the target")
             steps = [p for p in plan.steps if p.name != "decompose_structured_conv"]
-            composed, _ = PassManager(steps, check_inputs=next(iter(inputs.values())),
-                                      atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
-                                      model_kind=ONNX).run(ir.from_proto(proto), ctx)
+            composed, _ = onnx_passes(steps).run(ir.from_proto(proto), ctx)
             (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
             target.options["composed_onnx"] = staging / COMPOSED
         artifacts, target_check, device, device_lost = _target_stage(
