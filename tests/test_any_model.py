@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from structexport.cli import main
 from structexport.package import Package
-from test_decompose_structured_conv_pass import STRUCTURE, structured_net
+from test_decompose_structured_conv_pass import STRUCTURE, save_four_forms, structured_net
 
 MODULE_SOURCE = "from test_decompose_structured_conv_pass import MyNet\n\n\ndef build():\n    return MyNet()\n"
 
@@ -20,13 +20,7 @@ MODULE_SOURCE = "from test_decompose_structured_conv_pass import MyNet\n\n\ndef 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("four")
-    net, x = structured_net(), torch.randn(1, 3, 32, 32)
-    torch.onnx.export(net, (x,), dynamo=True, opset_version=18).save(str(root / "mynet.onnx"))
-    torch.export.save(torch.export.export(net, (x,)), str(root / "mynet.pt2"))
-    torch.save(net.state_dict(), root / "mynet_sd.pt")
-    torch.jit.trace(net, x).save(str(root / "mynet_ts.pt"))
-    (root / "mynet.py").write_text(MODULE_SOURCE)
-    return root
+    return save_four_forms(structured_net(), torch.randn(1, 3, 32, 32), root, MODULE_SOURCE)
 
 
 FORMS = {

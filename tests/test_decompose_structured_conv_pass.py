@@ -49,6 +49,18 @@ class MyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def save_four_forms(net: nn.Module, x: torch.Tensor, root, module_source: str):
+    """``net`` saved the four ways PyTorch users save models (issue 11): ONNX (dynamo),
+    torch.export, a state dict with a ``mynet.py`` whose ``build()`` returns the module,
+    and TorchScript; returns ``root``."""
+    torch.onnx.export(net, (x,), dynamo=True, opset_version=18).save(str(root / "mynet.onnx"))
+    torch.export.save(torch.export.export(net, (x,)), str(root / "mynet.pt2"))
+    torch.save(net.state_dict(), root / "mynet_sd.pt")
+    torch.jit.trace(net, x).save(str(root / "mynet_ts.pt"))
+    (root / "mynet.py").write_text(module_source)
+    return root
+
+
 def structured_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = MyNet().eval()

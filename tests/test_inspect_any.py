@@ -86,13 +86,8 @@ def saved(tmp_path_factory):
     if here not in sys.path:       # mynet.py imports MyNet from this file
         sys.path.insert(0, here)
     root = tmp_path_factory.mktemp("inspect-any")
-    net, x = my_net(), torch.randn(SHAPE)
-    torch.onnx.export(net, (x,), dynamo=True, opset_version=18).save(str(root / "mynet.onnx"))
-    torch.export.save(torch.export.export(net, (x,)), str(root / "mynet.pt2"))
-    torch.save(net.state_dict(), root / "mynet_sd.pt")
-    torch.jit.trace(net, x).save(str(root / "mynet_ts.pt"))
-    (root / "mynet.py").write_text(MODULE_SOURCE)
-    return root
+    from test_decompose_structured_conv_pass import save_four_forms
+    return save_four_forms(my_net(), torch.randn(SHAPE), root, MODULE_SOURCE)
 
 
 def run_form(root: Path, form: str, *extra: str) -> dict:
