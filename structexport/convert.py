@@ -31,7 +31,7 @@ from structexport.loader import LoadedCheckpoint, file_sha256, load_checkpoint
 from structexport.machine import tool_versions
 from structexport.models import input_shape as default_input_shape
 from structexport.models import parse_name
-from structexport.package import (MANIFEST, MANIFEST_VERSION, REFERENCE, VERIFICATION_DATA,
+from structexport.package import (COMPOSED, MANIFEST, MANIFEST_VERSION, REFERENCE, VERIFICATION_DATA,
                                   save_verification_arrays)
 from structexport.reference import export_reference
 from structexport.targets import get_target
@@ -286,8 +286,8 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
 
 
 # The composed graph a fusing target builds from (structured convs as plain convs with
-# their exactly structured kernels): staged for the target, never part of the package.
-COMPOSED = ".composed.onnx"
+# their exactly structured kernels): staged for the target, which keeps it in the package
+# (profile compiles it as the library was) when it fused from it.
 
 
 def _wants_composed(target) -> bool:
@@ -295,10 +295,11 @@ def _wants_composed(target) -> bool:
     return bool(wants and wants())
 
 
-def _drop_composed(target, staging: Path) -> None:
+def _drop_composed(target, staging: Path, artifacts: dict | None = None) -> None:
     if hasattr(target, "options"):
         target.options.pop("composed_onnx", None)
-    (staging / COMPOSED).unlink(missing_ok=True)
+    if COMPOSED not in (artifacts or {}):
+        (staging / COMPOSED).unlink(missing_ok=True)
 
 
 def _artifact_records(staging: Path, artifacts: dict[str, str]) -> dict:
@@ -392,7 +393,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             target.options["composed_onnx"] = composed_path
         artifacts, target_check, device, device_lost = _target_stage(
             target, staging, onnx_path, source, inputs, opts, say, timings)
-        _drop_composed(target, staging)
+        _drop_composed(target, staging, artifacts)
 
         say("export the dense reference")
         t = time.perf_counter()
@@ -660,7 +661,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             target.options["composed_onnx"] = staging / COMPOSED
         artifacts, target_check, device, device_lost = _target_stage(
             target, staging, onnx_path, run_reference, inputs, opts, say, timings)
-        _drop_composed(target, staging)
+        _drop_composed(target, staging, artifacts)
         save_verification_arrays(staging / VERIFICATION_DATA, arrays,
                                  {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
         artifacts[REFERENCE] = "the source model as given: what the artifact was verified against, and bench's dense counterpart"

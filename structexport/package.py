@@ -29,6 +29,7 @@ MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 REFERENCE = "reference.onnx"
 VERIFICATION_DATA = "verification.npz"
+COMPOSED = "composed.onnx"   # tvm-* with fused structured convs: the graph model.so is built from
 # 1: the first manifests (source named by absolute path only); 2: self-contained packages.
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -156,6 +157,18 @@ class Package:
         """The TVM library, for TVM targets."""
         path = self.root / "model.so"
         return path if "model.so" in self.manifest["artifacts"] and path.is_file() else None
+
+    @property
+    def composed_onnx(self) -> Path | None:
+        """The graph a fused TVM library was compiled from (structured convs as plain convs
+        with their structured kernels): ``profile`` compiles it the same way."""
+        path = self.root / COMPOSED
+        return path if COMPOSED in self.manifest["artifacts"] and path.is_file() else None
+
+    @property
+    def structured_mode(self) -> str | None:
+        """How the TVM library compiles structured convs (``fused`` / ``decomposed``)."""
+        return (self.target_build.get("structured_convs") or {}).get("mode")
 
     @property
     def target_build(self) -> dict:

@@ -58,13 +58,14 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         dense_onnx = workload.package.reference_onnx
         feed = workload.package.feed()
         if spec is not None:
-            measured = profile_remote(src["onnx"], dense_onnx, feed, opts, say, spec, target,
-                                      src.get("tvm_target"), work)
+            measured = profile_remote(src["tvm_onnx"], dense_onnx, feed, opts, say, spec, target,
+                                      src.get("tvm_target"), work, fuse=src["fuse"])
         elif target == "ort-cpu":
             measured = measure_ort(src["onnx"], dense_onnx, feed, opts, say, work)
         else:
-            measured = measure_tvm(src["onnx"], dense_onnx, feed, opts, say,
-                                   tvm_target=src.get("tvm_target"), artifact=src["artifact"])
+            measured = measure_tvm(src["tvm_onnx"], dense_onnx, feed, opts, say,
+                                   tvm_target=src.get("tvm_target"), artifact=src["artifact"],
+                                   fuse=src["fuse"])
         peak = measure_peak(opts.threads) if opts.peak else None
         report = assemble(src, target, dense_onnx, measured, peak, opts)
         if spec is not None:
@@ -86,6 +87,16 @@ def _inputs_of(workload) -> dict:
     # the TVM target the package's library was built for, when that is the one profiled
     tvm_target = package.tvm_target if target.startswith("tvm") and package.target == target else None
     artifact = package.library if reused and package.target == target == "tvm-llvm" else None
+    # TVM compiles what model.so was compiled from: the composed graph with the fused
+    # operator, where the package keeps one (a fused tvm-* package); else model.onnx
+    fuse = (target.startswith("tvm") and package.target == target
+            and package.composed_onnx is not None)
+    if (target.startswith("tvm") and not fuse and package.target.startswith("tvm")
+            and package.structured_mode == "fused"):
+        notes.append(f"{package.root}/model.so fuses its structured convs, but the package has no "
+                     "composed.onnx (an older structexport wrote it): the profiled builds "
+                     "compile model.onnx's decomposed operators; convert again to profile the "
+                     "fused operator")
     if reused and package.tuning and target.startswith("tvm"):
         notes.append(f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks); "
                      "the profiled builds are untuned, so per-layer times are the untuned "
@@ -94,6 +105,7 @@ def _inputs_of(workload) -> dict:
             else (package.source_path or workload.label),
             "outdir": str(package.root) if reused else None, "target": target,
             "shape": package.input_shape, "onnx": package.model_onnx, "passes": package.passes,
+            "tvm_onnx": package.composed_onnx if fuse else package.model_onnx, "fuse": fuse,
             "tvm_target": tvm_target, "artifact": artifact, "notes": notes,
             "layers": [layer["name"] for layer in package.layers]}
 

@@ -248,19 +248,23 @@ def _static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
-def _constant_array(expr, lookup) -> np.ndarray | None:
-    """The numpy value of a Relax constant (directly, or a var bound to one)."""
+def _constant_array(expr, lookup, weights: dict | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The numpy value of a Relax constant (directly, or a var bound to one), or of a
+    function parameter named in ``weights``; with the parameter's name (else None)."""
     tvm, relax, _, _ = _tvm()
     seen = 0
     while isinstance(expr, relax.Var) and seen < 8:
         bound = lookup(expr)
         if bound is None:
-            return None
+            name = getattr(expr, "name_hint", None) or getattr(expr, "name", None)  # TVM 0.27: name
+            if weights and name in weights:
+                return np.asarray(weights[name]), name
+            return None, None
         expr, seen = bound, seen + 1
     value = getattr(expr, "value", None)
     if isinstance(expr, tvm.ir.expr.Constant) and isinstance(value, tvm.runtime.Tensor):
-        return value.numpy()
-    return None
+        return value.numpy(), None
+    return None, None
 
 
 def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
@@ -319,7 +323,8 @@ def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
     return rec
 
 
-def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: float, records: list):
+def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: float, records: list,
+                   weights: dict | None = None):
     tvm, relax, _, _ = _tvm()
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -355,7 +360,7 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
                 reason = "input shape is not static 4-D"
             elif out_dtype not in ("", "void", x_dtype):
                 reason = f"out_dtype {out_dtype} differs from the input's {x_dtype}"
-            w = _constant_array(call.args[1], self.lookup_binding)
+            w, weight_name = _constant_array(call.args[1], self.lookup_binding, weights)
             if w is None and reason is None:
                 reason = "weight is not a constant"
             if reason is not None:
@@ -366,8 +371,11 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             if str(w.dtype) != x_dtype:
                 return {"input_shape": list(x_shape), "weight_shape": list(w.shape), "fused": False,
                         "reason": f"weight dtype {w.dtype} differs from the input's {x_dtype}"}
-            return plan_conv(x_shape, w, attrs.strides, attrs.padding, int(attrs.groups),
-                             max_residual, box_in_conv, min_saving)
+            rec = plan_conv(x_shape, w, attrs.strides, attrs.padding, int(attrs.groups),
+                            max_residual, box_in_conv, min_saving)
+            if weight_name is not None:
+                rec["weight_param"] = weight_name
+            return rec
 
         def _emit(self, call, rec: dict, alpha: np.ndarray):
             bb = self.builder_
@@ -411,7 +419,8 @@ def _kept_for_target(mod, kind: str) -> list[dict]:
 
 
 def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool = False,
-                          min_saving: float = DEFAULT_MIN_SAVING, target=None):
+                          min_saving: float = DEFAULT_MIN_SAVING, target=None,
+                          weights: dict | None = None):
     """Replace every ``relax.nn.conv2d`` with a constant, structured weight in ``mod``'s
     Relax functions by the fused structured operator; returns ``(new module, records)``
     with one record per conv2d looked at (shapes, the structure found or why it was
@@ -433,14 +442,19 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
 
     ``target`` (a TVM target, its dict or string; optional): for anything but an llvm
     (CPU) target nothing is rewritten and every conv is recorded as kept -- the pool
-    kernel is a CPU loop nest (parallel / vectorized loops, no GPU thread binding)."""
+    kernel is a CPU loop nest (parallel / vectorized loops, no GPU thread binding).
+
+    ``weights`` (optional, ``{parameter name: array}``): the values of weights passed as
+    function parameters (``keep_params_in_input=True``, as ``profile`` compiles, so that
+    every kernel call names the weights it reads). A fused conv then no longer reads its
+    parameter (``alpha`` is a constant); its record names it as ``"weight_param"``."""
     tvm, relax, _, _ = _tvm()
     records: list[dict] = []
     if target is not None:
         kind = (target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)).kind.name
         if kind != "llvm":
             return mod, _kept_for_target(mod, kind)
-    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records)
+    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))

@@ -238,10 +238,19 @@ class TvmLlvmTarget(Target):
         (outdir / "tvm_target.json").write_text(json.dumps(self.tvm_target()) + "\n")
         tuned = (f"tuned, {self.build_info['tuning']['tasks']} tasks" if self.build_info["tuning"]
                  else "untuned")
-        if self.build_info["structured_convs"]["mode"] == "fused":
+        fused = self.build_info["structured_convs"]["mode"] == "fused"
+        if fused:
             tuned += f", {self.build_info['structured_convs']['fused']} structured convs fused"
-        return {self.library: f"TVM library for {json.dumps(self.tvm_target())} ({tuned})",
-                "tvm_target.json": "the TVM target the library was built for"}
+        written = {self.library: f"TVM library for {json.dumps(self.tvm_target())} ({tuned})",
+                   "tvm_target.json": "the TVM target the library was built for"}
+        if fused:
+            from structexport.package import COMPOSED
+            if Path(composed) != outdir / COMPOSED:
+                shutil.copyfile(composed, outdir / COMPOSED)
+            written[COMPOSED] = ("the graph the library was compiled from (structured convs as "
+                                 "plain convs with their structured kernels, fused by TVM): "
+                                 "profile compiles it the same way")
+        return written
 
     # ------------------------------------------------------------------ run and verify
     @contextlib.contextmanager

@@ -142,4 +142,6 @@ def test_each_form_converts_for_tvm_llvm_verified(saved, converted, form, tmp_pa
     sc = m["target_build"]["structured_convs"]
     decomposed = [r for run in ort["passes"] for r in run["records"] if r["action"] == "decomposed"]
     assert sc["mode"] == "fused" and sc["fused"] == len(decomposed) == 5
+    # the graph the library was compiled from is kept (profile compiles it the same way)
+    assert "composed.onnx" in m["artifacts"] and (tmp_path / "tvm" / "composed.onnx").is_file()
     assert not (tmp_path / "tvm" / ".composed.onnx").exists()

@@ -61,8 +61,15 @@ def test_the_default_fuses_every_structured_conv_and_verifies(builds):
     assert m["fused"]["target_verification"]["passed"] is True
     assert m["fused"]["target_verification"]["max_abs_diff"] < 1e-4
     assert "18 structured convs fused" in m["fused"]["artifacts"]["model.so"]["description"]
-    assert not (root / "fused" / ".composed.onnx").exists()      # staged for the target only
-    assert ".composed.onnx" not in m["fused"]["artifacts"]
+    # the graph the library was compiled from, kept for profile: plain convs, no sum-pool
+    import onnx
+    composed = onnx.load(str(root / "fused" / "composed.onnx"))
+    ops = {n.op_type for n in composed.graph.node}
+    assert "Conv" in ops and not ops & {"CumSum", "AveragePool"}
+    assert sum(n.op_type == "Conv" for n in composed.graph.node) == sc["convs"] == 19
+    assert m["fused"]["artifacts"]["composed.onnx"]["bytes"] == (root / "fused" / "composed.onnx").stat().st_size
+    assert "composed.onnx" not in m["decomposed"]["artifacts"]
+    assert not (root / "decomposed" / "composed.onnx").exists()
 
 
 def test_decomposed_mode_builds_the_decomposed_graph_and_both_agree(builds):
@@ -115,3 +122,48 @@ def test_bench_with_the_other_mode_converts_again(builds, tmp_path):
     assert r.exit_code == 0, r.output
     notes = json.loads((tmp_path / "b.json").read_text())["workload"]["notes"]
     assert any("--tvm-structured decomposed (its library has them fused)" in n for n in notes), notes
+
+
+def _profile(path, out: Path, *extra):
+    r = cli("profile", path, "--repeat", 3, "--warmup", 1, "--no-peak", "-o", out.with_suffix(".html"), *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_profile_compiles_the_fused_operator_as_the_library_was(builds, tmp_path):
+    """A fused package is profiled with its structured convs fused (from composed.onnx):
+    each layer's time is its sum-pool kernel plus its small conv, mapped to the layer; a
+    decomposed package is profiled from model.onnx's operators. The multiply counts are
+    model.onnx's either way, so the theoretical speedup is the same."""
+    root, m = builds
+    fused = _profile(root / "fused", tmp_path / "f.json")
+    decomposed = _profile(root / "decomposed", tmp_path / "d.json")
+    assert "structured convs fused (18)" in fused["runtime"]
+    assert "structured convs decomposed" in decomposed["runtime"]
+    assert any("composed.onnx" in n for n in fused["notes"])
+    assert fused["speedup_theoretical"] == pytest.approx(decomposed["speedup_theoretical"])
+    assert fused["speedup_theoretical"] == pytest.approx(m["fused"]["dense"]["macs"] / m["fused"]["after"]["macs"], rel=1e-3)
+    layers = {r["layer"]: r for r in fused["layers"] if r["kind"] == "layer"}
+    structured = [r for r in m["fused"]["target_build"]["structured_convs"]["layers"] if r["fused"]]
+    pooled = [name for name, r in layers.items() if any(op.startswith("structured_sum_pool")
+                                                          for op in r["structured_ops"])]
+    assert len(pooled) == len(structured) == 18          # every fused layer owns its pool kernel
+    for name in pooled:
+        ops = layers[name]["structured_ops"]
+        assert any("conv2d" in op for op in ops), (name, ops)   # and its small conv
+    assert fused["totals"]["structured"]["unmapped_ms"] == 0
+    assert not any(op.startswith("structured_sum_pool")
+                   for r in decomposed["layers"] for op in r["structured_ops"])
+
+
+def test_profile_over_rpc_times_the_fused_kernels_on_the_device(builds, host_rpc_server, tmp_path):
+    """Over RPC each PrimFunc is timed on its own: the hand-scheduled pool kernel builds and
+    runs there too, and every call maps to a layer."""
+    root, _ = builds
+    _, server = host_rpc_server
+    report = _profile(root / "fused", tmp_path / "remote.json", "--rpc", server)
+    assert report["device"] == f"device at {server}"
+    assert any("composed.onnx" in n for n in report["notes"])
+    pools = [r for r in report["layers"] if any(op.startswith("structured_sum_pool")
+                                                 for op in r["structured_ops"])]
+    assert len(pools) == 18 and report["totals"]["structured"]["unmapped_ms"] == 0

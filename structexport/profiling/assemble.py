@@ -98,7 +98,14 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         notes.append(f"{len(over)} layer(s) ran above the measured peak ({', '.join(over[:5])}): "
                      "the peak was measured while the machine was busier, or the runtime "
                      "overlapped work across kernels")
-    if target.startswith("tvm"):
+    if target.startswith("tvm") and src.get("fuse"):
+        notes.append("the profiled structured TVM build is compiled as model.so was: from the "
+                     "package's composed.onnx, its structured convs fused (one "
+                     "structured_sum_pool kernel feeding the small conv), the same target and "
+                     "pipeline; weights passed as inputs (named, so that each PrimFunc call can "
+                     "be mapped to the layer whose weights it reads); multiply-adds are counted "
+                     "on model.onnx, where the structure is explicit")
+    elif target.startswith("tvm"):
         notes.append("the profiled TVM builds are compiled from the same model.onnx with the same "
                      "target and pipeline as model.so, weights passed as inputs (named, so that "
                      "each PrimFunc call can be mapped to the layer whose weights it reads)")

@@ -11,6 +11,7 @@ from structexport.profiling.layermap import tvm_owner
 from structexport.profiling.options import ProfileError, ProfileOptions
 from structexport.profiling.runs import keep_fastest
 from structexport.timing import stats
+from structexport.tvm_fused import POOL
 
 
 def tvm_modules():
@@ -29,20 +30,32 @@ def _var_name(v) -> str | None:
     return getattr(v, "name_hint", None) or getattr(v, "name", None)
 
 
-def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
+def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = False) -> dict:
     """Compile ``onnx_path`` for the host with weights as named inputs; return the VM
     executable, the weights (in ``main``'s order) and the PrimFunc calls of the lowered
-    ``main`` in execution order, each with the weights it reads and its data inputs/outputs."""
+    ``main`` in execution order, each with the weights it reads and its data inputs/outputs.
+
+    ``fuse``: ``onnx_path`` is a composed graph and its structured convs become the fused
+    operator (:func:`structexport.tvm_fused.fuse_structured_convs`), as model.so's were;
+    each ``structured_sum_pool`` call is listed as reading the weight of the conv it
+    replaced (its small conv reads a constant), so that it maps to that layer."""
     import onnx
     tvm, relax = tvm_modules()
     from tvm.relax.frontend.onnx import from_onnx
 
     from structexport.targets.tvm_targets import TvmError, quiet_native_stderr
     target = tvm.target.Target(tvm_target or {"kind": "llvm"})
+    fused_weights: list[str] = []
     try:
         with quiet_native_stderr():
             mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=True)
             mod, params = relax.frontend.detach_params(mod)
+            if fuse:
+                from structexport.tvm_fused import fuse_structured_convs
+                names_in = [_var_name(p) for p in mod["main"].params]
+                values = {n: w.numpy() for n, w in zip(names_in[1:], params.get("main", []))}
+                mod, records = fuse_structured_convs(mod, target=target, weights=values)
+                fused_weights = [r["weight_param"] for r in records if r.get("fused")]
             with target:
                 lowered = relax.get_pipeline("default")(mod)
             executable = relax.build(lowered, target=target, relax_pipeline=None)
@@ -58,6 +71,7 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
     allocated: set[str] = set()
     written: set[str] = set()
     calls = []
+    pools = 0
     for block in main.body.blocks:
         for b in block.bindings:
             v, var = b.value, _var_name(b.var)
@@ -72,14 +86,21 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None) -> dict:
                 data = [a for a in args if a not in outs and a not in weight_names]
                 if reads and not data:  # a weight transposed or reshaped: still that weight
                     alias.update({o: reads[0] for o in outs})
+                if fuse and op.name_hint.startswith(POOL) and pools < len(fused_weights):
+                    reads, pools = [fused_weights[pools]], pools + 1   # the layer it pools for
                 calls.append({"symbol": op.name_hint, "weights": reads, "inputs": data,
                               "outputs": outs, "arg_specs": [_arg_spec(a) for a in v.args]})
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_tensor":
                 allocated.add(var)
             elif isinstance(op, relax.ExternFunc) and args:
                 alias[var] = args[0]   # vm.builtin.reshape & co: a view of their first input
+    if fuse and pools != len(fused_weights):
+        raise TvmError(f"the lowered program of {onnx_path.name} calls the sum-pool kernel "
+                       f"{pools} times for {len(fused_weights)} fused convs",
+                       "report this with the model: its calls cannot be mapped to layers")
     return {"executable": executable, "weights": weights, "input": names[0], "calls": calls,
-            "device": tvm.cpu(0), "target": target, "lowered": lowered}
+            "device": tvm.cpu(0), "target": target, "lowered": lowered,
+            "fused_convs": len(fused_weights)}
 
 
 def _arg_spec(arg) -> tuple | None:
@@ -94,9 +115,12 @@ def _arg_spec(arg) -> tuple | None:
 
 
 def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
-                tvm_target: dict | None = None, artifact: Path | None = None) -> dict:
+                tvm_target: dict | None = None, artifact: Path | None = None,
+                fuse: bool = False) -> dict:
     """``artifact``: the OUTDIR's model.so, timed beside the two profiled builds (it is not
-    profiled itself: its weights are baked-in constants, without names)."""
+    profiled itself: its weights are baked-in constants, without names). ``fuse``:
+    ``structured`` is the package's composed graph, compiled with the fused structured
+    operator as model.so was (:func:`tvm_program`)."""
     tvm, relax = tvm_modules()
     from structexport.targets.tvm_targets import quiet_native_stderr
     try:  # TVM's own thread pool, as ONNX Runtime's intra-op threads
@@ -104,7 +128,7 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     except Exception:  # an older or trimmed runtime: its default pool
         pass
     say("compile for TVM (weights as inputs, to map calls to layers)")
-    programs = {"structured": tvm_program(structured, tvm_target),
+    programs = {"structured": tvm_program(structured, tvm_target, fuse=fuse),
                 "dense": tvm_program(dense, tvm_target)}
     vms, args = {}, {}
     for n, p in programs.items():
@@ -154,8 +178,11 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
             wall = time.perf_counter() - start
             if i >= opts.warmup:
                 records[n].append((wall, state["calls"]))
+    how = (f"structured convs fused ({programs['structured']['fused_convs']})" if fuse
+           else "structured convs decomposed")
     result = {"runtime": f"Apache TVM {tvm.__version__} Relax VM, target "
-                         f"{json.dumps(tvm_target or {'kind': 'llvm'})} (untuned, default pipeline)",
+                         f"{json.dumps(tvm_target or {'kind': 'llvm'})} (untuned, default "
+                         f"pipeline, {how})",
               "profiler": "Relax VM instrument hook around every PrimFunc call; lowered main "
                           "walked for the weights each call reads",
               "latency": latency, "models": {}}

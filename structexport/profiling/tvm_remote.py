@@ -13,7 +13,8 @@ from structexport.timing import stats
 
 
 def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, say, spec,
-                   target_name: str, tvm_target: dict | None, work: Path) -> dict:
+                   target_name: str, tvm_target: dict | None, work: Path,
+                   fuse: bool = False) -> dict:
     """Both models on a device reached through TVM's RPC (``--rpc HOST:PORT`` or
     ``--tracker HOST:PORT --key KEY``, parsed by ``structexport.rpc``), in one session.
 
@@ -28,7 +29,7 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
     from structexport.targets.tvm_targets import quiet_native_stderr
     target = get_target(target_name, {"tvm_target": tvm_target} if tvm_target else {})
     say(f"compile for TVM ({target_name}, weights as inputs, to map calls to layers)")
-    programs = {"structured": tvm_program(structured, target.tvm_target()),
+    programs = {"structured": tvm_program(structured, target.tvm_target(), fuse=fuse),
                 "dense": tvm_program(dense, target.tvm_target())}
     files = {}
     for n, p in programs.items():
