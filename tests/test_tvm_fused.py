@@ -381,3 +381,19 @@ def test_metaschedule_tuned_fused_layer_is_right_for_every_candidate(tvm_env, tm
     ref = reference(x, w, b, stride, pads, groups, True)
     got = run(tvm, executable, x)
     assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", ["3x3-c2n2-s1-p1", "5x5-c2n2-s2-p2-odd", "groups2-s2-p2-batch2",
+                                  "1x1-s2-odd"])
+def test_fused_is_right_built_for_avx2(tvm_env, case):
+    """The pool kernel's rows are vectorized in chunks of one AVX-512 register; built for an
+    AVX2-only CPU (``haswell``: what the AMD EPYC class has) LLVM splits them, and the
+    results must not change. Runs wherever AVX2 runs (both CPU classes CI meets)."""
+    from structexport.machine import cpu_info
+    if "avx2" not in cpu_info().get("simd", []):
+        pytest.skip("this CPU cannot run AVX2 code")
+    tvm, _ = tvm_env
+    B, Cin, H, W, O, C, N, c, n, stride, pads, groups = CASES[case]
+    records, _, err = fuse_and_compare((tvm, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})),
+                                       B, Cin, H, W, O, C, N, c, n, stride, pads, groups)
+    assert records[0]["fused"] and err["vs_float64"] <= TOL and err["vs_unfused"] <= TOL, err
