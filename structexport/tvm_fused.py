@@ -458,7 +458,23 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), records
+    out = rewriter.builder_.get()
+    for gvar, func in out.functions_items():
+        if gvar.name_hint.startswith(POOL):
+            out[gvar] = _under_root_block(func)
+    return out, records
+
+
+def _under_root_block(func):
+    """``func`` (the pool's ``te.extern``, whose only block is its opaque body) with a
+    root block above that block: passes that sort a function's work by the root's child
+    blocks (``SplitLayoutRewritePreproc``, for pre-packed weights) reject a root that
+    has none."""
+    from tvm import s_tir
+    body = func.body
+    if not isinstance(body, s_tir.SBlockRealize) or body.block.name_hint == "root":
+        return func
+    return func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body)))
 
 
 def llvm_host_target(**extra) -> dict:
@@ -470,7 +486,7 @@ def llvm_host_target(**extra) -> dict:
 # ------------------------------------------------------------------ tuning and checking
 
 def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=None, seed: int = 0,
-         skip_known: bool = False):
+         skip_known: bool = False, prepack: bool | None = None):
     """MetaSchedule-tune ``mod`` (a Relax module, before or after the rewrite) with
     ``trials_per_task`` trials for each task, on this host, and compile it with the
     results. Returns ``(executable, database, tasks, names of the tasks tuned now)``; the database keeps every measured
@@ -479,16 +495,20 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
     ``tirx.is_scheduled`` (the sum-pool) are not tuned. One build worker: the
     machines this runs on are small and shared. Like ``structexport.tuning``, the
     builder and runner workers import MetaSchedule's tensor intrinsics through
-    ``preload_tvm_tensor_intrinsics`` (without it every build times out)."""
+    ``preload_tvm_tensor_intrinsics`` (without it every build times out). ``prepack``
+    (default: on for llvm targets) lets schedules read constant weights in a packed
+    layout, packed once at compile time (:func:`structexport.tuning.fold_prepacked_weights`)."""
     tvm, relax, _, _ = _tvm()
     from tvm.s_tir import meta_schedule as ms
 
-    from structexport.tuning import (preload_tvm_tensor_intrinsics, quiet_meta_schedule_logger,
-                                     tunable_tasks, with_core_count)
+    from structexport.tuning import (fold_prepacked_weights, preload_tvm_tensor_intrinsics,
+                                     quiet_meta_schedule_logger, tunable_tasks, weight_prepack,
+                                     with_core_count)
     preload_tvm_tensor_intrinsics()
     quiet_meta_schedule_logger()
     tgt = tvm.target.Target(with_core_count(dict(target)))
-    mod, tasks = tunable_tasks(mod, tgt)
+    prepack = weight_prepack(tgt) if prepack is None else prepack
+    mod, tasks = tunable_tasks(mod, tgt, prepack)
     db = database if database is not None else ms.database.MemoryDatabase()
     todo = [t for t in tasks if not (skip_known and db.has_workload(t.dispatched[0]))]
     if todo and trials_per_task > 0:
@@ -506,7 +526,7 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                           max_trials_global=trials_per_task * len(contexts),
                           max_trials_per_task=trials_per_task,
-                          num_trials_per_iter=min(64, max(4, trials_per_task)),
+                          num_trials_per_iter=min(32, max(4, trials_per_task)),
                           builder=builder, runner=runner, database=db)
         finally:
             pool = getattr(runner, "pool", None)
@@ -514,6 +534,8 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
                 pool.shutdown(wait=False)
     with tgt, db:
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    if prepack:
+        mod = fold_prepacked_weights(mod)
     return tvm.compile(mod, target=tgt), db, tasks, [t.task_name for t in todo] if trials_per_task > 0 else []
 
 

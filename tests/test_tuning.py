@@ -41,6 +41,7 @@ def test_tuned_library_verifies_and_records_its_tuning(tuned):
     assert m["target_build"]["tvm_target"] == {"kind": "llvm", "mcpu": llvm_host_cpu(),
                                                "num-cores": m["target_build"]["tvm_target"]["num-cores"]}
     assert tu["trials_per_task"] is None and len(tu["per_task"]) == tu["tasks"]
+    assert tu["weights_prepacked"] is True    # a CPU target: schedules may pack weights
     records = (Path(tu["database"]) / "records.json").read_text().strip().splitlines()
     assert len(records) >= 1
     assert m["target_verification"]["passed"] is True

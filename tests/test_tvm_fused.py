@@ -65,6 +65,11 @@ def run(tvm, executable, x):
     return vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
+def bare(task_name: str) -> str:
+    """A task's name without the digits TVM appends to a copied function's name."""
+    return task_name.rstrip("0123456789")
+
+
 def reference(x, w, bias, stride, pads, groups, relu):
     pt, pl, pb, pr = pads
     xt = F.pad(torch.from_numpy(x).double(), (pl, pr, pt, pb))
@@ -369,11 +374,12 @@ def test_metaschedule_tuned_fused_layer_is_right_for_every_candidate(tvm_env, tm
     assert records[0]["fused"]
     target = llvm_host_target(**{"num-cores": 1})
     executable, db, tasks, tuned = tune(fused, target, 8, str(tmp_path))
-    assert [t.task_name for t in tasks] == tuned == ["fused_conv2d_add_relu"]   # the pool is not tuned
+    # the pool is not tuned; prepacking (on for CPUs) renames the marked kernel ``...relu1``
+    assert [t.task_name for t in tasks] == tuned and [bare(t) for t in tuned] == ["fused_conv2d_add_relu"]
     candidates = check_tuned_candidates(db, target, tasks=tasks)
     measured = [cand for cand in candidates if cand["seconds"] is not None]
     assert len(measured) >= 4, candidates
-    assert {cand["task"] for cand in candidates} == {"fused_conv2d_add_relu"}
+    assert {cand["task"] for cand in candidates} == set(tuned)
     # every candidate that ran while tuning builds, runs and is right
     assert all(cand["ok"] for cand in measured), [cand for cand in candidates if not cand["ok"]]
     assert not [cand for cand in candidates if cand["ok"] is False], candidates
@@ -397,3 +403,34 @@ def test_fused_is_right_built_for_avx2(tvm_env, case):
     records, _, err = fuse_and_compare((tvm, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})),
                                        B, Cin, H, W, O, C, N, c, n, stride, pads, groups)
     assert records[0]["fused"] and err["vs_float64"] <= TOL and err["vs_unfused"] <= TOL, err
+
+
+def test_tuned_weights_are_prepacked_once_at_compile_time(tvm_env, tmp_path):
+    """Tuned for a CPU, a kernel's schedule may read its constant weight in a packed
+    (tiled) layout: the library then calls the ``_prepacked`` kernel on weights packed at
+    compile time (no ``_weight_prepack`` call left to run), and its output is still right.
+    Without prepacking the same tuning leaves the kernel reading the weight as it is."""
+    tvm, _ = tvm_env
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from structexport.tvm_fused import fuse_structured_convs, llvm_host_target, tune
+    B, Cin, H, W, O, C, N, c, n, stride, pads, groups = (1, 16, 14, 14, 16, 16, 3, 8, 2, 1, (1, 1, 1, 1), 1)
+    w = structured_weight(O, C, N, c, n)
+    b = np.random.default_rng(0).standard_normal(O).astype(np.float32)
+    mod = from_onnx(conv_model(B, Cin, H, W, O, N, groups, stride, pads, w, b), keep_params_in_input=False)
+    fused, records = fuse_structured_convs(mod)
+    assert records[0]["fused"]
+    target = llvm_host_target(**{"num-cores": 1})
+    x = np.random.default_rng(1).standard_normal((B, Cin, H, W)).astype(np.float32)
+    ref = reference(x, w, b, stride, pads, groups, True)
+    for prepack in (False, True):
+        executable, _, _, tuned = tune(fused, target, 4, str(tmp_path / str(prepack)), prepack=prepack)
+        assert [bare(t) for t in tuned] == ["fused_conv2d_add_relu"]
+        called = [line.split()[1] for line in executable.as_text().splitlines()
+                  if line.strip().startswith("call ")]
+        packed = [name for name in called if name.endswith("_prepacked")]
+        assert not [name for name in called if name.endswith("_weight_prepack")], called
+        assert len(packed) == (1 if prepack else 0), called
+        assert any(name.startswith("structured_sum_pool") for name in called), called
+        got = run(tvm, executable, x)
+        assert np.abs(got - ref).max() <= TOL * np.abs(ref).max(), prepack
