@@ -177,15 +177,20 @@ def tunable_tasks(mod, target, prepack: bool = False):
     return mod, [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.mod)]
 
 
-def fold_prepacked_weights(mod):
-    """After the database is applied to a module tuned with ``prepack``: each kernel whose
-    schedule reads a weight in a packed layout is split into the packing and the compute
-    (``SplitLayoutRewritePreproc``), and the packing of constant weights is done now
-    (``FoldConstant``), so the library holds packed weights and packs nothing per call."""
+def compile_with_database(mod, target, db, prepack: bool):
+    """``tvm.compile`` of ``mod`` (from :func:`tunable_tasks`) with ``db``'s schedules. With
+    ``prepack``, each kernel whose schedule reads a weight in a packed layout is split into
+    the packing and the compute (``SplitLayoutRewritePreproc``), and the packing of
+    constant weights is done now (``FoldConstant``): the library holds packed weights and
+    packs nothing per call."""
     import tvm
     from tvm import relax
-    return tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
-                                     relax.transform.FoldConstant()])(mod)
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    if prepack:
+        mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                        relax.transform.FoldConstant()])(mod)
+    return tvm.compile(mod, target=target)
 
 
 def _task_key(task) -> str:
@@ -306,8 +311,6 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
     db = _database(folder)
     say("tuning: extracting tasks")
     preload_tvm_tensor_intrinsics()
-    import tvm
-    from tvm import relax
     prepack = weight_prepack(target)
     mod, tasks = tunable_tasks(mod, target, prepack)
     index = _load_index(folder)
@@ -370,11 +373,7 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
     per_task = [{"task": t.task_name, "trials": tuned_now.get(id(t), 0), "best_ms": _best_ms(db, t),
                  "from_database": id(t) not in tuned_now} for t in tasks]
     say("compiling with the tuning database")
-    with target, db:
-        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    if prepack:
-        mod = fold_prepacked_weights(mod)
-    executable = tvm.compile(mod, target=target)
+    executable = compile_with_database(mod, target, db, prepack)
     return executable, TuningResult(budget.total or trials, trials_run, len(tasks), len(tasks) - len(todo),
                                     str(folder), round(time.perf_counter() - start, 1), measured_on,
                                     failed, budget.per_task or None, per_task, prepack)

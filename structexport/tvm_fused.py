@@ -497,13 +497,18 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
     builder and runner workers import MetaSchedule's tensor intrinsics through
     ``preload_tvm_tensor_intrinsics`` (without it every build times out). ``prepack``
     (default: on for llvm targets) lets schedules read constant weights in a packed
-    layout, packed once at compile time (:func:`structexport.tuning.fold_prepacked_weights`)."""
-    tvm, relax, _, _ = _tvm()
+    layout, packed once at compile time (:func:`structexport.tuning.compile_with_database`)."""
+    tvm, _, _, _ = _tvm()
     from tvm.s_tir import meta_schedule as ms
 
-    from structexport.tuning import (fold_prepacked_weights, preload_tvm_tensor_intrinsics,
-                                     quiet_meta_schedule_logger, tunable_tasks, weight_prepack,
-                                     with_core_count)
+    from structexport.tuning import (
+        compile_with_database,
+        preload_tvm_tensor_intrinsics,
+        quiet_meta_schedule_logger,
+        tunable_tasks,
+        weight_prepack,
+        with_core_count,
+    )
     preload_tvm_tensor_intrinsics()
     quiet_meta_schedule_logger()
     tgt = tvm.target.Target(with_core_count(dict(target)))
@@ -532,11 +537,7 @@ def tune(mod, target: dict, trials_per_task: int, work_dir: str, *, database=Non
             pool = getattr(runner, "pool", None)
             if pool is not None:
                 pool.shutdown(wait=False)
-    with tgt, db:
-        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    if prepack:
-        mod = fold_prepacked_weights(mod)
-    return tvm.compile(mod, target=tgt), db, tasks, [t.task_name for t in todo] if trials_per_task > 0 else []
+    return compile_with_database(mod, tgt, db, prepack), db, tasks, [t.task_name for t in todo] if trials_per_task > 0 else []
 
 
 def _workload_key(mod) -> str:

@@ -97,6 +97,23 @@ def calls(mod):
     return out
 
 
+def tuning_layer():
+    """The layer the tuning tests tune (16@14x14, C/2x2x2 on a 3x3, bias and ReLU), fused:
+    ``(fused module, a one-core host target, an input, its float64 reference)``."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from structexport.tvm_fused import fuse_structured_convs, llvm_host_target
+    B, Cin, H, W, O, C, N, c, n, stride, pads, groups = (1, 16, 14, 14, 16, 16, 3, 8, 2, 1, (1, 1, 1, 1), 1)
+    w = structured_weight(O, C, N, c, n)
+    b = np.random.default_rng(0).standard_normal(O).astype(np.float32)
+    mod = from_onnx(conv_model(B, Cin, H, W, O, N, groups, stride, pads, w, b), keep_params_in_input=False)
+    fused, records = fuse_structured_convs(mod)
+    assert records[0]["fused"]
+    target = llvm_host_target(**{"num-cores": 1})
+    x = np.random.default_rng(1).standard_normal((B, Cin, H, W)).astype(np.float32)
+    return fused, target, x, reference(x, w, b, stride, pads, groups, True)
+
+
 def fuse_and_compare(tvm_env, B, Cin, H, W, O, C, N, c, n, stride, pads, groups, *, bias=True,
                      relu=True, box_in_conv=False, shift=0.0, seed=0, min_saving=0.2):
     """Build the layer, fuse it, compile both; return (records, fused module, errors)."""
@@ -358,21 +375,8 @@ def test_metaschedule_tuned_fused_layer_is_right_for_every_candidate(tvm_env, tm
     bias-add and ReLU; the pool is not tuned), then run *every* measured candidate
     against its untuned build, and the tuned model against torch float64."""
     tvm, _ = tvm_env
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from structexport.tvm_fused import (
-        check_tuned_candidates,
-        fuse_structured_convs,
-        llvm_host_target,
-        tune,
-    )
-    B, Cin, H, W, O, C, N, c, n, stride, pads, groups = (1, 16, 14, 14, 16, 16, 3, 8, 2, 1, (1, 1, 1, 1), 1)
-    w = structured_weight(O, C, N, c, n)
-    b = np.random.default_rng(0).standard_normal(O).astype(np.float32)
-    mod = from_onnx(conv_model(B, Cin, H, W, O, N, groups, stride, pads, w, b), keep_params_in_input=False)
-    fused, records = fuse_structured_convs(mod)
-    assert records[0]["fused"]
-    target = llvm_host_target(**{"num-cores": 1})
+    from structexport.tvm_fused import check_tuned_candidates, tune
+    fused, target, x, ref = tuning_layer()
     executable, db, tasks, tuned = tune(fused, target, 8, str(tmp_path))
     # the pool is not tuned; prepacking (on for CPUs) renames the marked kernel ``...relu1``
     assert [t.task_name for t in tasks] == tuned and [bare(t) for t in tuned] == ["fused_conv2d_add_relu"]
@@ -383,8 +387,6 @@ def test_metaschedule_tuned_fused_layer_is_right_for_every_candidate(tvm_env, tm
     # every candidate that ran while tuning builds, runs and is right
     assert all(cand["ok"] for cand in measured), [cand for cand in candidates if not cand["ok"]]
     assert not [cand for cand in candidates if cand["ok"] is False], candidates
-    x = np.random.default_rng(1).standard_normal((B, Cin, H, W)).astype(np.float32)
-    ref = reference(x, w, b, stride, pads, groups, True)
     got = run(tvm, executable, x)
     assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
 
@@ -411,18 +413,8 @@ def test_tuned_weights_are_prepacked_once_at_compile_time(tvm_env, tmp_path):
     compile time (no ``_weight_prepack`` call left to run), and its output is still right.
     Without prepacking the same tuning leaves the kernel reading the weight as it is."""
     tvm, _ = tvm_env
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from structexport.tvm_fused import fuse_structured_convs, llvm_host_target, tune
-    B, Cin, H, W, O, C, N, c, n, stride, pads, groups = (1, 16, 14, 14, 16, 16, 3, 8, 2, 1, (1, 1, 1, 1), 1)
-    w = structured_weight(O, C, N, c, n)
-    b = np.random.default_rng(0).standard_normal(O).astype(np.float32)
-    mod = from_onnx(conv_model(B, Cin, H, W, O, N, groups, stride, pads, w, b), keep_params_in_input=False)
-    fused, records = fuse_structured_convs(mod)
-    assert records[0]["fused"]
-    target = llvm_host_target(**{"num-cores": 1})
-    x = np.random.default_rng(1).standard_normal((B, Cin, H, W)).astype(np.float32)
-    ref = reference(x, w, b, stride, pads, groups, True)
+    from structexport.tvm_fused import tune
+    fused, target, x, ref = tuning_layer()
     for prepack in (False, True):
         executable, _, _, tuned = tune(fused, target, 4, str(tmp_path / str(prepack)), prepack=prepack)
         assert [bare(t) for t in tuned] == ["fused_conv2d_add_relu"]
