@@ -22,10 +22,10 @@ import numpy as np
 from structexport.costmodel import node_costs, totals
 from structexport.errors import StructExportError
 from structexport.machine import machine
-from structexport.ortsession import ort_session
 from structexport.package import Package, is_package
 from structexport.profiling.layermap import onnx_node_layers
 from structexport.profiling.ort import node_times
+from structexport.timedcheck import checked_libraries, checked_sessions
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
 
@@ -99,7 +99,7 @@ def per_layer_breakdown(layer_names: list[str], structured_onnx: Path, dense_onn
     return sorted(out, key=lambda e: -e["dense_ms"])
 
 
-def _tvm_workloads(opts: BenchOptions, structured_library: Path | None, dense_onnx: Path,
+def _tvm_workloads(opts: BenchOptions, package: Package, structured_library: Path | None, dense_onnx: Path,
                    feed: np.ndarray, workdir: Path, say) -> tuple[dict, object, dict]:
     """Both libraries loaded on one device session (an RPC server serves one session at a
     time); the dense one built with the same TVM target and tuning options."""
@@ -118,12 +118,11 @@ def _tvm_workloads(opts: BenchOptions, structured_library: Path | None, dense_on
     session = open_session(spec)
     set_threads(spec, session, opts.threads)
     kind = target.device_kind
+    # A TVM library is native code: loading it runs it with this user's privileges
+    say(f"load {structured_library} (native code) and the dense library built here")
     libs = {"structured": LoadedLibrary(structured_library, spec, kind, session=session),
             "dense": LoadedLibrary(dense_dir / target.library, spec, kind, session=session)}
-    outs = {n: lib.run(feed)[0] for n, lib in libs.items()}
-    if not np.allclose(outs["structured"], outs["dense"], atol=1e-3, rtol=1e-3):
-        raise BenchError(f"on the {spec.describe()}, the structured and dense TVM libraries disagree "
-                         f"(max abs diff {float(np.abs(outs['structured'] - outs['dense']).max()):.3g})")
+    checked_libraries(package, libs, spec.describe(), say)
     return {n: lib.timer(feed) for n, lib in libs.items()}, spec, target.build_info
 
 
@@ -136,17 +135,17 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     feed = package.feed()
     device, dense_build = None, None
     if opts.target == "ort-cpu":
-        workloads = {"structured": ort_session(structured_onnx, opts.threads),
-                     "dense": ort_session(dense_path, opts.threads)}
+        workloads = checked_sessions(package, {"structured": structured_onnx, "dense": dense_path},
+                                     opts.threads, say)
     else:
-        workloads, device, dense_build = _tvm_workloads(opts, package.library, dense_path,
+        workloads, device, dense_build = _tvm_workloads(opts, package, package.library, dense_path,
                                                         feed, workdir, say)
     if opts.compare_ort:
         if opts.target == "ort-cpu" or (device is not None and device.remote):
             raise BenchError("--compare-ort compares a TVM target on this host with ONNX Runtime",
                              "use it with --target tvm-llvm and no --rpc/--tracker")
-        workloads["ort-structured"] = ort_session(structured_onnx, opts.threads)
-        workloads["ort-dense"] = ort_session(dense_path, opts.threads)
+        workloads.update(checked_sessions(package, {"ort-structured": structured_onnx,
+                                                    "ort-dense": dense_path}, opts.threads, say))
     workloads.update(opts.extra_workloads)
     where = f" on the {device.describe()}" if device is not None and device.remote else ""
     say(f"timing ({opts.repeat} interleaved runs{where})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -25,8 +26,8 @@ import torch.nn as nn
 from structexport.analysis import count_params, layer_table
 from structexport.costmodel import node_costs
 from structexport.errors import DeviceLostError, DeviceUnreachableError, StructExportError
-from structexport.export import (TOLERANCES, VerificationError, export_onnx, quiet, reference_outputs,
-                                 source_to_onnx, verify_onnx)
+from structexport.export import (TOLERANCES, VerificationError, export_onnx, onnx_runner, quiet,
+                                 reference_outputs, source_to_onnx, verify_arrays)
 from structexport.loader import LoadedCheckpoint, file_sha256, load_checkpoint
 from structexport.machine import tool_versions
 from structexport.models import input_shape as default_input_shape
@@ -155,14 +156,22 @@ def _totals(model: nn.Module, shape) -> dict:
 
 
 def _swap_in(staging: Path, outdir: Path) -> None:
-    """Replace OUTDIR by the staging folder with renames only."""
-    if outdir.exists():
-        old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
-        os.replace(outdir, old)
-        os.replace(staging, outdir)
+    """Replace OUTDIR by the staging folder with renames only. Concurrent runs into one
+    OUTDIR race here: whoever renames last wins, each a whole package, none fails."""
+    for _attempt in range(100):
+        try:
+            os.rename(staging, outdir)   # only succeeds while OUTDIR is absent or empty
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise
+        old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
+        try:
+            os.replace(outdir, old / "package")   # another run may have moved it already
+        except FileNotFoundError:
+            pass
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, outdir)
+    raise OutputDirError(f"cannot replace {outdir}: other runs keep writing it", "choose another -o OUTDIR")
 
 
 @dataclass
@@ -223,7 +232,9 @@ def convert_source(source, outdir: str | Path, options: ConvertOptions | None = 
     proto = source.onnx if source.onnx is not None else source_to_onnx(source, say)
     info = {"path": source.path, "sha256": source.sha256, "format": source.format, "name": source.name,
             "notes": list(source.notes)}
-    return convert_onnx(proto, outdir, dataclasses.replace(opts, input_shape=None), say, info)
+    # The reference is the model as given: the torch module itself, not its export
+    return convert_onnx(proto, outdir, dataclasses.replace(opts, input_shape=None), say, info,
+                        true_source=source.module if source.onnx is None else None)
 
 
 def convert_loaded(loaded: LoadedCheckpoint, outdir: str | Path, options: ConvertOptions | None = None,
@@ -248,9 +259,11 @@ def _jsonable_pass_options(options: dict) -> dict:
 
 
 def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dict, opts: ConvertOptions,
-                  say, timings: dict):
+                  say, timings: dict, expected: dict, verification):
     """The target's artifacts, verified on its device against ``reference`` (a torch module
-    or a function of an input array); (artifacts, manifest record, device, device error)."""
+    or a function of an input array), and every shipped file in the configuration it is
+    deployed in against ``expected``; (artifacts, manifest record, device, device error,
+    deployed checks)."""
     say("target")
     t = time.perf_counter()
     artifacts = {"model.onnx": "the verified ONNX model"}
@@ -281,8 +294,43 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
         raise VerificationError(f"{target.name} artifact failed verification: "
                                 f"{target_verification.summary()}",
                                 "nothing was written; pass --force to keep the artifact")
+    deployed = _verify_deployed(target, staging, inputs, expected, opts, verification, target_check, say)
+    return artifacts, target_check, device, device_lost, deployed
 
-    return artifacts, target_check, device, device_lost
+
+def _deployed_record(file: str, options: dict, result) -> dict:
+    return {"file": file, "options": options, "passed": result["passed"], "checks": len(result["checks"]),
+            "max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"],
+            "atol": result["atol"], "rtol": result["rtol"]}
+
+
+def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: ConvertOptions,
+                     verification, target_check: dict | None, say) -> list[dict]:
+    """Every shipped model file run as it is deployed (the target's :meth:`deployments`:
+    ONNX Runtime's optimized sessions, the optimized model, the .ort file), compared with
+    the source's outputs before anything is written; with the portable check of
+    ``model.onnx`` and the target's own (TVM) check, one record per file and configuration."""
+    from structexport.export import verify_arrays
+    from structexport.ortsession import session_options
+    arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    portable = dict(session_options(1, "ORT_DISABLE_ALL"),
+                    note="the portable check: the graph exactly as written")
+    records = [_deployed_record("model.onnx", portable, verification.to_dict())]
+    for deployment in target.deployments():
+        say(f"verify {deployment.file} ({deployment.options['graph_optimization_level']})")
+        run = deployment.open(staging / deployment.file)
+        result = verify_arrays(run, arrays, expected, opts.precision, opts.atol, opts.rtol,
+                               runtime=f"{deployment.options['runtime']}, "
+                                       f"{deployment.options['graph_optimization_level']}")
+        records.append(_deployed_record(deployment.file, deployment.options, result.to_dict()))
+        if not result.passed and not opts.force:
+            raise VerificationError(f"{deployment.file} as deployed ({result.runtime}) failed "
+                                    f"verification: {result.summary()}",
+                                    "nothing was written; pass --force to keep the artifact")
+    if target_check and target_check.get("checks"):
+        library = getattr(target, "library", None) or "model.so"
+        records.append(_deployed_record(library, {"runtime": target_check["runtime"]}, target_check))
+    return records
 
 
 # The composed graph a fusing target builds from (structured convs as plain convs with
@@ -321,9 +369,17 @@ def _publish(staging: Path, outdir: Path, manifest: dict, device_lost) -> None:
 def _staging(plan: _Plan) -> Path:
     """A private folder beside OUTDIR that is swapped in whole at the end."""
     parent = plan.outdir.resolve().parent
-    for folder in plan.missing_parents:  # created now, removed again if the run fails
-        folder.mkdir()
-    staging = Path(tempfile.mkdtemp(prefix=f".{plan.outdir.name}.tmp-", dir=parent))
+    # Created now (exist_ok: a concurrent run may be creating them too), removed again if
+    # the run fails; a concurrent run's clean-up can remove them under us: make them again
+    for _attempt in range(10):
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{plan.outdir.name}.tmp-", dir=parent))
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise OutputDirError(f"cannot create {parent}: other runs keep removing it", "choose another -o OUTDIR")
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUTDIR should not be
@@ -377,7 +433,9 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
 
         say("verify")
         t = time.perf_counter()
-        verification = verify_onnx(source, onnx_path, inputs, opts.precision, opts.atol, opts.rtol)
+        expected = reference_outputs(source, inputs)
+        verification = verify_arrays(onnx_runner(onnx_path), {k: v.numpy() for k, v in inputs.items()},
+                                     expected, opts.precision, opts.atol, opts.rtol)
         timings["verify"] = time.perf_counter() - t
         if not verification.passed and not opts.force:
             raise VerificationError(f"verification failed: {verification.summary()}",
@@ -391,8 +449,8 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             export_onnx(recompose(export_model), example, composed_path,
                         fold_constants=not ctx.option("keep_csg_codes", False))
             target.options["composed_onnx"] = composed_path
-        artifacts, target_check, device, device_lost = _target_stage(
-            target, staging, onnx_path, source, inputs, opts, say, timings)
+        artifacts, target_check, device, device_lost, deployed = _target_stage(
+            target, staging, onnx_path, source, inputs, opts, say, timings, expected, verification)
         _drop_composed(target, staging, artifacts)
 
         say("export the dense reference")
@@ -400,14 +458,14 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
         first_input = next(iter(inputs.values()))
         reference_info = export_reference(source, first_input, loaded.arch, [s.name for s in steps],
                                           opts.target, staging / REFERENCE)
-        reference_check = verify_onnx(source, staging / REFERENCE, inputs, "fp32")
+        reference_check = verify_arrays(onnx_runner(staging / REFERENCE),
+                                        {k: v.numpy() for k, v in inputs.items()}, expected, "fp32")
         if not reference_check.passed:
             raise VerificationError(f"the dense reference failed verification: {reference_check.summary()}",
                                     "nothing was written; report this (the dense export is wrong)")
         save_verification_arrays(staging / VERIFICATION_DATA,
                                  {k: v.numpy() for k, v in inputs.items()},
-                                 {k: [o.astype(np.float32) for o in outs]
-                                  for k, outs in reference_outputs(source, inputs).items()})
+                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
         artifacts[REFERENCE] = ("the source model as exported, structured layers as dense kernels: "
                                 "what the artifact was verified against, and bench's dense counterpart")
         artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
@@ -434,9 +492,11 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "dense": _dense_totals(staging / REFERENCE),
             "export": export_info,
             "verification": verification.to_dict(),
+            "verified_against": "the source torch module (the zoo model with the checkpoint's weights)",
             "reference": {"file": REFERENCE, "passes": reference_info["passes"],
                           "ops": reference_info.get("ops"), "verification": reference_check.to_dict()},
             "target_verification": target_check,
+            "deployed_verification": deployed,
             "artifacts": _artifact_records(staging, artifacts),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
@@ -578,11 +638,14 @@ def source_deviation(source: dict[str, list[np.ndarray]], reference: dict[str, l
 
 
 def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = None,
-                 progress: Callable[[str], None] | None = None, source: dict | None = None) -> ConvertResult:
+                 progress: Callable[[str], None] | None = None, source: dict | None = None,
+                 true_source=None) -> ConvertResult:
     """Convert an ONNX model whose dimensions are all fixed (a front end's output) into the
     package ``outdir``: the structure is discovered in its weights by the ONNX passes, and
-    the artifact is verified against the original graph under ONNX Runtime with its graph
-    optimizations off. ``source``: path, sha256, format, name and notes, for the manifest."""
+    the artifact is verified against the model as given: ``proto`` itself under ONNX
+    Runtime with its graph optimizations off (onnxsim's own check), or ``true_source``, the
+    torch module ``proto`` was exported from. ``source``: path, sha256, format, name and
+    notes, for the manifest."""
     import onnx
     import onnx_ir as ir
 
@@ -599,6 +662,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
     target.preflight()
     timings: dict[str, float] = {}
+    given = true_source if true_source is not None else onnx_runner(proto.SerializeToString())
     proto = prepare_onnx(proto, fold_constants=not opts.pass_options.get("keep_csg_codes"))
     _name, shape = _onnx_input(proto)
     reference_bytes = proto.SerializeToString()
@@ -607,7 +671,16 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     gen = torch.Generator().manual_seed(opts.seed)
     inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
     inputs.update(user_inputs)
-    expected = reference_outputs(run_reference, inputs)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    # What the source as given computes: the artifact is verified against it, and so is
+    # reference.onnx, the folded graph bench times as the dense counterpart
+    expected = source_expected = reference_outputs(given, inputs)
+    reference_check = verify_arrays(run_reference, arrays, source_expected, "fp32", opts.atol, opts.rtol)
+    if not reference_check.passed and not opts.force:
+        raise VerificationError("folding the source's constants (onnxsim) changed its outputs: "
+                                f"{reference_check.summary()}",
+                                "nothing was written; pass --keep-csg-codes to convert it unfolded, "
+                                "or --force")
 
     say("passes")
     t = time.perf_counter()
@@ -619,15 +692,14 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     manager = onnx_passes(plan.steps, lambda name: say(f"pass {name}"))
     rewritten, runs = manager.run(ir.from_proto(proto), ctx)
     timings["passes"] = time.perf_counter() - t
-    deviation = None
-    if manager.reference_model is not None:
+    projected = manager.reference_model is not None
+    if projected:
         # Approximately structured kernels were projected (--max-residual): the artifact is
         # verified against that decomposed reference; how far it moved from the source is
         # reported, not judged.
         reference_bytes = ir.to_proto(manager.reference_model).SerializeToString()
         run_reference = onnx_runner(reference_bytes)
-        source_outputs, expected = expected, reference_outputs(run_reference, inputs)
-        deviation = source_deviation(source_outputs, expected)
+        expected = reference_outputs(run_reference, inputs)
 
     staging = _staging(plan)
     try:
@@ -644,8 +716,11 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
 
         say("verify")
         t = time.perf_counter()
-        arrays = {k: v.numpy() for k, v in inputs.items()}
-        verification = verify_arrays(onnx_runner(onnx_path), arrays, expected, "fp32", opts.atol, opts.rtol)
+        run_artifact = onnx_runner(onnx_path)
+        verification = verify_arrays(run_artifact, arrays, expected, "fp32", opts.atol, opts.rtol)
+        # projected: how far the artifact moved from the source as given
+        deviation = (source_deviation(source_expected, reference_outputs(run_artifact, inputs))
+                     if projected else None)
         timings["verify"] = time.perf_counter() - t
         if not verification.passed and not opts.force:
             raise VerificationError(f"verification failed: {verification.summary()}",
@@ -659,12 +734,17 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             composed, _ = onnx_passes(steps).run(ir.from_proto(proto), ctx)
             (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
             target.options["composed_onnx"] = staging / COMPOSED
-        artifacts, target_check, device, device_lost = _target_stage(
-            target, staging, onnx_path, run_reference, inputs, opts, say, timings)
+        artifacts, target_check, device, device_lost, deployed = _target_stage(
+            target, staging, onnx_path, run_reference, inputs, opts, say, timings, expected, verification)
         _drop_composed(target, staging, artifacts)
         save_verification_arrays(staging / VERIFICATION_DATA, arrays,
                                  {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
-        artifacts[REFERENCE] = "the source model as given: what the artifact was verified against, and bench's dense counterpart"
+        artifacts[REFERENCE] = ("bench's dense counterpart: the source with its constants folded (onnxsim) "
+                                "and its shapes fixed, checked against the source as given"
+                                if not projected else
+                                "the decomposed reference: the source with its approximately structured "
+                                "kernels projected (--max-residual), what the artifact was verified "
+                                "against, and bench's dense counterpart")
         artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
         ops: dict[str, int] = {}
         for node in out_proto.graph.node:
@@ -690,14 +770,20 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "after": _onnx_totals(node_costs(onnx_path), out_proto),
             "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
             "verification": verification.to_dict(),
-            "reference": {"file": REFERENCE, "passes": [], "ops": None,
-                          "verification": {"passed": True, "note": "the source model itself"}}
-            if deviation is None else
-            {"file": REFERENCE, "passes": ["project_structured_weights"], "ops": None,
+            "verified_against": ("the source torch module" if true_source is not None else
+                                 "the source ONNX file as given, under ONNX Runtime with graph "
+                                 "optimizations off") if not projected else
+                                "the decomposed reference (see source_deviation for the source)",
+            "reference": {"file": REFERENCE, "passes": ["fold_constants"], "ops": None,
+                          "note": "the source with its constants folded (onnxsim) and shapes fixed",
+                          "verification": reference_check.to_dict()}
+            if not projected else
+            {"file": REFERENCE, "passes": ["fold_constants", "project_structured_weights"], "ops": None,
              "verification": {"passed": None, "note": "the decomposed reference: the source with its "
                               "approximately structured kernels projected (--max-residual)"}},
             "source_deviation": deviation,
             "target_verification": target_check,
+            "deployed_verification": deployed,
             "artifacts": _artifact_records(staging, artifacts),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),

@@ -190,8 +190,9 @@ def reference_outputs(reference: nn.Module, inputs: dict[str, torch.Tensor]
         if not isinstance(reference, nn.Module):
             out[label] = [np.asarray(o, dtype=np.float64) for o in reference(x.numpy().astype(np.float32))]
             continue
+        param = next(iter(reference.parameters()), None)
         with torch.no_grad():
-            want = reference(x.to(next(reference.parameters()).dtype))
+            want = reference(x.to(param.dtype) if param is not None and param.is_floating_point() else x)
         wants = [want] if isinstance(want, torch.Tensor) else list(want)
         out[label] = [w.detach().double().numpy() for w in wants]
     return out

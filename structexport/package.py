@@ -248,6 +248,20 @@ class Package:
             raise _corrupt(self.root, f"{VERIFICATION_DATA} does not pair inputs with outputs")
         return inputs, {k: [a for _, a in sorted(v)] for k, v in expected.items()}
 
+    def check_timed(self, run, what: str, precision: str | None = None) -> None:
+        """The very session or library a command is about to time, ``run(x) -> outputs``,
+        still gives the stored outputs of the source on every stored input, within the
+        package's tolerances (its dense reference at fp32's when ``precision`` says so);
+        exit 32 otherwise. ``what`` names it (file, runtime, options) in the error."""
+        from structexport.export import VerificationError, verify_arrays
+        inputs, expected = self.verification_arrays()
+        atol, rtol = self.tolerances
+        precision = precision or self.precision
+        result = verify_arrays(run, inputs, expected, precision, atol, rtol, runtime=what)
+        if not result.passed:
+            raise VerificationError(f"{what} does not give the package's verified outputs: {result.summary()}",
+                                    "nothing was timed; convert the model again on this machine")
+
     def feed(self) -> np.ndarray:
         """The first verification input (the one bench and profile time with)."""
         inputs, _ = self.verification_arrays()

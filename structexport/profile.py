@@ -59,13 +59,15 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         feed = workload.package.feed()
         if spec is not None:
             measured = profile_remote(src["tvm_onnx"], dense_onnx, feed, opts, say, spec, target,
-                                      src.get("tvm_target"), work, fuse=src["fuse"])
+                                      src.get("tvm_target"), work, fuse=src["fuse"],
+                                      package=workload.package)
         elif target == "ort-cpu":
-            measured = measure_ort(src["onnx"], dense_onnx, feed, opts, say, work)
+            measured = measure_ort(src["onnx"], dense_onnx, feed, opts, say, work,
+                                   package=workload.package)
         else:
             measured = measure_tvm(src["tvm_onnx"], dense_onnx, feed, opts, say,
                                    tvm_target=src.get("tvm_target"), artifact=src["artifact"],
-                                   fuse=src["fuse"])
+                                   fuse=src["fuse"], package=workload.package)
         peak = measure_peak(opts.threads) if opts.peak else None
         report = assemble(src, target, dense_onnx, measured, peak, opts)
         if spec is not None:

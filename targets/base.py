@@ -4,7 +4,9 @@ artifact."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from structexport.errors import StructExportError
 
@@ -18,6 +20,16 @@ TVM_ONLY_OPTIONS = {"tvm_target": "--tvm-target", "tvm_preset": "--tvm-preset",
                     "device": "--rpc/--tracker", "tune_trials": "--tune-trials",
                     "tune_per_task": "--tune", "tvm_structured": "--tvm-structured",
                     "tuning_db": "--tuning-db"}
+
+
+@dataclass
+class Deployment:
+    """A shipped file and the runtime configuration it is deployed -- and timed -- in:
+    ``convert`` runs it so before anything is written, and the manifest records
+    ``options`` with the differences found."""
+    file: str
+    options: dict
+    open: Callable[[Path], Callable]   # the file's path -> run(x) -> list of outputs
 
 
 class Target:
@@ -51,6 +63,11 @@ class Target:
     def write_artifacts(self, onnx_path: Path, outdir: Path) -> dict[str, str]:
         """Write target-specific files into ``outdir``; returns {file name: what it is}."""
         return {}
+
+    def deployments(self) -> list[Deployment]:
+        """The files this target ships beyond the portable check of ``model.onnx`` (ONNX
+        Runtime, optimizations off), each in the configuration it runs in."""
+        return []
 
     def verify(self, outdir: Path, reference, inputs, precision, atol, rtol):
         """Run the target's own artifact against the source model (a ``Verification``); a

@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Target
+from .base import Deployment, Target
+
+
+def ort_deployment(file: str, level: str, ort_format: bool = False, note: str = "") -> Deployment:
+    """``file`` run by ONNX Runtime on CPU, one thread, at graph optimization ``level``."""
+    from structexport.ortsession import ort_session, session_options, session_runner
+    options = session_options(1, level, ort_format)
+    if note:
+        options["note"] = note
+    return Deployment(file, options,
+                      lambda path: session_runner(ort_session(path, 1, level=level, ort_format=ort_format)))
 
 
 class OnnxTarget(Target):
@@ -35,3 +45,14 @@ class OrtCpuTarget(Target):
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         written["model.ort"] = "ORT format for ONNX Runtime Mobile (portable optimizations)"
         return written
+
+    def deployments(self) -> list[Deployment]:
+        return [
+            ort_deployment("model.onnx", "ORT_ENABLE_ALL",
+                           note="as bench, profile and regress run it (they check it again first)"),
+            ort_deployment("model.optimized.onnx", "ORT_DISABLE_ALL",
+                           note="optimized at conversion (ORT_ENABLE_ALL, this CPU); load it with "
+                                "graph optimizations off"),
+            ort_deployment("model.ort", "ORT_ENABLE_EXTENDED", ort_format=True,
+                           note="made at ORT_ENABLE_EXTENDED, the portable level for ONNX Runtime Mobile"),
+        ]

@@ -74,13 +74,17 @@ def node_times(path: Path, feed: np.ndarray, threads: int, runs: int = 20
             for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
 
 
-def measure_ort(structured: Path, dense: Path, feed, opts: ProfileOptions, say, work: Path) -> dict:
-    """Both models timed interleaved with the profiler off, then profiled; the ``measured``
-    dict :func:`~structexport.profiling.assemble.assemble` reads."""
+def measure_ort(structured: Path, dense: Path, feed, opts: ProfileOptions, say, work: Path,
+                package=None) -> dict:
+    """Both models timed interleaved with the profiler off (each session checked against
+    ``package``'s stored outputs first), then profiled; the ``measured`` dict
+    :func:`~structexport.profiling.assemble.assemble` reads."""
+    from structexport.timedcheck import checked_sessions
+    paths = {"structured": structured, "dense": dense}
+    sessions = (checked_sessions(package, paths, opts.threads, say) if package is not None
+                else {n: ort_session(p, opts.threads) for n, p in paths.items()})
     say(f"timing ({opts.repeat} interleaved runs)")
-    latency = time_interleaved({"structured": ort_session(structured, opts.threads),
-                                "dense": ort_session(dense, opts.threads)},
-                               feed, opts.repeat, opts.warmup)
+    latency = time_interleaved(sessions, feed, opts.repeat, opts.warmup)
     say(f"profiling ({opts.repeat} interleaved runs, ONNX Runtime profiler)")
     prof = ort_profile({"structured": structured, "dense": dense}, feed, opts.threads,
                        opts.repeat, opts.warmup, optimized_dir=work)

@@ -116,11 +116,12 @@ def _arg_spec(arg) -> tuple | None:
 
 def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
                 tvm_target: dict | None = None, artifact: Path | None = None,
-                fuse: bool = False) -> dict:
+                fuse: bool = False, package=None) -> dict:
     """``artifact``: the OUTDIR's model.so, timed beside the two profiled builds (it is not
     profiled itself: its weights are baked-in constants, without names). ``fuse``:
     ``structured`` is the package's composed graph, compiled with the fused structured
-    operator as model.so was (:func:`tvm_program`)."""
+    operator as model.so was (:func:`tvm_program`). Every build timed is checked against
+    ``package``'s stored outputs first."""
     tvm, relax = tvm_modules()
     from structexport.targets.tvm_targets import quiet_native_stderr
     try:  # TVM's own thread pool, as ONNX Runtime's intra-op threads
@@ -144,6 +145,14 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
         with quiet_native_stderr():
             timed["artifact"] = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), dev)
         args["artifact"] = args["structured"][:1]
+    if package is not None:
+        from structexport.timedcheck import vm_runner
+        dev = programs["structured"]["device"]
+        for n, vm in timed.items():
+            what = (f"{artifact} (native code) on this host" if n == "artifact"
+                    else f"the {n} profiling build of {structured if n == 'structured' else dense}")
+            say(f"check {what}")
+            package.check_timed(vm_runner(tvm, vm, dev, args[n][1:]), what, "fp32" if n == "dense" else None)
     order = list(timed)
     say(f"timing ({opts.repeat} interleaved runs)")
     times = {n: [] for n in order}

@@ -14,7 +14,7 @@ from structexport.timing import stats
 
 def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, say, spec,
                    target_name: str, tvm_target: dict | None, work: Path,
-                   fuse: bool = False) -> dict:
+                   fuse: bool = False, package=None) -> dict:
     """Both models on a device reached through TVM's RPC (``--rpc HOST:PORT`` or
     ``--tracker HOST:PORT --key KEY``, parsed by ``structexport.rpc``), in one session.
 
@@ -54,6 +54,13 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
             vms[n] = relax.VirtualMachine(session.load_module(f"structexport-profile-{vmlib.name}"), dev)
             args[n] = [tvm.runtime.tensor(feed, device=dev)] + [
                 tvm.runtime.tensor(w.numpy(), device=dev) for w in programs[n]["weights"]]
+        if package is not None:
+            from structexport.timedcheck import vm_runner
+            for n in vms:
+                what = f"the {n} profiling build on the {spec.describe()}"
+                say(f"check {what}")
+                package.check_timed(vm_runner(tvm, vms[n], dev, args[n][1:]), what,
+                                    "fp32" if n == "dense" else None)
         say(f"timing ({opts.repeat} interleaved runs on the device)")
         evals = {n: vms[n].time_evaluator("main", dev, number=1, repeat=1) for n in vms}
         times = {n: [] for n in vms}

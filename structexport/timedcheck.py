@@ -1,0 +1,44 @@
+"""What ``bench``, ``profile`` and ``regress`` time is checked first: the very ONNX Runtime
+session or TVM library they are about to time, run once on the package's stored inputs and
+compared with its stored outputs (:meth:`~structexport.package.Package.check_timed`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from structexport.ortsession import ort_session, session_runner
+
+
+def checked_sessions(package, paths: dict[str, Path], threads: int, say) -> dict:
+    """ONNX Runtime sessions as they will be timed (all graph optimizations, ``threads``),
+    each checked against ``package``'s stored outputs first. The dense reference is float32
+    even in an fp16 package."""
+    sessions = {}
+    for name, path in paths.items():
+        session = ort_session(path, threads)
+        what = f"{path} under ONNX Runtime (ORT_ENABLE_ALL, {threads} thread{'s' * (threads > 1)})"
+        say(f"check {what}")
+        package.check_timed(session_runner(session), what,
+                            None if Path(path).name == package.model_onnx.name else "fp32")
+        sessions[name] = session
+    return sessions
+
+
+def checked_libraries(package, libs: dict, where: str, say) -> None:
+    """TVM libraries loaded on their device (``structexport.rpc.LoadedLibrary``), each
+    checked once against ``package``'s stored outputs before it is timed; the one called
+    ``structured`` is the package's, the others are float32 builds of its reference."""
+    for name, lib in libs.items():
+        what = f"{lib.library} on {where}"
+        say(f"check {what}")
+        package.check_timed(lib.run, what, None if name == "structured" else "fp32")
+
+
+def vm_runner(tvm, vm, device, extra_args=()):
+    """``run(x) -> outputs`` of a Relax VM whose ``main`` takes the input, then ``extra_args``
+    (weights passed as inputs, as profile's builds take them)."""
+    def run(x):
+        out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x), device=device), *extra_args)
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+    return run
