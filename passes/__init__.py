@@ -31,25 +31,94 @@ class UnknownPassError(StructExportError):
     exit_code, kind = 36, "unknown-pass"
 
 
+class PassOptionError(StructExportError):
+    """A pass or pass option the model's path cannot honour: refused, never ignored."""
+    exit_code, kind = 2, "usage"
+
+
+def _flags(only, skip, names) -> str:
+    return " and ".join(f"{flag} {', '.join(n for n in given if n in names)}"
+                        for flag, given in (("--passes", only or []), ("--skip-pass", skip or []))
+                        if any(n in names for n in given))
+
+
 def select_passes(default: list[str], only: list[str] | None = None,
                   skip: list[str] | None = None) -> list[Pass]:
-    """The passes to run: ``only`` (in pipeline order) or ``default``, minus ``skip``."""
+    """The passes to run: ``only`` (in pipeline order) or ``default``, minus ``skip``. A pass
+    of the ONNX pipeline (models outside the zoo) is refused (exit 2), an unknown one is
+    exit 36."""
     for name in (only or []) + (skip or []):
-        if name not in PASSES:
+        if name not in PASSES and name not in ONNX_PASSES:
             raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(PIPELINE)}")
+    foreign = [n for n in (only or []) + (skip or []) if n in ONNX_PASSES]
+    if foreign:
+        raise PassOptionError(f"{_flags(only, skip, foreign)}: "
+                              f"{'a pass' if len(set(foreign)) == 1 else 'passes'} of models outside the "
+                              "zoo (ONNX graphs), never run on a zoo checkpoint",
+                              f"zoo checkpoints run {', '.join(PIPELINE)}")
     chosen = [n for n in PIPELINE if n in only] if only else list(default)
     return [PASSES[n]() for n in chosen if n not in (skip or [])]
 
 
 __all__ = ["LayerRecord", "ModelKind", "ONNX", "TORCH", "Pass", "PassContext", "PassError", "PassManager",
            "PassResult", "PassRun", "replace_module", "PASSES", "PIPELINE", "ONNX_PASSES", "ONNX_PIPELINE",
-           "select_passes", "select_onnx_passes", "UnknownPassError"]
+           "select_passes", "select_onnx_passes", "UnknownPassError", "PassOptionError",
+           "OPTION_CONSUMERS", "check_pass_options"]
+
+
+# Which passes read each pass option, per pipeline: an option none of the passes that will
+# run reads would do nothing, so it is refused (check_pass_options). keep_csg_codes is also
+# read outside the passes (the export keeps constant subgraphs unfolded), so it is not here.
+OPTION_CONSUMERS = {
+    "torch": {"autotune": ("realize_sumpool",),
+              "sumpool_realization": ("decompose_structured", "realize_sumpool"),
+              "declared_structures": ("decompose_structured",),
+              "max_residual": ("decompose_structured",)},
+    "onnx": {"autotune": ("decompose_structured_conv",),
+             "sumpool_realization": ("decompose_structured_conv",),
+             "declared_structures": ("project_structured_weights", "decompose_structured_conv"),
+             "max_residual": ("project_structured_weights", "decompose_structured_conv")},
+}
+_FLAGS = {"autotune": "--autotune", "sumpool_realization": "--sumpool-realization",
+          "declared_structures": "--declare-structured", "max_residual": "--max-residual",
+          "tuning_cache": "--tuning-cache"}
+
+
+def check_pass_options(names: list[str], options: dict, ir: str) -> None:
+    """Refuse (exit 2) pass options that would do nothing with the passes ``names`` of the
+    ``ir`` pipeline ("torch": zoo checkpoints, "onnx": models outside the zoo)."""
+    given = {k for k, v in options.items() if v not in (None, False, {}, (), [])}
+    if "tuning_cache" in given and "autotune" not in given:
+        raise PassOptionError("--tuning-cache is the cache of --autotune's measurements, and nothing "
+                              "is measured without --autotune", "add --autotune, or leave --tuning-cache out")
+    if "autotune" in given and "sumpool_realization" in given:
+        raise PassOptionError(f"--autotune and --sumpool-realization {options['sumpool_realization']} "
+                              "both choose the sum-pool realizations: a forced one is never measured",
+                              "pass one of them")
+    if ir == "torch" and "max_residual" in given and "declared_structures" not in given:
+        raise PassOptionError("--max-residual on a zoo checkpoint bounds the layers --declare-structured "
+                              "names (its structured layers are exact by construction)",
+                              "add --declare-structured GLOB=SPEC, or leave --max-residual out")
+    for key, consumers in OPTION_CONSUMERS[ir].items():
+        if key in given and not any(n in names for n in consumers):
+            raise PassOptionError(f"{_FLAGS[key]} is read by {' or '.join(consumers)}, which "
+                                  f"{'does' if len(consumers) == 1 else 'do'} not run here "
+                                  f"(passes: {', '.join(names) or 'none'})",
+                                  f"run {consumers[0]} too, or leave {_FLAGS[key]} out")
 
 
 def select_onnx_passes(only: list[str] | None = None, skip: list[str] | None = None) -> list[Pass]:
-    """The ONNX passes to run: ``only`` (in pipeline order) or all, minus ``skip``."""
+    """The ONNX passes to run: ``only`` (in pipeline order) or all, minus ``skip``. A zoo pass
+    (torch modules) is refused (exit 2): it would run nothing on an ONNX graph; an unknown
+    one is exit 36."""
     for name in (only or []) + (skip or []):
         if name not in ONNX_PASSES and name not in PASSES:
             raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(ONNX_PIPELINE)}")
+    foreign = [n for n in (only or []) + (skip or []) if n in PASSES]
+    if foreign:
+        raise PassOptionError(f"{_flags(only, skip, foreign)}: "
+                              f"{'a pass' if len(set(foreign)) == 1 else 'passes'} of zoo checkpoints "
+                              "(torch modules), never run on a model outside the zoo",
+                              f"models outside the zoo run {', '.join(ONNX_PIPELINE)}")
     chosen = [n for n in ONNX_PIPELINE if n in only] if only else list(ONNX_PIPELINE)
     return [ONNX_PASSES[n]() for n in chosen if n not in (skip or [])]

@@ -9,6 +9,11 @@ element-wise channel sum leaves that layout is. Results are kept in a JSON cache
 converting again does not measure again.
 The key holds everything the timing depends on: target, ONNX Runtime version, CPU model,
 threads, and the layer's channels, window, padding, groups, small-conv shape and input size.
+
+:class:`Tuner` is the one entry point of both pass families: ``realize_sumpool`` (zoo
+models, torch modules) and ``decompose_structured_conv`` (models outside the zoo, ONNX
+graphs, whose layer is rebuilt as the same torch sum-pool + small conv to be timed): a
+layer of one shape is measured once per machine, whichever path met it first.
 """
 from __future__ import annotations
 
@@ -109,3 +114,46 @@ def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
             pool.realization = original
         stats = time_interleaved(sessions, x.float().numpy(), repeat, warmup=5)
     return {cand: stats[cand]["median"] for cand in CANDIDATES}
+
+
+class Tuner:
+    """``--autotune``: time the candidates per layer shape, once per machine (cached in
+    ``ctx.options["tuning_cache"]``, default :func:`default_cache_path`). Counts what it
+    measured and what it read from the cache (:meth:`summary`)."""
+
+    def __init__(self, ctx):
+        self.cache = AutotuneCache(ctx.option("tuning_cache"))
+        self.threads = int(ctx.option("threads", 1) or 1)
+        self.machine = machine_key(ctx.target, self.threads)
+        self.measured = self.from_cache = 0
+
+    def choose_layer(self, layer: nn.Module, pool, size, batch: int) -> tuple[str, dict, bool]:
+        """(the fastest realization, its candidates' median ms, whether it came from the cache)
+        for ``layer`` (a sum-pool + small conv, or a lone sum-pool) at an input ``size``."""
+        key = layer_key(layer, pool, size)
+        entry = self.cache.get(self.machine, key)
+        cached = entry is not None
+        if not cached:
+            times = measure(layer, pool, (batch, pool.channels, *size), self.threads)
+            entry = {"choice": min(times, key=times.get), "ms": times}
+            self.cache.put(self.machine, key, entry)
+            self.measured += 1
+        else:
+            self.from_cache += 1
+        return entry["choice"], entry["ms"], cached
+
+    def choose(self, module: nn.Module, name: str, pool, size, batch: int):
+        """As :meth:`choose_layer` for the sum-pool ``name`` of a torch model (timed with the
+        small conv it feeds, when it has one)."""
+        parent_name = name.rpartition(".")[0]
+        parent = module.get_submodule(parent_name) if parent_name else None
+        layer = parent if getattr(parent, "pool", None) is pool else pool
+        return self.choose_layer(layer, pool, size, batch)
+
+    def save(self) -> None:
+        if self.measured:
+            self.cache.save()
+
+    def summary(self) -> dict:
+        return {"cache": str(self.cache.path), "machine": self.machine,
+                "layers_measured": self.measured, "layers_from_cache": self.from_cache}

@@ -10,7 +10,10 @@ dense multiplies:
 ``Conv(X, W, stride=s, pads=p) == Conv(SumPool(pad(X, p)), alpha, stride=s)``
 
 (DESIGN.md section 1.1), the sum-pool emitted by :mod:`structexport.onnx_sumpool` in the
-realization the cost model picks for the layer's input size. Convs that cannot be read as
+realization the cost model picks for the layer's input size; ``sumpool_realization`` forces
+one, and ``autotune`` picks it by timing the candidates (:class:`.autotune.Tuner`, the same
+measurement and cache as ``realize_sumpool``'s: the layer is rebuilt as the torch sum-pool
+and small conv that compute it). Convs that cannot be read as
 a dense 2-D conv with a constant square kernel (dilation, asymmetric padding, auto_pad,
 weights computed at run time) are left as they are and recorded with the reason.
 """
@@ -92,6 +95,10 @@ class DecomposeStructuredConvPass(Pass):
         max_residual = ctx.option("max_residual") or EXACT
         min_saving = ctx.option("min_saving", DEFAULT_MIN_SAVING)
         forced = ctx.option("sumpool_realization")
+        tuner = None
+        if ctx.option("autotune", False) and not forced:
+            from .autotune import Tuner
+            tuner = Tuner(ctx)
         graph = model.graph
         records, modified = [], False
         for node in [n for n in graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:
@@ -118,14 +125,41 @@ class DecomposeStructuredConvPass(Pass):
                 details["reason"] = f"saves {1 - found.macs_ratio:.0%} of the multiplies, under {min_saving:.0%}"
                 records.append(LayerRecord(layer, "kept", details))
                 continue
-            realization = forced or self._realization(conv, found)
+            if forced:
+                realization, details["chosen_by"] = forced, "forced"
+            elif tuner is not None:
+                realization, details["measured_ms"], details["cached"] = self._measured(
+                    tuner, node, conv, found)
+                details["chosen_by"] = "measurement"
+            else:
+                realization, details["chosen_by"] = self._realization(conv, found), "cost model"
             self._rewrite(graph, node, conv, found, realization, layer)
             details["realization"] = realization
             records.append(LayerRecord(layer, "decomposed", details))
             modified = True
         if modified:
             self._drop_unused_initializers(graph)
+        if tuner is not None:
+            tuner.save()
         return PassResult(model, modified, records)
+
+    @staticmethod
+    def _measured(tuner, node: ir.Node, conv: dict, found) -> tuple[str, dict, bool]:
+        """The realization ``--autotune`` measures fastest for this conv: the layer rebuilt as
+        the torch sum-pool + small conv (:func:`~structexport.layers.decomposed.decompose`),
+        keyed and cached as ``realize_sumpool`` keys a zoo layer of the same shape."""
+        import torch
+
+        from structexport.layers.decomposed import decompose
+        n, channels, height, width = conv["input_shape"]
+        alpha = torch.as_tensor(np.asarray(found.alpha.detach().numpy() if hasattr(found.alpha, "detach")
+                                           else found.alpha, dtype=np.float32))
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None:
+            bias = torch.from_numpy(node.inputs[2].const_value.numpy().astype(np.float32))
+        layer = decompose(channels, alpha, bias, conv["weight"].shape[2], conv["stride"], conv["pad"],
+                          conv["groups"])
+        return tuner.choose_layer(layer, layer.pool, (height, width), n)
 
     @staticmethod
     def _realization(conv: dict, found) -> str:

@@ -108,28 +108,12 @@ def _input_sizes(module: nn.Module, pools: list[tuple[str, SumPool]], shape) -> 
     return sizes
 
 
-class _Tuner:
-    """``--autotune``: time the candidates per layer shape, once per machine (cached)."""
-
-    def __init__(self, ctx: PassContext):
-        from .autotune import AutotuneCache, machine_key
-        self.cache = AutotuneCache(ctx.option("tuning_cache"))
-        self.threads = int(ctx.option("threads", 1))
-        self.machine = machine_key(ctx.target, self.threads)
-
-    def choose(self, module: nn.Module, name: str, pool: SumPool, size, batch: int):
-        from .autotune import layer_key, measure
-        parent_name = name.rpartition(".")[0]
-        parent = module.get_submodule(parent_name) if parent_name else None
-        layer = parent if getattr(parent, "pool", None) is pool else pool
-        key = layer_key(layer, pool, size)
-        entry = self.cache.get(self.machine, key)
-        cached = entry is not None
-        if not cached:
-            times = measure(layer, pool, (batch, pool.channels, *size), self.threads)
-            entry = {"choice": min(times, key=times.get), "ms": times}
-            self.cache.put(self.machine, key, entry)
-        return entry["choice"], entry["ms"], cached
+def _tuner(ctx: PassContext):
+    """The measuring tuner when ``--autotune`` asked for one (and no realization is forced)."""
+    if not ctx.option("autotune", False) or ctx.option("sumpool_realization"):
+        return None
+    from .autotune import Tuner
+    return Tuner(ctx)
 
 
 class RealizeSumPoolPass(Pass):
@@ -148,7 +132,7 @@ class RealizeSumPoolPass(Pass):
             return PassResult(module, False, [])
         forced = ctx.option("sumpool_realization")
         sizes = _input_sizes(module, pools, ctx.input_shape)
-        tuner = _Tuner(ctx) if ctx.option("autotune", False) else None
+        tuner = _tuner(ctx)
         records, modified = [], False
         for name, pool in pools:
             if name not in sizes:  # never reached at this input: no shape for the cost model
@@ -161,7 +145,7 @@ class RealizeSumPoolPass(Pass):
             costs = estimate_costs(pool, *sizes[name])
             choice = forced or min((r for r in REALIZATIONS if r != "avgpool3d"), key=costs.get)
             details = {"estimated_cost": {k: round(v) for k, v in costs.items()}}
-            if tuner and not forced:
+            if tuner:
                 choice, details["measured_ms"], details["cached"] = tuner.choose(
                     module, name, pool, sizes[name], ctx.input_shape[0])
                 details["chosen_by"] = "measurement"
@@ -174,7 +158,7 @@ class RealizeSumPoolPass(Pass):
                 "input": list(sizes[name]), "window": list(pool.window),
                 "additions": pool.additions(*sizes[name]), **details}))
         if tuner:
-            tuner.cache.save()
+            tuner.save()
         return PassResult(module, modified, records)
 
     def ensures(self, module: nn.Module, ctx: PassContext) -> None:

@@ -10,9 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from structexport import __version__, cli_device, cli_profile, cli_regress
-from structexport.cli_common import (declared_structures, device_options, device_spec, err,
-                                     fail_cleanly, out, sumpool_choice, trust_options,
-                                     tune_options, tvm_build_options)
+from structexport.cli_common import (OptionRefusedError, check_measure_flags, check_pass_flags,
+                                     check_source_flags, check_tvm_flags, package_facts, declared_structures, device_options,
+                                     device_spec, err, fail_cleanly, given, out, source_kind,
+                                     sumpool_choice, trust_options, tune_options, tvm_build_options)
 from structexport.targets import TARGETS
 
 
@@ -195,8 +196,9 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
 @tvm_build_options
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
+@click.pass_context
 @fail_cleanly
-def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision, passes, skip_passes,
+def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, precision, passes, skip_passes,
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
             tvm_preset, tvm_target, tvm_structured, tune_per_task, tune_trials, tuning_db, rpc,
@@ -212,10 +214,18 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
                     "autotune": autotune, "tuning_cache": tuning_cache}
     if sumpool_realization:
         pass_options["sumpool_realization"] = sumpool_realization
+    only = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
+    kind = source_kind(checkpoint, arch, model_spec)
+    check_source_flags(checkpoint, kind, arch, model_spec, trust_pickle, allow_torchscript)
+    check_pass_flags(kind, target, pass_options, only, list(skip_passes))
+    check_tvm_flags(ctx, tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db, rpc, tracker)
+    if kind == "onnx" and precision != "fp32":
+        raise OptionRefusedError(f"--precision {precision} exports zoo checkpoints at half precision; "
+                                 f"{checkpoint} is converted through its ONNX graph, at fp32",
+                                 "leave --precision out")
     options = ConvertOptions(
         target=target, input_shape=input_shape, precision=precision,
-        passes=[p.strip() for p in passes.split(",") if p.strip()] if passes else None,
-        skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
+        passes=only, skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
         model_spec=model_spec,
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
@@ -258,8 +268,9 @@ def convert(checkpoint, arch, model_spec, target, outdir, input_shape, precision
 @tvm_build_options
 @device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
+@click.pass_context
 @fail_cleanly
-def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
+def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
           sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tvm_structured,
           tune_per_task, tune_trials,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file, trust_pickle, allow_torchscript):
@@ -267,6 +278,23 @@ def bench(path, arch, target, threads, batch, input_shape, repeat, warmup, per_l
     reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
     its own reference (reference.onnx): its source checkpoint is not needed."""
     from structexport.bench import BenchOptions, run_bench
+    pass_options = {"autotune": autotune, "tuning_cache": tuning_cache,
+                    **({"sumpool_realization": sumpool_realization} if sumpool_realization else {})}
+    kind = check_measure_flags(ctx, "bench", path, arch, trust_pickle, allow_torchscript, pass_options,
+                               target)
+    facts = package_facts(path) if kind == "package" else {}
+    check_tvm_flags(ctx, tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db, rpc, tracker,
+                    tuned_package=bool(facts.get("tuned")))
+    built_for = facts.get("target") or ""
+    timed_on = target or (built_for if built_for.startswith("tvm") else "ort-cpu")
+    if per_layer and timed_on != "ort-cpu":
+        raise OptionRefusedError(f"--per-layer breaks ONNX Runtime's time down by operator, and this "
+                                 f"run times {timed_on}", "use `structexport profile` for TVM targets")
+    if compare_ort and (timed_on == "ort-cpu" or rpc or tracker):
+        raise OptionRefusedError("--compare-ort times a TVM target on this host beside ONNX Runtime"
+                                 + ("; this run times ort-cpu already" if timed_on == "ort-cpu"
+                                    else "; --rpc/--tracker time on a device"),
+                                 "use it with --target tvm-llvm and no --rpc/--tracker")
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
                         compare_ort=compare_ort, trust_pickle=trust_pickle,

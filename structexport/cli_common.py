@@ -165,3 +165,137 @@ def _sumpool_realizations() -> tuple[str, ...]:
 def sumpool_choice() -> LazyChoice:
     """--sumpool-realization's choices: the one list, kept with the layers."""
     return LazyChoice(_sumpool_realizations)
+
+
+# --------------------------------------------------------------------------- refused flags
+# Every option either takes effect for the source and target it is given with, or is
+# refused here (exit 2) with what to use instead: a flag that silently does nothing is a
+# bug (issue 18).
+
+class OptionRefusedError(StructExportError):
+    """An option that would do nothing for this source or target."""
+    exit_code, kind = 2, "usage"
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not its default)."""
+    from click.core import ParameterSource
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+def source_kind(path, arch: str | None = None, model_spec: str | None = None) -> str | None:
+    """What PATH is: "package" (a converted OUTDIR), "zoo" (a checkpoint the zoo's loader
+    reads, the torch passes), "onnx" (any other model: the ONNX passes), or None when it
+    cannot be read (the command's own error then names the problem)."""
+    from pathlib import Path
+    if not path or not Path(path).exists():
+        return None
+    from structexport.package import is_package
+    if Path(path).is_dir():
+        return "package" if is_package(path) else None
+    from structexport.frontends import is_zoo_checkpoint
+    return "zoo" if is_zoo_checkpoint(path, arch, model_spec) else "onnx"
+
+
+def file_frontend(path):
+    """The front end whose content test ``path`` passes (None: unreadable or unknown)."""
+    from structexport.frontends import detect_frontend, frontend_for_suffix
+    try:
+        return detect_frontend(path) or frontend_for_suffix(path)
+    except (StructExportError, OSError):
+        return None
+
+
+def check_source_flags(path, kind: str | None, arch, model_spec, trust_pickle: bool,
+                       allow_torchscript: bool) -> None:
+    """--arch / --model / --trust-pickle / --allow-torchscript against the file they are for."""
+    if kind not in ("zoo", "onnx"):
+        return
+    frontend = file_frontend(path)
+    name = getattr(frontend, "name", None)
+    family = getattr(frontend, "family", None)
+    title = getattr(frontend, "title", "this file")
+    if frontend is not None and family != "torch":
+        for flag, value in (("--arch", arch), ("--model", model_spec)):
+            if value:
+                raise OptionRefusedError(f"{flag} names the architecture of a state dict; {path} is "
+                                         f"{title}, which carries its own", f"leave {flag} out")
+    if allow_torchscript and frontend is not None and name != "torchscript":
+        raise OptionRefusedError(f"--allow-torchscript allows TorchScript archives; {path} is {title}",
+                                 "leave --allow-torchscript out")
+    if trust_pickle and frontend is not None and family == "onnx":
+        raise OptionRefusedError(f"--trust-pickle allows unpickling; {path} is {title}, which holds "
+                                 "no pickle", "leave --trust-pickle out")
+
+
+def check_pass_flags(kind: str | None, target: str, pass_options: dict, only=None, skip=None) -> None:
+    """Pass options and --passes/--skip-pass against the pipeline the source goes through
+    (zoo checkpoints and --arch: the torch passes; any other model: the ONNX passes)."""
+    from structexport.passes import check_pass_options, select_onnx_passes, select_passes
+    if kind == "onnx":
+        names = [p.name for p in select_onnx_passes(only, skip)]
+        check_pass_options(names, pass_options, "onnx")
+        return
+    if kind not in ("zoo", "arch"):
+        return
+    from structexport.targets import get_target
+    try:
+        default = get_target(target, {}).default_passes()
+    except StructExportError:
+        return       # the command reports an unknown target itself
+    names = [p.name for p in select_passes(default, only, skip)]
+    check_pass_options(names, pass_options, "torch")
+
+
+def check_tvm_flags(ctx: click.Context, tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db,
+                    rpc, tracker, tuned_package: bool = False) -> None:
+    """TVM options that only take effect with another one."""
+    if tvm_preset and tvm_target:
+        raise OptionRefusedError("--tvm-target overrides --tvm-preset: the preset would not be used",
+                                 "pass one of them")
+    if tuning_db and not (tune_per_task or tune_trials) and not tuned_package:
+        raise OptionRefusedError("--tuning-db holds MetaSchedule's records, and nothing is tuned "
+                                 "without --tune or --tune-trials", "add --tune quick|full|N, or leave "
+                                 "--tuning-db out")
+    if given(ctx, "rpc_timeout") and not (rpc or tracker):
+        raise OptionRefusedError("--rpc-timeout bounds an RPC session, and there is none without "
+                                 "--rpc or --tracker", "add --rpc HOST:PORT or --tracker HOST:PORT "
+                                 "--key KEY, or leave --rpc-timeout out")
+
+
+def package_facts(path) -> dict:
+    """What a package's manifest says of its source and build: {"pipeline": "zoo"|"onnx",
+    "target": ..., "tuned": bool} (empty when it cannot be read)."""
+    import json
+    from pathlib import Path
+    try:
+        m = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    source = m.get("source") or {}
+    return {"pipeline": "onnx" if source.get("family") == "discovered" else "zoo",
+            "target": m.get("target"), "tuned": bool((m.get("target_build") or {}).get("tuning"))}
+
+
+def check_measure_flags(ctx: click.Context, command: str, path, arch, trust_pickle: bool,
+                        allow_torchscript: bool, pass_options: dict | None = None, target=None) -> str | None:
+    """The flags ``bench``/``profile``/``regress`` share, against what PATH is; returns its
+    kind (:func:`source_kind`, or "arch" for --arch alone)."""
+    kind = source_kind(path, arch) if path else ("arch" if arch else None)
+    if path and given(ctx, "seed"):
+        raise OptionRefusedError(f"--seed draws the weights of --arch NAME without a checkpoint; {path} "
+                                 "has its own (and is timed on its stored verification input)",
+                                 "leave --seed out")
+    if kind == "package":
+        if arch:
+            raise OptionRefusedError(f"--arch names a checkpoint's architecture; {path} is a converted "
+                                     "package, which records its own", "leave --arch out")
+        facts = package_facts(path)
+        if pass_options:
+            check_pass_flags("onnx" if facts.get("pipeline") == "onnx" else "zoo",
+                             target or facts.get("target") or "ort-cpu", pass_options)
+        return kind
+    check_source_flags(path, kind, arch, None, trust_pickle, allow_torchscript)
+    if pass_options:
+        check_pass_flags(kind, target or "ort-cpu", pass_options)
+    return kind

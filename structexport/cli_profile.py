@@ -6,7 +6,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli_common import device_options, err, fail_cleanly, out, trust_options
+from structexport.cli_common import (OptionRefusedError, check_measure_flags, device_options, err,
+                                     fail_cleanly, given, out, trust_options)
 
 
 @click.command()
@@ -29,14 +30,20 @@ from structexport.cli_common import device_options, err, fail_cleanly, out, trus
               type=click.Path(dir_okay=False, path_type=str),
               help="HTML report; the Markdown and JSON reports are written beside it "
               "(same name, .md and .json).")
+@click.pass_context
 @fail_cleanly
-def profile(path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
+def profile(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, seed, no_peak,
             rpc, tracker, key, rpc_timeout, trust_pickle, allow_torchscript, output):
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its
     dense reference, from the runtime's profiler: HTML report with plots, Markdown, JSON. An
     OUTDIR holds its own reference: its source checkpoint is not needed."""
     from structexport.profile import ProfileOptions, run_profile
     from structexport.profiling.render import summary_lines, table_rows, write_reports
+    check_measure_flags(ctx, "profile", path, arch, trust_pickle, allow_torchscript)
+    if given(ctx, "rpc_timeout") and not (rpc or tracker):
+        raise OptionRefusedError("--rpc-timeout bounds an RPC session, and there is none without "
+                                 "--rpc or --tracker", "add --rpc HOST:PORT or --tracker HOST:PORT "
+                                 "--key KEY, or leave --rpc-timeout out")
     opts = ProfileOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                           repeat=repeat, warmup=warmup, seed=seed, peak=not no_peak,
                           rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout,

@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 
-from structexport.cli_common import err, out, sumpool_choice, trust_options
+from structexport.cli_common import device_options, err, out, sumpool_choice, trust_options
 from structexport.errors import StructExportError
 from structexport.regress.baseline import DEFAULT_REPEAT, DEFAULT_WARMUP, EXIT_USAGE, RegressUsageError
 
@@ -77,6 +77,7 @@ def _parse_shape(text: str) -> list[int]:
 @click.option("--min-layer-share", default="3%", show_default=True,
               help="With --against: the smallest share of the base's kernel time a judged layer has.")
 @click.option("--no-per-layer", is_flag=True, help="With --against: judge the whole model only.")
+@device_options
 @trust_options
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(0, 5),
               help="Re-measure a failing entry this many times before calling it a regression.")
@@ -97,6 +98,7 @@ def regress(ctx, **opts):
     structexport regress --update --baseline b.json --arch resnet20-struct-c2n2 --target ort-cpu
     structexport regress --update --baseline b.json      # record this machine's class for every entry
     structexport regress --against base-outdir/ candidate.safetensors --junit r.xml
+    structexport regress --against base-arm/ cand-arm/ --rpc 10.0.0.7:9090   # timed on the device
     """
     try:
         code = _regress(ctx, opts)
@@ -112,10 +114,22 @@ def regress(ctx, **opts):
 def _regress(ctx, opts: dict) -> int:
     from structexport import regress as rg
     tolerance = rg.parse_tolerance(opts["tolerance"])
+    if opts["autotune"] and opts["sumpool_realization"]:
+        raise RegressUsageError(f"--autotune and --sumpool-realization {opts['sumpool_realization']} both "
+                                "choose the sum-pool realizations: a forced one is never measured",
+                                "pass one of them")
     if opts["against"]:
         return _against_mode(ctx, opts, tolerance)
     if not opts["baseline"]:
         raise RegressUsageError("nothing to check", "pass --baseline FILE, or --against BASE CANDIDATE")
+    device_flags = [f"--{n.replace('_', '-')}" for n in ("rpc", "tracker", "key", "rpc_timeout") if _given(ctx, n)]
+    if device_flags:
+        raise RegressUsageError(f"{', '.join(device_flags)} time{'s' if len(device_flags) == 1 else ''} "
+                                "--against on a device; baseline files judge this machine's class",
+                                "use them with --against BASE CANDIDATE, or leave them out")
+    if opts["update"] and _given(ctx, "retries"):
+        raise RegressUsageError("--retries re-measures a failing check; --update records, it judges nothing",
+                                "leave --retries out with --update")
     _check_flags(ctx, opts)
     baseline = Path(opts["baseline"])
     with _progress() as progress:
@@ -146,6 +160,23 @@ def _against_mode(ctx, opts: dict, tolerance: float) -> int:
     for side, path in zip(("BASE", "CANDIDATE"), opts["against"]):
         if not Path(path).exists():
             raise RegressUsageError(f"{side} {path} does not exist", "pass an OUTDIR or a checkpoint file")
+    if _given(ctx, "seed"):
+        raise RegressUsageError("--seed draws the weights of an --arch entry; BASE and CANDIDATE have their "
+                                "own (and are timed on the base's stored verification input)",
+                                "leave --seed out with --against")
+    from structexport.regress.ab import _timed_target
+    timed = _timed_target(opts["against"][0], opts["against"][1],
+                          ABOptions(target=opts["target"] if _given(ctx, "target") else None))
+    layer_flags = [f"--{n.replace('_', '-')}" for n in ("layer_tolerance", "min_layer_share") if _given(ctx, n)]
+    if layer_flags and timed != "ort-cpu":
+        raise RegressUsageError(f"{', '.join(layer_flags)} judge{'s' if len(layer_flags) == 1 else ''} layers "
+                                f"from ONNX Runtime's profiler; on {timed} the whole model is judged",
+                                "leave them out, or compare on --target ort-cpu")
+    from structexport.rpc import parse_device
+    device = parse_device(opts["rpc"], opts["tracker"], opts["key"], opts["rpc_timeout"])
+    if _given(ctx, "rpc_timeout") and device is None:
+        raise RegressUsageError("--rpc-timeout bounds an RPC session, and there is none without --rpc or "
+                                "--tracker", "add --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
     pass_options = {"threads": opts["threads"]}
     if opts["sumpool_realization"]:
         pass_options["sumpool_realization"] = opts["sumpool_realization"]
@@ -158,6 +189,7 @@ def _against_mode(ctx, opts: dict, tolerance: float) -> int:
                    tolerance=tolerance, layer_tolerance=parse_tolerance(opts["layer_tolerance"]),
                    min_layer_share=parse_tolerance(opts["min_layer_share"]),
                    per_layer=not opts["no_per_layer"], retries=opts["retries"], pass_options=pass_options,
+                   target_options={"device": device} if device is not None else {},
                    trust_pickle=opts["trust_pickle"], allow_torchscript=opts["allow_torchscript"])
     with _progress() as progress:
         report = run_ab(opts["against"][0], opts["against"][1], ab, progress)
@@ -182,10 +214,10 @@ def _finish_ab(report, opts: dict) -> int:
 
 
 def print_ab_report(report) -> None:
-    from structexport.regress import ab, machine_line
+    from structexport.regress import ab
     out.print(f"base {escape(report.base)}, candidate {escape(report.candidate)}: {escape(report.arch)} on "
               f"{escape(report.target)}, input {report.input_shape}, {report.threads} thread(s), timed "
-              f"interleaved on {escape(machine_line(report.machine))}")
+              f"interleaved on {escape(report.where)}")
     if not report.error:
         table = Table(title=f"candidate / base ({ab.STATISTIC} of the interleaved runs); layer tolerance "
                       f"{report.layer_tolerance * 100:g}% for layers of at least "

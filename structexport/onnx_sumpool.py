@@ -11,7 +11,10 @@ arrive as ONNX: zero padding, then per channel group a ``kc x kh x kw`` box sum 
 - ``"pool2d"``: no CumSum, only 2-D AveragePools (DESIGN.md section 5): the channel sum as
   a ``(kc, 1)`` AveragePool of the ``(N * groups, 1, C / groups, H * W)`` view, one Mul by
   ``kc * kh * kw`` (an AveragePool is a mean), then a ``(kh, kw)`` AveragePool whose pads
-  count as zeros (``count_include_pad=1``; a Pad first where the pads exceed half the kernel).
+  count as zeros (``count_include_pad=1``; a Pad first where the pads exceed half the kernel);
+- ``"avgpool3d"``: the naive reference form (``--sumpool-realization avgpool3d`` only): a Pad,
+  one ``(kc, kh, kw)`` AveragePool of the ``(N * groups, 1, C / groups, H, W)`` view and a Mul
+  by its volume.
 """
 from __future__ import annotations
 
@@ -71,6 +74,10 @@ def emit_sumpool(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int],
     out_channels = groups * (cg - kc + 1)
     if realization == "pool2d":
         return _pool2d(b, x, shape, groups, window, padding, dtype)
+    if realization == "avgpool3d":
+        return _avgpool3d(b, x, shape, groups, window, padding, dtype)
+    if realization not in ("cumsum", "banded", "box"):
+        raise ValueError(f"unknown sum-pool realization {realization!r}")
     if realization == "banded" and kc > 1:
         band = np.zeros((out_channels, cg, 1, 1), dtype=dtype)
         for a in range(cg - kc + 1):
@@ -121,3 +128,22 @@ def _pool2d(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int], grou
         x = b.op("AveragePool", [x], kernel_shape=[kh, kw], strides=[1, 1],
                  pads=[padding if inside else 0] * 4, count_include_pad=1)
     return x
+
+
+def _avgpool3d(b: GraphBuilder, x: ir.Value, shape: tuple[int, int, int, int], groups: int,
+               window: tuple[int, int, int], padding: int, dtype) -> ir.Value:
+    """As :class:`structexport.layers.sumpool.SumPool`'s ``avgpool3d``: the zero-padded input
+    viewed as ``(N * groups, 1, C / groups, H, W)``, one 3-D AveragePool times its volume."""
+    _, channels, height, width = shape
+    kc, kh, kw = window
+    cg = channels // groups
+    out_channels = groups * (cg - kc + 1)
+    if padding:
+        x = b.op("Pad", [x, b.ints("pads", [0, 0, padding, padding, 0, 0, padding, padding])])
+    hp, wp = height + 2 * padding, width + 2 * padding
+    x = b.op("Reshape", [x, b.ints("pool3d_view", [-1, 1, cg, hp, wp])])
+    if kc * kh * kw > 1:
+        x = b.op("AveragePool", [x], kernel_shape=[kc, kh, kw], strides=[1, 1, 1], pads=[0] * 6,
+                 count_include_pad=1)
+        x = b.op("Mul", [x, b.const(f"{b.prefix}.sumpool_scale", np.asarray(kc * kh * kw, dtype=dtype))])
+    return b.op("Reshape", [x, b.ints("pooled_shape", [-1, out_channels, hp - kh + 1, wp - kw + 1])])

@@ -19,15 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from structexport.errors import StructExportError
+from structexport.errors import InputDimensionError, StructExportError
 from structexport.package import Package, PackageIncompatibleError, is_package
 
 # Pass options that change the rewritten graph: a package is reused only when they agree.
 GRAPH_OPTIONS = ("sumpool_realization", "autotune")
+# The pass options the ONNX passes of models outside the zoo read (convert_source).
+SOURCE_PASS_OPTIONS = ("max_residual", "sumpool_realization", "autotune", "tuning_cache", "threads",
+                       "declared_structures", "keep_csg_codes")
 
 
 class WorkloadError(StructExportError):
     exit_code, kind = 40, "nothing-to-measure"
+
+
+class BatchRefusedError(StructExportError):
+    """--batch for a model whose batch dimension is fixed: it cannot take effect."""
+    exit_code, kind = 2, "usage"
 
 
 @dataclass
@@ -179,7 +187,10 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
         say(f"convert again from {source} ({'; '.join(why)})")
         from structexport.frontends import is_zoo_checkpoint
         if not is_zoo_checkpoint(source, None):   # ONNX, torch.export, TorchScript sources
-            shape_opts = dataclasses.replace(opts, input_shape=tuple(shape), target=target)
+            pass_options = {**package.pass_options,
+                            **{k: v for k, v in opts.pass_options.items() if v not in (None, False)}}
+            shape_opts = dataclasses.replace(opts, input_shape=tuple(shape), target=target,
+                                             pass_options=pass_options)
             workload = _convert_source_here(str(source), None, shape_opts, workdir, say)
             workload.origin, workload.label = "outdir", str(path)
             workload.notes.append(f"converted again from {source}: {'; '.join(why)}")
@@ -256,12 +267,29 @@ def _convert_source_here(path: str, arch: str | None, opts: WorkloadOptions, wor
     from structexport.frontends import load_source
     target = opts.target or "ort-cpu"
     say("load")
-    source = load_source(path, arch=arch, input_shape=opts.input_shape, trust_pickle=opts.trust_pickle,
-                         allow_torchscript=opts.allow_torchscript)
+    shape = parse_shape(opts.input_shape) if opts.input_shape else None
+    if shape is not None and opts.batch != 1:
+        shape = (opts.batch,) + tuple(shape[1:])
+
+    def load(shape):
+        try:
+            return load_source(path, arch=arch, input_shape=shape, trust_pickle=opts.trust_pickle,
+                               allow_torchscript=opts.allow_torchscript)
+        except InputDimensionError as exc:
+            if opts.batch == 1 or "dimension 0 " not in exc.message:
+                raise
+            raise BatchRefusedError(f"--batch {opts.batch}: {exc.message.replace(', --input-shape gives', ', --batch gives')}",
+                                    "leave --batch out, or export the model with a dynamic batch "
+                                    "dimension") from None
+    source = load(shape)
+    if shape is None and opts.batch != 1 and source.input_shape and source.input_shape[0] != opts.batch:
+        # --batch without --input-shape: the model's own shape at that batch (a fixed batch
+        # dimension is refused, exit 2)
+        source = load((opts.batch,) + tuple(source.input_shape[1:]))
     convert_target, outdir, target_options = _conversion(target, opts, workdir, "source", say)
     result = convert_source(source, outdir, ConvertOptions(
         target=convert_target, pass_options={k: v for k, v in opts.pass_options.items()
-                                             if k in ("max_residual", "sumpool_realization")},
+                                             if k in SOURCE_PASS_OPTIONS},
         target_options=target_options), say)
     return Workload(Package.load(result.outdir, check_hashes=False), "checkpoint", str(path), target,
                     converted_here=True)

@@ -115,6 +115,13 @@ class ABReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None             # the candidate no longer converts: a failure
+    device: dict | None = None           # timed on a device over RPC (DeviceSpec.to_dict), else None
+    device_text: str | None = None       # that device in words (DeviceSpec.describe)
+
+    @property
+    def where(self) -> str:
+        """Where both were timed, in words."""
+        return self.device_text if self.device_text else machine_line(self.machine)
 
     @property
     def slower_layers(self) -> list[Verdict]:
@@ -256,10 +263,54 @@ def _better(first: Verdict, second: Verdict) -> Verdict:
                    first_ratio=first.ratio)
 
 
+def _package_target(path: str) -> str | None:
+    from structexport.package import Package, is_package
+    try:
+        return Package.load(path).target if is_package(path) else None
+    except StructExportError:
+        return None
+
+
+def _timed_target(base: str, candidate: str, opts: ABOptions) -> str:
+    """The target both sides will be timed on: --target, else a package's, else ort-cpu."""
+    return opts.target or _package_target(base) or _package_target(candidate) or "ort-cpu"
+
+
 def run_ab(base: str, candidate: str, opts: ABOptions,
            progress: Callable[[str], None] | None = None) -> ABReport:
-    """Convert what needs converting, time both interleaved, judge the ratios."""
+    """Convert what needs converting, time both interleaved, judge the ratios. TVM targets
+    are timed on one device session for the whole run: ``target_options["device"]``
+    (``--rpc``/``--tracker``), else the target's default (this host; for tvm-arm the
+    emulated aarch64 device, started for the run when it is not running)."""
+    import dataclasses
     say = progress or (lambda _m: None)
+    target_name = _timed_target(base, candidate, opts)
+    device = opts.target_options.get("device")
+    if device is not None and not target_name.startswith("tvm"):
+        raise RegressUsageError(f"--rpc/--tracker time TVM libraries on a device; this check times "
+                                f"{target_name} on this machine",
+                                "pass --target tvm-arm (or tvm-llvm), or leave --rpc/--tracker out")
+    if not target_name.startswith("tvm") or target_name not in AB_TARGETS:
+        return _run_ab(base, candidate, opts, say)
+    from structexport.targets import get_target
+    try:
+        target = get_target(target_name, dict(opts.target_options, progress=say))
+        target.preflight()
+    except RegressUsageError:
+        raise
+    except StructExportError as exc:
+        raise RegressUsageError(f"cannot time {target_name}: {exc.message}", exc.hint or
+                                "check --target and the device options") from None
+    with target.device_scope(say) as scoped:
+        if isinstance(scoped, str):
+            raise RegressUsageError(f"cannot time {target_name} here: {scoped.removeprefix('not run: ')}",
+                                    "pass --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
+        if scoped is not None:
+            opts = dataclasses.replace(opts, target_options=dict(opts.target_options, device=scoped))
+        return _run_ab(base, candidate, opts, say)
+
+
+def _run_ab(base: str, candidate: str, opts: ABOptions, say) -> ABReport:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-regress-ab-") as tmp:
         work = Path(tmp)
@@ -297,10 +348,17 @@ def run_ab(base: str, candidate: str, opts: ABOptions,
                  f"candidate: {c.label}" + (f" ({'; '.join(c.notes)})" if c.notes else "")]
         if opts.per_layer and target != "ort-cpu":
             notes.append(f"per-layer verdicts are for ort-cpu; on {target} the whole model is judged")
+        device = opts.target_options.get("device") if target != "ort-cpu" else None
+        remote = device is not None and getattr(device, "remote", False)
+        if remote and getattr(device, "emulated", False):
+            notes.append("timed on the emulated aarch64 device (qemu user mode): the ratio is judged "
+                         "as on any device, but the times are not ARM latency")
         return ABReport(base, candidate, target, b.arch, list(b.shape), opts.threads, whole,
                         first.latency["candidate"]["median"] / first.latency["base"]["median"],
                         layers, machine_info(), opts.tolerance, opts.layer_tolerance,
-                        opts.min_layer_share, remeasured, notes, time.perf_counter() - start)
+                        opts.min_layer_share, remeasured, notes, time.perf_counter() - start,
+                        device=device.to_dict() if remote else None,
+                        device_text=device.describe() if remote else None)
 
 
 def _error_report(base, candidate, opts: ABOptions, error: str, seconds: float) -> ABReport:
@@ -346,7 +404,7 @@ def rows(report: ABReport) -> list[tuple]:
 def markdown(report: ABReport) -> str:
     lines = [f"## structexport regress --against: {verdict_line(report)}", "",
              f"Base `{report.base}`, candidate `{report.candidate}`: {report.arch} on {report.target}, "
-             f"input {report.input_shape}, timed interleaved on {machine_line(report.machine)}. "
+             f"input {report.input_shape}, timed interleaved on {report.where}. "
              "Only the candidate/base ratio is judged (the CPU cancels out).", ""]
     if not report.error:
         lines += ["| what | base ms | candidate ms | ratio | share | tolerance | status |",
@@ -371,6 +429,7 @@ def junit_xml(report: ABReport) -> str:
     props = ET.SubElement(suite, "properties")
     for name, value in (("base", report.base), ("candidate", report.candidate),
                         ("target", report.target), ("machine", machine_line(report.machine)),
+                        *((("device", report.where),) if report.device else ()),
                         ("tolerance", f"{report.tolerance * 100:g}%"),
                         ("layer_tolerance", f"{report.layer_tolerance * 100:g}%")):
         ET.SubElement(props, "property", {"name": name, "value": value})
@@ -406,5 +465,6 @@ def report_json(report: ABReport) -> dict:
             "median_ratio": report.median_ratio, "layers": [v(x) for x in report.layers],
             "tolerance": report.tolerance, "layer_tolerance": report.layer_tolerance,
             "min_layer_share": report.min_layer_share, "remeasured": report.remeasured,
-            "machine": report.machine, "notes": report.notes, "error": report.error,
+            "machine": report.machine, "device": report.device, "notes": report.notes,
+            "error": report.error,
             "seconds": round(report.seconds, 3)}
