@@ -328,6 +328,7 @@ def inspect_graph(proto, max_residual: float | None = None, min_saving: float | 
     macs_after = graph_macs - sum(r["macs_before"] - r["macs_after"] for r in layers)
     totals = {
         "layers": len(layers),
+        "by_op": {op: sum(1 for r in layers if r["op"] == op) for op in ("conv2d", "linear")},
         "structured": sum(1 for r in layers if r["structured"]),
         "decomposed": sum(1 for r in layers if r["decompose"]),
         "params_before": sum(r["params_before"] for r in layers),
@@ -337,6 +338,7 @@ def inspect_graph(proto, max_residual: float | None = None, min_saving: float | 
         "macs_after": macs_after,
         "other_macs": graph_macs - layer_macs,
         "sumpool_adds": sum(r["sumpool_adds"] for r in layers),
+        "pool_adds": sum(int(c.pool_adds) for c in costs.values()),   # the model's own pooling
         "speedup_theoretical": macs_before / macs_after if macs_after else None,
     }
     return {"max_residual": tolerance, "min_saving": min_saving, "layers": layers, "totals": totals}
@@ -427,8 +429,10 @@ def _render_graph(report: dict, console: Console) -> None:
                       before_after(r["macs_before"], r["macs_after"]))
     t = report["totals"]
     table.add_section()
-    table.add_row(f"total ({t['layers']} layers)", "", "", "", "", "", "",
-                  f"{t['decomposed']} of {t['structured']} structured",
+    # every conv and linear layer is counted, structured or not: "0 of 0" read as "none found"
+    table.add_row(f"total ({t['layers']} layers: {t['by_op']['conv2d']} conv, "
+                  f"{t['by_op']['linear']} linear)", "", "", "", "", "", "",
+                  f"{t['structured']} of {t['layers']} structured, {t['decomposed']} decomposed",
                   before_after(t["params_before"], t["params_after"]),
                   before_after(t["macs_before"], t["macs_after"]))
     console.print(table)
@@ -438,6 +442,8 @@ def _render_graph(report: dict, console: Console) -> None:
                   f"{t['macs_after']:,}"
                   + (f" ({t['other_macs']:,} of them outside the table)" if t["other_macs"] else "")
                   + (f", sum-pool additions {t['sumpool_adds']:,}" if t["sumpool_adds"] else "")
+                  + (f", average pooling additions {t['pool_adds']:,} (the model's own pooling, "
+                     "not sum-pools)" if t.get("pool_adds") else "")
                   + (f": theoretical speedup {speedup:.2f}x" if speedup else ""))
     console.print(f"structure: the cheapest c x n x n the weights have within relative residual "
                   f"{report['max_residual']:g}; decomposed when it saves at least "

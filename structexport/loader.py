@@ -383,6 +383,13 @@ def key_mismatch(expected: dict, state: dict) -> tuple[list, list, list]:
     return missing, unexpected, shapes
 
 
+# A state dict that fits no zoo name may be the user's own model: name both ways to load it
+# (bench and profile take no --model: they take the OUTDIR such a convert writes).
+OWN_MODEL = "--model FILE.py:FUNC to convert or inspect it as your own nn.Module"
+ARCH_OR_MODEL_HINT = f"pass --arch NAME for a zoo model (see `structexport zoo`), or {OWN_MODEL}"
+CHECK_ARCH_HINT = f"check --arch (see `structexport zoo`), or pass {OWN_MODEL}"
+
+
 def mismatch_error(arch: str, missing, unexpected, shapes, expected_keys,
                    hint: str | None = None) -> E.StructExportError:
     """The grouped, nearest-name error for a state dict that does not fit ``arch`` (a zoo
@@ -391,7 +398,7 @@ def mismatch_error(arch: str, missing, unexpected, shapes, expected_keys,
         key, exp, got = shapes[0]
         more = f" (and {len(shapes) - 1} more tensors)" if len(shapes) > 1 else ""
         return E.ShapeMismatchError(f"shape mismatch for {arch} in layer {key}: expected {exp}, "
-                                    f"got {got}{more}", hint or "check --arch")
+                                    f"got {got}{more}", hint or CHECK_ARCH_HINT)
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys ({grouped_keys(missing)})")
@@ -403,7 +410,7 @@ def mismatch_error(arch: str, missing, unexpected, shapes, expected_keys,
         parts.append(f"{len(shapes)} shape mismatches (first: {shapes[0][0]} expected "
                      f"{shapes[0][1]}, got {shapes[0][2]})")
     return E.ArchitectureMismatchError(f"checkpoint does not match {arch}: " + "; ".join(parts),
-                                       hint or "check --arch (see `structexport zoo`)")
+                                       hint or CHECK_ARCH_HINT)
 
 
 def _candidates(spec: ModelSpec, state: dict, path: Path) -> list[tuple[ModelSpec, dict, list]]:
@@ -515,7 +522,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pick
     saved_name = meta.get("model")
     if arch is None and saved_name is None:
         raise E.UnknownArchitectureError(f"{path} does not say which architecture it holds",
-                                         "pass --arch NAME (see `structexport zoo`)")
+                                         ARCH_OR_MODEL_HINT)
     spec = parse_name(arch or saved_name)
     if saved_name and arch and parse_name(saved_name).base == spec.base and spec.family == "dense":
         spec = parse_name(saved_name)  # the file's own full variant name refines a base name

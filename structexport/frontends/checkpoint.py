@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from structexport import errors as E
 from structexport.frontends.base import Frontend, SourceModel, zip_names
 from structexport.loader import is_safetensors, load_checkpoint
 
@@ -35,15 +34,9 @@ class CheckpointFrontend(Frontend):
     def load(self, path: Path, *, arch: str | None = None, input_shape=None,
              trust_pickle: bool = False, allow_torchscript: bool = False, **_) -> SourceModel:
         from structexport.models import input_shape as zoo_input_shape
-        try:
-            loaded = load_checkpoint(path, arch, trust_pickle=trust_pickle,
-                                     allow_torchscript=allow_torchscript)
-        except E.UnknownArchitectureError as exc:
-            if arch is None and exc.hint and "--model" not in exc.hint:
-                raise E.UnknownArchitectureError(
-                    exc.message, "pass --arch NAME for a zoo model (see `structexport zoo`), or "
-                    "--model FILE.py:build for your own nn.Module") from None
-            raise
+        # the loader's errors name both --arch NAME and --model FILE.py:FUNC
+        loaded = load_checkpoint(path, arch, trust_pickle=trust_pickle,
+                                 allow_torchscript=allow_torchscript)
         shape = tuple(input_shape) if input_shape is not None else tuple(zoo_input_shape(loaded.arch))
         return SourceModel(format="checkpoint", path=loaded.path, sha256=loaded.sha256,
                            name=loaded.arch, input_shape=shape, module=loaded.model,
