@@ -67,13 +67,15 @@ def frontend_for_suffix(path: str | os.PathLike) -> Frontend | None:
 
 
 def load_source(path: str | os.PathLike, *, model_spec: str | None = None, arch: str | None = None,
-                input_shape=None, trust_pickle: bool = False,
-                allow_torchscript: bool = False) -> SourceModel:
+                input_shape=None, input_shapes: dict | None = None, input_values: dict | None = None,
+                trust_pickle: bool = False, allow_torchscript: bool = False) -> SourceModel:
     """Load any supported model file into a :class:`SourceModel`.
 
     ``model_spec`` (``--model FILE.py:FUNC`` / ``package.module:FUNC``) names the user's own
     module for a state dict; ``arch`` a zoo architecture; ``input_shape`` (``--input-shape``)
-    fixes dynamic dimensions. ``trust_pickle`` / ``allow_torchscript`` are the loader's
+    fixes dynamic dimensions (of the first input; ``input_shapes`` of inputs by name, and
+    ``input_values`` their values, for the front ends of models with several inputs).
+    ``trust_pickle`` / ``allow_torchscript`` are the loader's
     opt-ins to run code from the file.
     """
     path = Path(path)
@@ -114,6 +116,7 @@ def load_source(path: str | os.PathLike, *, model_spec: str | None = None, arch:
         flag = f"--arch {arch}" if arch else f"--model {model_spec}"
         notes.append(f"{flag} ignored: {frontend.title} carries its own architecture")
     source = frontend.load(path, model_spec=model_spec, arch=arch, input_shape=shape,
+                           input_shapes=input_shapes, input_values=input_values,
                            trust_pickle=trust_pickle, allow_torchscript=allow_torchscript)
     source.notes[:0] = notes
     return source
