@@ -47,6 +47,26 @@ def declared_structure(layer: str, C: int, ctx: PassContext) -> tuple[int, int] 
     return None
 
 
+def check_declared_globs(layers: list[str], ctx: PassContext) -> None:
+    """Refuse (exit 2) a ``--declare-structured GLOB`` that names no conv of the model: it
+    would declare nothing."""
+    unmatched = [glob for glob in (ctx.option("declared_structures") or {})
+                 if not any(fnmatch.fnmatchcase(layer, glob) for layer in layers)]
+    if unmatched:
+        from structexport.passes import PassOptionError
+        shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+        raise PassOptionError(f"--declare-structured {', '.join(repr(g) for g in unmatched)} "
+                              f"match{'es' if len(unmatched) == 1 else ''} no conv of the model",
+                              f"name its convs: {shown or 'it has none'}")
+
+
+def conv_layers(model: ir.Model) -> list[str]:
+    """The layer names of the graph's convs with a constant weight."""
+    return [layer_name(n.inputs[1]) for n in model.graph
+            if n.op_type == "Conv" and n.domain in ("", "ai.onnx") and len(n.inputs) > 1
+            and n.inputs[1] is not None and n.inputs[1].const_value is not None]
+
+
 def layer_name(weight: ir.Value) -> str:
     """The source layer a conv belongs to: its weight's name without ``.weight`` (the
     name the profile's layer mapping finds again as a prefix of the new weights)."""
@@ -94,6 +114,7 @@ class DecomposeStructuredConvPass(Pass):
     def call(self, model: ir.Model, ctx: PassContext) -> PassResult:
         max_residual = ctx.option("max_residual") or EXACT
         min_saving = ctx.option("min_saving", DEFAULT_MIN_SAVING)
+        check_declared_globs(conv_layers(model), ctx)
         forced = ctx.option("sumpool_realization")
         tuner = None
         if ctx.option("autotune", False) and not forced:
@@ -184,10 +205,11 @@ class DecomposeStructuredConvPass(Pass):
         inputs = [pooled, b.const(f"{layer}.alpha", alpha)]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             inputs.append(node.inputs[2])
+        small_name = f"{layer}/conv" if f"{layer}/conv" not in b._taken else b.name("conv")
         small = ir.node("Conv", inputs, attributes={"group": groups, "kernel_shape": [found.n, found.n],
                                                     "strides": [conv["stride"]] * 2},
-                        name=f"{layer}/conv", num_outputs=1)
-        small.outputs[0].name = f"{layer}/conv:0"
+                        name=small_name, num_outputs=1)
+        small.outputs[0].name = f"{small_name}:0"
         b.nodes.append(small)
         old_out = node.outputs[0]
         small.outputs[0].shape, small.outputs[0].type = old_out.shape, old_out.type

@@ -46,6 +46,15 @@ class DecomposeStructuredPass(Pass):
         return found
 
     def requires(self, module: nn.Module, ctx: PassContext) -> None:
+        convs = [name for name, _ in modules_of(module, nn.Conv2d)]
+        unmatched = [glob for glob in (ctx.option("declared_structures") or {})
+                     if not any(fnmatch.fnmatchcase(name, glob) for name in convs)]
+        if unmatched:   # it would declare nothing: refused (exit 2), never ignored
+            from structexport.passes import PassOptionError
+            shown = ", ".join(convs[:6]) + (", ..." if len(convs) > 6 else "")
+            raise PassOptionError(f"--declare-structured {', '.join(repr(g) for g in unmatched)} "
+                                  f"match{'es' if len(unmatched) == 1 else ''} no conv of the model",
+                                  f"name its convs: {shown or 'it has none'}")
         for name, conv, (c, n) in self._declared(module, ctx):
             if conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1):
                 raise PassError(f"{name} cannot be declared structured: it needs a square, "

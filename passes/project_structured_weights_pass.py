@@ -20,7 +20,8 @@ import torch
 from structexport.discovery import EXACT, discover_structure, project_kronecker
 from structexport.layers.structured import compose_kernel
 
-from .decompose_structured_conv_pass import DEFAULT_MIN_SAVING, declared_structure, layer_name, plain_conv
+from .decompose_structured_conv_pass import (DEFAULT_MIN_SAVING, check_declared_globs, conv_layers,
+                                             declared_structure, layer_name, plain_conv)
 from .decompose_structured_pass import DEFAULT_MAX_RESIDUAL as DECLARED_MAX_RESIDUAL
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
 
@@ -36,6 +37,7 @@ class ProjectStructuredWeightsPass(Pass):
         min_saving = ctx.option("min_saving", DEFAULT_MIN_SAVING)
         declared_any = bool(ctx.option("declared_structures"))
         records, modified, too_far = [], False, []
+        check_declared_globs(conv_layers(model), ctx)
         if max_residual <= EXACT and not declared_any:
             return PassResult(model, False, records)
         for node in [n for n in model.graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:

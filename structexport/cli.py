@@ -277,7 +277,6 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
     its own reference (reference.onnx): its source checkpoint is not needed."""
-    from structexport.bench import BenchOptions, run_bench
     pass_options = {"autotune": autotune, "tuning_cache": tuning_cache,
                     **({"sumpool_realization": sumpool_realization} if sumpool_realization else {})}
     kind = check_measure_flags(ctx, "bench", path, arch, trust_pickle, allow_torchscript, pass_options,
@@ -295,6 +294,7 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
                                  + ("; this run times ort-cpu already" if timed_on == "ort-cpu"
                                     else "; --rpc/--tracker time on a device"),
                                  "use it with --target tvm-llvm and no --rpc/--tracker")
+    from structexport.bench import BenchOptions, run_bench
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
                         compare_ort=compare_ort, trust_pickle=trust_pickle,

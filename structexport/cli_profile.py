@@ -37,13 +37,13 @@ def profile(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup
     """Per-layer times of PATH (a converted OUTDIR or a checkpoint) or --arch NAME beside its
     dense reference, from the runtime's profiler: HTML report with plots, Markdown, JSON. An
     OUTDIR holds its own reference: its source checkpoint is not needed."""
-    from structexport.profile import ProfileOptions, run_profile
-    from structexport.profiling.render import summary_lines, table_rows, write_reports
     check_measure_flags(ctx, "profile", path, arch, trust_pickle, allow_torchscript)
     if given(ctx, "rpc_timeout") and not (rpc or tracker):
         raise OptionRefusedError("--rpc-timeout bounds an RPC session, and there is none without "
                                  "--rpc or --tracker", "add --rpc HOST:PORT or --tracker HOST:PORT "
                                  "--key KEY, or leave --rpc-timeout out")
+    from structexport.profile import ProfileOptions, run_profile
+    from structexport.profiling.render import summary_lines, table_rows, write_reports
     opts = ProfileOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                           repeat=repeat, warmup=warmup, seed=seed, peak=not no_peak,
                           rpc=rpc, tracker=tracker, key=key, rpc_timeout=rpc_timeout,

@@ -29,12 +29,21 @@ class GraphBuilder:
         self.graph, self.before, self.prefix = graph, before, prefix
         self.nodes: list[ir.Node] = []
         self.count = 0
+        self._taken = {n.name for n in graph}   # a graph decomposed before holds such names
 
     def name(self, what: str) -> str:
         self.count += 1
-        return f"{self.prefix}/{what}_{self.count}"
+        name = f"{self.prefix}/{what}_{self.count}"
+        while name in self._taken:
+            self.count += 1
+            name = f"{self.prefix}/{what}_{self.count}"
+        self._taken.add(name)
+        return name
 
     def const(self, name: str, array: np.ndarray) -> ir.Value:
+        base, i = name, 1
+        while name in self.graph.initializers:   # a graph decomposed before holds the name
+            name, i = f"{base}_{i}", i + 1
         value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array)))
         self.graph.register_initializer(value)
         return value
