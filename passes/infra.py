@@ -97,14 +97,14 @@ def _copy_onnx(model):
     return ir.from_proto(ir.to_proto(model))
 
 
-def _run_onnx(model, x: torch.Tensor) -> torch.Tensor:
+def _run_onnx(model, x) -> torch.Tensor:
     """The graph under ONNX Runtime with its optimizations off (what the pass wrote, run as
-    written), on one input."""
+    written), on one input: a tensor, or arrays by input name for a model with several."""
     import onnx_ir as ir
 
-    from structexport.ortsession import ort_session
+    from structexport.ortsession import ort_session, session_runner
     session = ort_session(ir.to_proto(model).SerializeToString(), optimize=False)
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    return torch.from_numpy(session_runner(session)(x if isinstance(x, dict) else x.numpy())[0])
 
 
 ONNX = ModelKind("onnx", _copy_onnx, lambda m: m, _run_onnx)

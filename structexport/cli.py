@@ -102,7 +102,11 @@ def zoo(name, as_json):
               help="Your own architecture for a state dict: path/to/file.py:build or "
               "package.module:build (importing your code is your choice, the checkpoint is still "
               "read weights-only).")
-@click.option("--input-shape", help="N,C,H,W of the example input (default: the model's).")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]D0,D1,...",
+              help="Fix an input's shape: NAME=1,3,224,224 for the input called NAME (repeat for each "
+              "input of a model with several), a bare shape for the first input. Any layout the "
+              "model takes (N,C,H,W; NHWC for TensorFlow exports; [batch, time] for audio). "
+              "Default: the model's own.")
 @click.option("--max-residual", type=click.FloatRange(min=0),
               help="Largest relative residual a discovered structure may have (default: exact, "
               "1e-5; larger takes approximately structured weights).")
@@ -145,7 +149,7 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
     {params, trainable_params, layer_params, macs, sumpool_adds, layers, by_kind}."""
     from structexport.inspection import inspect_model, render_inspection
     with err.status("inspecting", spinner="dots") as status:
-        report = inspect_model(checkpoint, arch, model_spec=model_spec, input_shape=input_shape,
+        report = inspect_model(checkpoint, arch, model_spec=model_spec, input_shape=list(input_shape) or None,
                                max_residual=max_residual, trust_pickle=trust_pickle,
                                allow_torchscript=allow_torchscript,
                                residual_structure=residual_structure,
@@ -167,12 +171,18 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
               type=click.Choice(sorted(TARGETS)), help="What to build for.")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=str),
               help="Output folder (replaced atomically; left as it was on failure).")
-@click.option("--input-shape", help="N,C,H,W of the example input (default: the model's).")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]D0,D1,...",
+              help="Fix an input's shape: NAME=1,3,224,224 for the input called NAME (repeat for each "
+              "input of a model with several), a bare shape for the first input. Any layout the "
+              "model takes (N,C,H,W; NHWC for TensorFlow exports; [batch, time] for audio). "
+              "Default: the model's own.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--passes", help="Comma-separated passes to run instead of the target's default.")
 @click.option("--skip-pass", "skip_passes", multiple=True, help="A pass not to run (repeatable).")
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str),
-              help=".npz of your own inputs to verify on (besides random ones).")
+              help=".npz of your own inputs to verify on (besides random ones). For a model with "
+              "several inputs, one array per input, named after it (float, integer or scalar): they "
+              "fix its shape, and integer inputs keep their values in every verification sample.")
 @click.option("--atol", type=float, help="Absolute tolerance of the verification.")
 @click.option("--rtol", type=float, help="Relative tolerance of the verification.")
 @click.option("--force", is_flag=True, help="Write the artifact even if verification fails (the "
@@ -224,7 +234,7 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
                                  f"{checkpoint} is converted through its ONNX graph, at fp32",
                                  "leave --precision out")
     options = ConvertOptions(
-        target=target, input_shape=input_shape, precision=precision,
+        target=target, input_shape=list(input_shape) or None, precision=precision,
         passes=only, skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
         model_spec=model_spec,
@@ -355,8 +365,14 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
 
 def _render_convert(m: dict, outdir) -> None:
     from collections import Counter
+    several = len(m.get("inputs") or []) > 1 or any(i["dtype"] not in ("float32", "float16")
+                                                    for i in m.get("inputs") or [])
+    shown = (", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]) if several
+             else m["input_shape"])
     out.print(f"[bold]{m['source']['arch']}[/] -> {m['target']} ({m['precision']}), "
-              f"input {m['input_shape']}")
+              f"input{'s' * several} {shown}")
+    for note in m.get("input_notes") or []:
+        out.print(f"[yellow]warning:[/] {note}")
     table = Table(title="passes", title_justify="left")
     for col in ("pass", "changed", "layers", "actions", "max abs diff", "seconds"):
         table.add_column(col)
@@ -382,9 +398,18 @@ def _render_convert(m: dict, outdir) -> None:
         out.print(f"theoretical speedup over the dense model: {dense['macs'] / a['macs']:.2f}x (MACs)")
     v = m["verification"]
     mark = "[green]passed[/]" if v["passed"] else "[red]FAILED[/]"
-    out.print(f"verification {mark}: {len(v['checks'])} output checks on ONNX Runtime "
+    against = f" against {m['verified_against']}" if m.get("verified_against") else ""
+    out.print(f"verification {mark}{escape(against)}: {len(v['checks'])} output checks on ONNX Runtime "
               f"(optimizations off), max abs diff {v['max_abs_diff']:.3g}, max rel diff "
               f"{v['max_rel_diff']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    for d in (m.get("deployed_verification") or [])[1:]:   # the first is the check above
+        if "graph_optimization_level" not in d["options"]:
+            continue    # the TVM library: shown below as the target's own check
+        mark = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]"
+        o = d["options"]
+        out.print(f"  {d['file']} as deployed ({o['graph_optimization_level']}"
+                  f"{', ORT format' if o.get('model_format') == 'ORT' else ''}) {mark}: "
+                  f"max abs diff {d['max_abs_diff']:.3g}, max rel diff {d['max_rel_diff']:.3g}")
     tv = m.get("target_verification")
     if tv and tv.get("skipped"):
         out.print(f"{m['target']} artifact verification {tv['skipped']}")

@@ -36,6 +36,7 @@ from structexport.package import (COMPOSED, MANIFEST, MANIFEST_VERSION, REFERENC
                                   save_verification_arrays)
 from structexport.reference import export_reference
 from structexport.targets import get_target
+from structexport.targets.base import TargetOptionError
 
 
 class OutputDirError(StructExportError):
@@ -205,17 +206,32 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     opts = options or ConvertOptions()
     say = progress or (lambda _msg: None)
     from structexport.frontends import is_zoo_checkpoint
+    from structexport.frontends.base import parse_input_shapes
     if is_zoo_checkpoint(checkpoint, arch, opts.model_spec):
+        given = opts.input_shape     # --input-shape may repeat, for models with several inputs
+        if isinstance(given, (list, tuple)) and given and isinstance(given[0], str):
+            if len(given) > 1:
+                raise InputShapeError("--input-shape given twice, but a zoo model takes one image",
+                                      "give its shape once, e.g. --input-shape 1,3,32,32")
+            given = given[0]
+        if isinstance(given, str) and "=" in given:
+            raise InputShapeError(f"--input-shape {given} names an input, but a zoo model takes one image",
+                                  "give its shape bare, e.g. --input-shape 1,3,32,32")
+        opts = dataclasses.replace(opts, input_shape=given or None)
         plan = _plan(outdir, opts, say)
         say("load")
         t = time.perf_counter()
         loaded = load_checkpoint(checkpoint, arch, trust_pickle=opts.trust_pickle,
                                  allow_torchscript=opts.allow_torchscript)
         return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
+    bare, named = parse_input_shapes(opts.input_shape)
     get_target(opts.target, dict(opts.target_options, progress=say))   # usage errors first
     _check_outdir(Path(outdir))
     say("load")
-    source = load_source(checkpoint, model_spec=opts.model_spec, arch=arch, input_shape=opts.input_shape,
+    # --inputs arrays named after the model's inputs fix their shapes (and integer values)
+    values = _load_npz(opts.inputs_file) if opts.inputs_file else {}
+    source = load_source(checkpoint, model_spec=opts.model_spec, arch=arch, input_shape=bare,
+                         input_shapes=named, input_values=values,
                          trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript)
     return convert_source(source, outdir, opts, say)
 
@@ -509,6 +525,78 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
 
 # --------------------------------------------------------------------------- ONNX sources
 
+def _onnx_inputs(proto) -> list:
+    """Every graph input (not an initializer) as an :class:`InputSpec`, its dimensions fixed."""
+    from onnx import helper
+
+    from structexport.frontends.base import InputSpec
+    inits = {i.name for i in proto.graph.initializer}
+    specs = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        if min(shape, default=1) < 1:
+            raise InputShapeError(f"input {vi.name!r} has shape {list(shape)}: not every dimension is fixed",
+                                  f"pass --input-shape {vi.name}=SIZES")
+        specs.append(InputSpec(vi.name, shape, helper.tensor_dtype_to_np_dtype(t.elem_type).name))
+    return specs
+
+
+def _several(specs) -> bool:
+    return len(specs) != 1 or not specs[0].is_float or len(specs[0].shape) != 4
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputsFileError(f"no such inputs file: {path}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise InputsFileError(f"{path} is not a readable .npz file: {type(exc).__name__}",
+                              "write it with numpy.savez(path, NAME=array) for each input") from None
+    if not arrays:
+        raise InputsFileError(f"{path} holds no arrays")
+    return arrays
+
+
+def _named_samples(specs, path: str | None, count: int, seed: int) -> tuple[dict, list[str]]:
+    """Samples of a model with several inputs (or one that is not a float image), each a dict
+    of arrays by input name: ``count`` random ones (seeded floats; the integer inputs take
+    the values of ``--inputs``, else zeros) and the user's own (``user:inputs``, its
+    missing float inputs drawn at random). Returns (samples by label, notes)."""
+    from structexport.frontends.base import example_arrays
+    names = [s.name for s in specs]
+    values = _load_npz(path) if path else {}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise InputsFileError(f"{path} holds {', '.join(map(repr, unknown))}, which the model does not take "
+                              f"(its inputs: {', '.join(names)})", "name each array after the input it feeds")
+    for spec in specs:
+        if spec.name not in values:
+            continue
+        arr = values[spec.name]
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise InputsFileError(f"{path}: array {spec.name!r} has shape {list(arr.shape)}, the model's input "
+                                  f"{spec.name!r} takes {list(spec.shape)}",
+                                  f"pass --input-shape {spec.name}={','.join(map(str, arr.shape)) or '(scalar)'} "
+                                  "or fix the array")
+        if spec.is_float != bool(np.issubdtype(arr.dtype, np.floating)):
+            raise InputsFileError(f"{path}: array {spec.name!r} is {arr.dtype}, the model's input "
+                                  f"{spec.name!r} is {spec.dtype}", f"save it as {spec.dtype}")
+    notes = [f"integer input {s.name!r} has no values: zeros used (pass --inputs FILE.npz with an array "
+             f"named {s.name!r})" for s in specs if not s.is_float and s.name not in values]
+    fixed = {k: v for k, v in values.items() if not next(s for s in specs if s.name == k).is_float}
+    gen_seed = seed
+    samples = {f"random:{i}": example_arrays(specs, fixed, gen_seed + i) for i in range(count)}
+    if values:
+        samples["user:inputs"] = example_arrays(specs, values, seed + count)
+    return samples, notes
+
+
 def _onnx_input(proto) -> tuple[str, tuple[int, ...]]:
     inits = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in inits]
@@ -664,14 +752,27 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     timings: dict[str, float] = {}
     given = true_source if true_source is not None else onnx_runner(proto.SerializeToString())
     proto = prepare_onnx(proto, fold_constants=not opts.pass_options.get("keep_csg_codes"))
-    _name, shape = _onnx_input(proto)
+    specs = _onnx_inputs(proto)
+    several = _several(specs)
+    input_notes: list[str] = []
+    if several:
+        if target.name.startswith("tvm"):
+            raise TargetOptionError(f"{target.name} converts models with one float input; this one takes "
+                                    + ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in specs),
+                                    "convert it for --target ort-cpu or --target onnx")
+        shape = specs[0].shape
+        inputs, input_notes = _named_samples(specs, opts.inputs_file, opts.random_inputs, opts.seed)
+        for note in input_notes:
+            say(f"warning: {note}")
+    else:
+        _name, shape = _onnx_input(proto)
+        user_inputs = _load_inputs(opts.inputs_file, shape) if opts.inputs_file else {}
+        gen = torch.Generator().manual_seed(opts.seed)
+        inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
+        inputs.update(user_inputs)
     reference_bytes = proto.SerializeToString()
     run_reference = onnx_runner(reference_bytes)
-    user_inputs = _load_inputs(opts.inputs_file, shape) if opts.inputs_file else {}
-    gen = torch.Generator().manual_seed(opts.seed)
-    inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
-    inputs.update(user_inputs)
-    arrays = {k: v.numpy() for k, v in inputs.items()}
+    arrays = {k: v if isinstance(v, dict) else v.numpy() for k, v in inputs.items()}
     # What the source as given computes: the artifact is verified against it, and so is
     # reference.onnx, the folded graph bench times as the dense counterpart
     expected = source_expected = reference_outputs(given, inputs)
@@ -760,6 +861,8 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
                        "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
             "target": target.name, "precision": "fp32", "input_shape": list(shape),
+            "inputs": [spec.to_dict() for spec in specs],
+            "input_notes": input_notes,
             "target_build": target.build_info or None,
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],

@@ -53,11 +53,15 @@ def quiet():
             lg.setLevel(level)
 
 
-def quiet_export_legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> None:
-    """The TorchScript-based exporter, for modules dynamo cannot trace (TorchScript archives)."""
+def quiet_export_legacy(model: nn.Module, example, path: Path, opset: int = 17,
+                        input_names: list[str] | None = None) -> None:
+    """The TorchScript-based exporter, for modules dynamo cannot trace (TorchScript archives).
+    ``example``: one tensor, or a tuple of one per input (named ``input_names``)."""
+    args = example if isinstance(example, tuple) else (example,)
     try:
         with quiet(), torch.no_grad():
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset)
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=input_names)
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
                           "export the model to ONNX yourself and convert the .onnx file") from None
@@ -71,19 +75,25 @@ def source_to_onnx(source, progress=None):
     import onnx
     if progress:
         progress("export to ONNX")
-    example = source.example_input(0)
+    several = source.several_inputs
+    example = source.example_inputs(0) if several else source.example_input(0)
+    names = [spec.name for spec in source.inputs] if several else None
     with tempfile.TemporaryDirectory(prefix="structexport-export-") as tmp:
         path = Path(tmp) / "source.onnx"
         if source.format == "torchscript":
-            quiet_export_legacy(source.module, example, path)
+            quiet_export_legacy(source.module, example, path, input_names=names)
         else:
-            export_onnx(source.module, example, path)
+            export_onnx(source.module, example, path, input_names=names)
         return onnx.load(str(path))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: bool = True,
-                fold_constants: bool = True) -> dict:
-    """Export ``model`` to ``path``; returns what was done (opset, simplification, op counts)."""
+def export_onnx(model: nn.Module, example, path: Path, simplify: bool = True,
+                fold_constants: bool = True, input_names: list[str] | None = None) -> dict:
+    """Export ``model`` to ``path``; returns what was done (opset, simplification, op counts).
+    ``example``: one tensor (the graph input is called ``input``), or a tuple of one per
+    input, named ``input_names``."""
+    args = example if isinstance(example, tuple) else (example,)
+    input_names = input_names or ["input"]
     import onnx
     try:   # a torch.export program's module refuses eval(): it is fixed at export time
         model = model.eval()
@@ -91,8 +101,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, simplify: b
         pass
     try:
         with quiet(), torch.no_grad():
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
-                                        input_names=["input"], output_names=["output"])
+            program = torch.onnx.export(model, args, dynamo=True, opset_version=OPSET,
+                                        input_names=input_names,
+                                        output_names=["output"] if len(args) == 1 else None)
             program.save(str(path))
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: "
@@ -187,15 +198,44 @@ def reference_outputs(reference: nn.Module, inputs: dict[str, torch.Tensor]
     source under ONNX Runtime)."""
     out = {}
     for label, x in inputs.items():
-        if not isinstance(reference, nn.Module):
+        if isinstance(x, dict):      # several inputs, by name
+            if not isinstance(reference, nn.Module):
+                out[label] = [np.asarray(o, dtype=np.float64) for o in reference(x)]
+                continue
+            with torch.no_grad():
+                want = reference(*(torch.from_numpy(np.array(v, order="C")) for v in x.values()))
+        elif not isinstance(reference, nn.Module):
             out[label] = [np.asarray(o, dtype=np.float64) for o in reference(x.numpy().astype(np.float32))]
             continue
-        param = next(iter(reference.parameters()), None)
-        with torch.no_grad():
-            want = reference(x.to(param.dtype) if param is not None and param.is_floating_point() else x)
-        wants = [want] if isinstance(want, torch.Tensor) else list(want)
+        else:
+            param = next(iter(reference.parameters()), None)
+            with torch.no_grad():
+                want = reference(x.to(param.dtype) if param is not None and param.is_floating_point() else x)
+        wants = [want] if isinstance(want, torch.Tensor) else _flatten_outputs(want)
         out[label] = [w.detach().double().numpy() for w in wants]
     return out
+
+
+def _flatten_outputs(outputs) -> list:
+    """A module's outputs as a flat list of tensors, in the order ONNX export lists them."""
+    flat = []
+    for o in outputs:
+        flat.extend([o] if isinstance(o, torch.Tensor) else _flatten_outputs(o))
+    return flat
+
+
+def cast_sample(x, np_dtype):
+    """A sample (one array, or arrays by input name) with its floating arrays cast to ``np_dtype``."""
+    if isinstance(x, dict):
+        return {k: (np.asarray(v).astype(np_dtype) if np.issubdtype(np.asarray(v).dtype, np.floating)
+                    else np.asarray(v)) for k, v in x.items()}
+    return np.asarray(x).astype(np_dtype)
+
+
+def sample_shape(x) -> str:
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {list(np.shape(v))}" for k, v in x.items())
+    return str(list(np.shape(x)))
 
 
 def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], precision: str = "fp32",
@@ -203,7 +243,7 @@ def verify_runner(reference: nn.Module, run, inputs: dict[str, torch.Tensor], pr
                   runtime: str = "onnxruntime (graph optimizations off)") -> Verification:
     """Compare ``run(x: np.ndarray) -> list[np.ndarray]`` with ``reference`` on every input:
     per output, shapes first, then values; every failure is kept."""
-    return verify_arrays(run, {k: v.numpy() for k, v in inputs.items()},
+    return verify_arrays(run, {k: v if isinstance(v, dict) else v.numpy() for k, v in inputs.items()},
                          reference_outputs(reference, inputs), precision, atol, rtol, runtime)
 
 
@@ -220,12 +260,12 @@ def verify_arrays(run, inputs: dict[str, np.ndarray], expected: dict[str, list[n
     for label, x in inputs.items():
         wants = expected[label]
         try:
-            gots = run(np.asarray(x).astype(np_dtype))
+            gots = run(cast_sample(x, np_dtype))
         except StructExportError:  # e.g. the device was lost: its own error and exit code
             raise
         except Exception as exc:
             raise VerificationError(f"{runtime} could not run the model on input {label} "
-                                    f"{list(x.shape)}: {(str(exc).splitlines() or [''])[0][:200]}",
+                                    f"{sample_shape(x)}: {(str(exc).splitlines() or [''])[0][:200]}",
                                     "check --input-shape and the --inputs file") from None
         for i, (w, g) in enumerate(zip(wants, gots)):
             w = np.asarray(w, dtype=np.float64)
@@ -249,9 +289,8 @@ def verify_arrays(run, inputs: dict[str, np.ndarray], expected: dict[str, list[n
 
 def onnx_runner(onnx_path: Path):
     """``run(x) -> outputs`` of an ONNX model under ONNX Runtime, graph optimizations off."""
-    session = ort_session(onnx_path, optimize=False)
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})
+    from structexport.ortsession import session_runner
+    return session_runner(ort_session(onnx_path, optimize=False))
 
 
 def verify_onnx(reference: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],

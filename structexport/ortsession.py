@@ -65,3 +65,9 @@ def session_runner(session):
         return session.run(None, {k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False)
                                   for k, v in feed.items()})
     return run
+
+
+def feed_dict(session, feed) -> dict:
+    """The ``run`` feed of a session: ``feed`` as it is when it names its inputs, else the
+    session's first input."""
+    return feed if isinstance(feed, dict) else {session.get_inputs()[0].name: feed}

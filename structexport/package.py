@@ -241,6 +241,9 @@ class Package:
             kind, _, rest = key.partition("/")
             if kind == "input":
                 inputs[rest] = arr
+            elif kind == "inputs":   # several inputs, by name, in the model's order
+                label, _, name = rest.rpartition("/")
+                inputs.setdefault(label, {})[name] = arr
             elif kind == "output":
                 label, _, index = rest.rpartition("/")
                 expected.setdefault(label, []).append((int(index), arr))
@@ -262,17 +265,28 @@ class Package:
             raise VerificationError(f"{what} does not give the package's verified outputs: {result.summary()}",
                                     "nothing was timed; convert the model again on this machine")
 
-    def feed(self) -> np.ndarray:
-        """The first verification input (the one bench and profile time with)."""
+    @property
+    def inputs(self) -> list[dict]:
+        """Every input (name, shape, dtype) of a model with several; empty for one image input."""
+        return list(self.manifest.get("inputs") or [])
+
+    def feed(self) -> np.ndarray | dict:
+        """The first verification input (the one bench and profile time with): an array, or
+        arrays by input name for a model with several inputs."""
         inputs, _ = self.verification_arrays()
         return inputs[sorted(inputs)[0]] if "random:0" not in inputs else inputs["random:0"]
 
 
 def save_verification_arrays(path: Path, inputs: dict[str, np.ndarray],
                              expected: dict[str, list[np.ndarray]]) -> None:
-    arrays = {f"input/{k}": np.ascontiguousarray(v) for k, v in inputs.items()}
+    arrays = {}
+    for label, x in inputs.items():
+        if isinstance(x, dict):      # several inputs: one array per input name
+            arrays.update({f"inputs/{label}/{name}": np.array(v, order="C") for name, v in x.items()})
+        else:
+            arrays[f"input/{label}"] = np.array(x, order="C")
     for label, outs in expected.items():
         for i, arr in enumerate(outs):
-            arrays[f"output/{label}/{i}"] = np.ascontiguousarray(arr)
+            arrays[f"output/{label}/{i}"] = np.array(arr, order="C")
     with open(path, "wb") as f:
         np.savez(f, **arrays)

@@ -1,6 +1,7 @@
 """The ``onnx`` target (a portable ONNX model) and ``ort-cpu`` (ONNX Runtime on CPU)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .base import Deployment, Target
@@ -14,6 +15,20 @@ def ort_deployment(file: str, level: str, ort_format: bool = False, note: str = 
         options["note"] = note
     return Deployment(file, options,
                       lambda path: session_runner(ort_session(path, 1, level=level, ort_format=ort_format)))
+
+
+@contextlib.contextmanager
+def _optimizing(level: str):
+    """ONNX Runtime refusing to optimize the graph (its type inference at that level can fail
+    on graphs it runs unoptimized): one line, with the target that does not need it."""
+    from structexport.errors import InvalidOnnxModelError
+    try:
+        yield
+    except Exception as exc:
+        line = (str(exc).splitlines() or [""])[0][:240]
+        raise InvalidOnnxModelError(f"ONNX Runtime cannot optimize the model at {level} (what ort-cpu "
+                                    f"ships and times): {line}",
+                                    "convert it for --target onnx, checked with optimizations off") from None
 
 
 class OnnxTarget(Target):
@@ -33,8 +48,9 @@ class OrtCpuTarget(Target):
 
         from structexport.ortsession import ort_session
         written = {}
-        # The optimized ONNX model, at the level ORT runs it (may hold host-specific layouts).
-        ort_session(onnx_path, optimized_model_path=outdir / "model.optimized.onnx")
+        with _optimizing("ORT_ENABLE_ALL"):
+            # The optimized ONNX model, at the level ORT runs it (may hold host-specific layouts).
+            ort_session(onnx_path, optimized_model_path=outdir / "model.optimized.onnx")
         written["model.optimized.onnx"] = "ONNX Runtime's optimized graph (all optimizations; this CPU)"
         # The .ort format for ONNX Runtime Mobile, at the portable (extended) level.
         so = ort.SessionOptions()
@@ -42,7 +58,8 @@ class OrtCpuTarget(Target):
         so.optimized_model_filepath = str(outdir / "model.ort")
         so.add_session_config_entry("session.save_model_format", "ORT")
         so.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        with _optimizing("ORT_ENABLE_EXTENDED"):
+            ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         written["model.ort"] = "ORT format for ONNX Runtime Mobile (portable optimizations)"
         return written
 

@@ -218,3 +218,19 @@ def test_concurrent_converts_into_a_new_folder_all_succeed(tmp_path):
     assert not any("Traceback" in err for _, err in results)
     Package.load(out)   # hashes and sizes match the manifest
     assert sorted(p.name for p in out.parent.iterdir()) == ["pkg"]   # no staging folders left
+
+
+def test_regress_checks_the_sessions_it_times(ort_package, monkeypatch, tmp_path):
+    """regress --against: each side's timed session is checked against its own package
+    first; a drifting one stops the A/B check before timing, naming the session."""
+    import structexport.timedcheck as timedcheck
+    real = timedcheck.session_runner
+    monkeypatch.setattr(timedcheck, "session_runner",
+                        lambda s: (lambda x, run=real(s): [o - 0.5 for o in run(x)]))
+    timed = []
+    monkeypatch.setattr("structexport.timing.time_interleaved", lambda *a, **k: timed.append(a) or {})
+    r = CliRunner().invoke(main, ["regress", "--against", str(ort_package.root), str(ort_package.root),
+                                  "--repeat", "3", "--warmup", "0"])
+    assert r.exit_code == 1 and not timed, r.output     # a failure of the packages, not of the run
+    assert "model.onnx under ONNX Runtime (ORT_ENABLE_ALL, 1 thread)" in r.output
+    assert "does not give the package's verified outputs" in r.output

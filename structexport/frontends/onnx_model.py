@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from structexport import errors as E
-from structexport.frontends.base import (Frontend, SourceModel, first_line, shape_text)
+from structexport.frontends.base import (Frontend, InputSpec, SourceModel, first_line, shape_text)
 
 MIN_OPSET = 11
 # ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited).
@@ -162,34 +162,74 @@ def _dim_label(dims: list, axis: int) -> str:
     return f"{d!r} (axis {axis})" if isinstance(d, str) and d != "?" else f"{axis} (no size or name)"
 
 
-def _fix_inputs(model, inputs, input_shape, notes) -> tuple[list[tuple[int, ...]], bool]:
+def _given_shapes(inputs, input_shape, named: dict, values: dict) -> dict[str, tuple[int, ...]]:
+    """The shape each input is given: ``--input-shape NAME=...``, the shape of its array in
+    ``--inputs``, or the bare ``--input-shape`` for the first input."""
+    names = [vi.name for vi in inputs]
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which the "
+                                    f"model does not take (its inputs: {', '.join(names)})",
+                                    "name one of its inputs, or give the first one's shape bare")
+    ranks = {vi.name: len(_dims(vi)) for vi in inputs}
+    given = {n: tuple(np_shape) for n, np_shape in ((n, getattr(values.get(n), "shape", None))
+                                                     for n in names)
+             if np_shape is not None and len(np_shape) == ranks[n]}
+    given.update(named)
+    if input_shape is not None and names[0] not in named:
+        given[names[0]] = tuple(input_shape)
+    return given
+
+
+def _flag_for(index: int, name: str, dims: list, several: bool, unknown: bool = False) -> str:
+    """How to give the shape of input ``name``."""
+    if not several:
+        sizes = " with the size the model was trained at for each unknown dimension, e.g." if unknown else ""
+        return f"pass --input-shape{sizes} {_suggestion(dims)}"
+    sizes = " with the size the model was trained at for each unknown dimension" if unknown else ""
+    return (f"pass --input-shape {name}={_suggestion(dims)}{sizes} (one --input-shape NAME=SIZES per "
+            f"input), or its values in --inputs FILE.npz as an array named {name!r}")
+
+
+def _fix_inputs(model, inputs, input_shape, notes, named: dict | None = None,
+                values: dict | None = None) -> tuple[list[tuple[int, ...]], bool]:
     """Fix every dimension of the real inputs. Returns their shapes and whether any
-    dimension came from ``input_shape`` or a default (so a failure may be the shape's)."""
+    dimension came from a given shape or a default (so a failure may be the shape's). A
+    symbolic dimension one given input fixes (``batch``) is fixed alike in the others."""
+    given_shapes = _given_shapes(inputs, input_shape, named or {}, values or {})
+    several = len(inputs) > 1
+    symbols: dict[str, int] = {}
+    for vi in inputs:
+        if vi.name in given_shapes:
+            for d, g in zip(_dims(vi), given_shapes[vi.name]):
+                if isinstance(d, str) and d:
+                    symbols.setdefault(d, g)
     shapes, chosen = [], False
     for index, vi in enumerate(inputs):
         dims = _dims(vi)
+        given = given_shapes.get(vi.name)
         if not vi.type.tensor_type.HasField("shape"):
-            if index == 0 and input_shape:
-                dims = [None] * len(input_shape)
+            if given is not None:
+                dims = [None] * len(given)
             else:
                 raise E.InputDimensionError(f"input {vi.name!r} has no shape at all",
-                                            "pass --input-shape N,C,H,W")
-        given = input_shape if index == 0 else None
+                                            _flag_for(index, vi.name, [1, 3, 224, 224], several))
         if given is not None:
             if len(given) != len(dims):
                 raise E.InputDimensionError(
                     f"input {vi.name!r} has {len(dims)} dimensions, --input-shape gives "
                     f"{len(given)} ({shape_text(given)})",
-                    f"pass --input-shape with {len(dims)} sizes, e.g. {_suggestion(dims)}")
+                    f"pass {len(dims)} sizes: " + _flag_for(index, vi.name, dims, several).removeprefix("pass "))
             for axis, (d, g) in enumerate(zip(dims, given)):
                 if isinstance(d, int) and d != g:
                     raise E.InputDimensionError(
                         f"input {vi.name!r} has dimension {axis} fixed to {d}, --input-shape "
-                        f"gives {g}", f"pass --input-shape {_suggestion(dims)}")
+                        f"gives {g}", _flag_for(index, vi.name, dims, several))
             fixed = list(given)
             if any(not isinstance(d, int) for d in dims):
                 chosen = True
         else:
+            dims = [symbols.get(d, d) if isinstance(d, str) else d for d in dims]
             unknown = [a for a, d in enumerate(dims) if not isinstance(d, int)]
             if unknown == [0]:
                 fixed = [1] + dims[1:]
@@ -198,13 +238,11 @@ def _fix_inputs(model, inputs, input_shape, notes) -> tuple[list[tuple[int, ...]
                              f"{_dim_label(dims, 0)}: fixed to 1 (pass --input-shape to choose)")
             elif unknown:
                 axis = unknown[0] if unknown[0] != 0 else unknown[1]
-                where = "" if index == 0 else " (only the first input's shape can be given)"
                 declared = "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in dims) + "]"
                 raise E.InputDimensionError(
                     f"input {vi.name!r} (declared {declared}) has dimension {_dim_label(dims, axis)} "
-                    f"unknown{where}",
-                    f"pass --input-shape with the size the model was trained at for each unknown "
-                    f"dimension, e.g. {_suggestion(dims)}")
+                    f"unknown",
+                    _flag_for(index, vi.name, dims, several, unknown=True))
             else:
                 fixed = dims
         shape_proto = vi.type.tensor_type.shape
@@ -276,17 +314,19 @@ def _input_types(model, node) -> str:
     return f"input type {names[0]}" if names else ""
 
 
-def _random_feed(vi, shape, seed):
+def _random_feed(vi, shape, seed, values: dict | None = None):
     import numpy as np
     from onnx import helper
     dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    if values and vi.name in values:
+        return np.asarray(values[vi.name]).astype(dtype, copy=False)
     rng = np.random.default_rng(seed)
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(shape).astype(dtype)
     return np.zeros(shape, dtype=dtype)
 
 
-def _run_under_ort(path: Path, model, inputs, shapes, chosen: bool):
+def _run_under_ort(path: Path, model, inputs, shapes, chosen: bool, values: dict | None = None):
     from structexport.ortsession import ort_session
     try:
         session = ort_session(model.SerializeToString(), optimize=False)
@@ -301,7 +341,7 @@ def _run_under_ort(path: Path, model, inputs, shapes, chosen: bool):
                 "pass the --input-shape the model was exported for") from None
         raise E.InvalidOnnxModelError(f"ONNX Runtime cannot load {path}: {first_line(exc)}",
                                       "re-export the model") from None
-    feeds = {vi.name: _random_feed(vi, shape, i) for i, (vi, shape) in enumerate(zip(inputs, shapes))}
+    feeds = {vi.name: _random_feed(vi, shape, i, values) for i, (vi, shape) in enumerate(zip(inputs, shapes))}
     try:
         return session.run(None, feeds)
     except Exception as exc:
@@ -331,7 +371,8 @@ class OnnxFrontend(Frontend):
             size = len(head)
         return looks_like_onnx(head, size)
 
-    def load(self, path: Path, *, input_shape=None, **_) -> SourceModel:
+    def load(self, path: Path, *, input_shape=None, input_shapes: dict | None = None,
+             input_values: dict | None = None, **_) -> SourceModel:
         import onnx
         notes: list[str] = []
         data = path.read_bytes()
@@ -359,7 +400,7 @@ class OnnxFrontend(Frontend):
         inputs = [vi for vi in model.graph.input if vi.name not in initializers]
         if not inputs:
             raise E.InvalidOnnxModelError(f"{path} has no graph inputs", "export the model with its input")
-        shapes, chosen = _fix_inputs(model, inputs, input_shape, notes)
+        shapes, chosen = _fix_inputs(model, inputs, input_shape, notes, input_shapes, input_values)
         _clear_symbolic(list(model.graph.output) + list(model.graph.value_info))
         try:
             model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
@@ -372,7 +413,7 @@ class OnnxFrontend(Frontend):
             raise E.InvalidOnnxModelError(f"shape inference fails on {path}: {first_line(exc)}",
                                           "re-export the model") from None
         inputs = [vi for vi in model.graph.input if vi.name not in initializers]
-        outputs = _run_under_ort(path, model, inputs, shapes, chosen)
+        outputs = _run_under_ort(path, model, inputs, shapes, chosen, input_values)
         for vi, value in zip(model.graph.output, outputs):
             if not _all_fixed(vi) and hasattr(value, "shape"):
                 shape_proto = vi.type.tensor_type.shape
@@ -394,9 +435,15 @@ class OnnxFrontend(Frontend):
                      f"; {len(model.graph.initializer)} initializers, {constants} Constant nodes; "
                      f"runs under ONNX Runtime (optimizations off) on input "
                      f"{shape_text(shapes[0])}")
+        from onnx import helper
+        specs = [InputSpec(vi.name, tuple(shape),
+                           helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name)
+                 for vi, shape in zip(inputs, shapes)]
         return SourceModel(
             format="onnx", path=str(path), sha256=sha, name=path.stem,
             input_shape=shapes[0], onnx=model, notes=notes, input_name=inputs[0].name,
+            inputs=specs, values={k: v for k, v in (input_values or {}).items()
+                                  if k in {spec.name for spec in specs}},
             metadata={"opset": opset, "opsets": opsets, "ir_version": model.ir_version,
                       "producer": model.producer_name, "producer_version": model.producer_version,
                       "inputs": {vi.name: list(s) for vi, s in zip(inputs, shapes)},

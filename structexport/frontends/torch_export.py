@@ -85,7 +85,7 @@ import zipfile
 from pathlib import Path
 
 from structexport import errors as E
-from structexport.frontends.base import (Frontend, SourceModel, check_module_runs, first_line,
+from structexport.frontends.base import (InputSpec, Frontend, SourceModel, check_module_runs, first_line,
                                          shape_text, zip_names)
 from structexport.loader import SAFE_GLOBAL, pickle_globals
 
@@ -473,28 +473,55 @@ def _export_load(data: bytes, path: Path):
             lg.setLevel(level)
 
 
-def _program_input(ep, input_shape, path: Path, notes: list[str]) -> tuple[str, tuple[int, ...]]:
-    """The first tensor input of the program and its fixed shape."""
+def _program_inputs(ep, input_shape, path: Path, notes: list[str], named: dict | None = None,
+                    values: dict | None = None) -> list[InputSpec]:
+    """Every tensor input of the program with its fixed shape and dtype: ``named`` shapes
+    (``--input-shape NAME=...``), the shapes of ``values`` (``--inputs``), the bare
+    ``input_shape`` for the first; else the program's own static sizes."""
     import torch
+    named, values = dict(named or {}), dict(values or {})
     user_inputs = list(ep.graph_signature.user_inputs)
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    name, val = None, None
+    tensors = []
     for candidate in user_inputs:
         node = placeholders.get(candidate)
         v = node.meta.get("val") if node is not None else None
         if isinstance(v, torch.Tensor):
-            name, val = candidate, v
-            break
-    if val is None:
+            tensors.append((candidate, v))
+    if not tensors:
         raise E.ExportArchiveError(f"{path}: the exported program takes no tensor input",
                                    "export the model with an example input tensor")
-    example = None
+    names = [n for n, _ in tensors]
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which the "
+                                    f"program does not take (its inputs: {', '.join(names)})",
+                                    "name one of its inputs, or give the first one's shape bare")
     try:
         args = ep.example_inputs[0] if ep.example_inputs else ()
-        if args and isinstance(args[0], torch.Tensor):
-            example = tuple(int(d) for d in args[0].shape)
     except Exception:
+        args = ()
+    several = len(tensors) > 1
+    specs = []
+    for index, (name, val) in enumerate(tensors):
         example = None
+        if index < len(args) and isinstance(args[index], torch.Tensor):
+            example = tuple(int(d) for d in args[index].shape)
+        given = named.get(name)
+        if given is None and name in values:
+            given = tuple(values[name].shape)
+        if given is None and index == 0:
+            given = input_shape
+        shape = _fix_program_input(ep, name, val, given, example, notes, several)
+        specs.append(InputSpec(name, shape, str(val.dtype).removeprefix("torch.")))
+    return specs
+
+
+def _fix_program_input(ep, name, val, given, example, notes, several: bool) -> tuple[int, ...]:
+    def flag(dims):
+        shape = _suggest(dims, example)
+        return (f"pass --input-shape {name}={shape} (one --input-shape NAME=SIZES per input)"
+                if several else f"pass --input-shape {shape}")
     dims = []
     for axis, d in enumerate(val.shape):
         if isinstance(d, int):
@@ -504,35 +531,33 @@ def _program_input(ep, input_shape, path: Path, notes: list[str]) -> tuple[str, 
         low = _bound(rng.lower) if rng is not None else None
         high = _bound(rng.upper) if rng is not None else None
         dims.append((str(d), low, high))
-    if input_shape is not None:
-        if len(input_shape) != len(dims):
+    if given is not None:
+        if len(given) != len(dims):
             raise E.InputDimensionError(
-                f"input {name!r} has {len(dims)} dimensions, --input-shape gives {len(input_shape)}",
-                f"pass --input-shape with {len(dims)} sizes")
-        for axis, (d, g) in enumerate(zip(dims, input_shape)):
+                f"input {name!r} has {len(dims)} dimensions, --input-shape gives {len(given)}",
+                f"pass {len(dims)} sizes: " + flag(dims).removeprefix("pass "))
+        for axis, (d, g) in enumerate(zip(dims, given)):
             if isinstance(d, int) and d != g:
                 raise E.InputDimensionError(f"input {name!r} has dimension {axis} fixed to {d}, "
-                                            f"--input-shape gives {g}",
-                                            f"pass --input-shape {_suggest(dims, example)}")
+                                            f"--input-shape gives {g}", flag(dims))
             if isinstance(d, tuple) and ((d[1] is not None and g < d[1]) or (d[2] is not None and g > d[2])):
                 raise E.InputDimensionError(
                     f"input {name!r} dimension {axis} ({d[0]}) must lie in {d[1]}..{d[2] or 'inf'}, "
-                    f"--input-shape gives {g}", f"pass --input-shape {_suggest(dims, example)}")
-        return name, tuple(input_shape)
+                    f"--input-shape gives {g}", flag(dims))
+        return tuple(given)
     dynamic = [a for a, d in enumerate(dims) if not isinstance(d, int)]
     if dynamic == [0] and (dims[0][1] or 0) <= 1 <= (dims[0][2] or 1):
         notes.append(f"input {name!r} has a dynamic batch dimension ({dims[0][0]}): fixed to 1 "
                      "(pass --input-shape to choose)")
-        return name, (1, *dims[1:])
+        return (1, *dims[1:])
     if dynamic:
         d = dims[dynamic[-1] if dynamic[0] == 0 and len(dynamic) > 1 else dynamic[0]]
         axis = dims.index(d)
         span = f", {d[1]}..{d[2] if d[2] is not None else 'inf'}" if d[1] is not None else ""
         seen = f" (the example input was {shape_text(example)})" if example else ""
         raise E.InputDimensionError(
-            f"input {name!r} has dimension {axis} dynamic ({d[0]}{span}){seen}",
-            f"pass --input-shape {_suggest(dims, example)}")
-    return name, tuple(dims)
+            f"input {name!r} has dimension {axis} dynamic ({d[0]}{span}){seen}", flag(dims))
+    return tuple(dims)
 
 
 def _bound(value) -> int | None:
@@ -568,7 +593,8 @@ class TorchExportFrontend(Frontend):
     def sniff(self, path: Path, head: bytes) -> bool:
         return is_export_archive(zip_names(path, head))
 
-    def load(self, path: Path, *, input_shape=None, trust_pickle: bool = False, **_) -> SourceModel:
+    def load(self, path: Path, *, input_shape=None, trust_pickle: bool = False,
+             input_shapes: dict | None = None, input_values: dict | None = None, **_) -> SourceModel:
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if not data.startswith(b"PK\x03\x04"):
@@ -577,7 +603,9 @@ class TorchExportFrontend(Frontend):
                                        "pass a file written by torch.export.save")
         notes = scan_archive(data, path, trust_pickle)
         ep = _export_load(data, path)
-        name, shape = _program_input(ep, input_shape, path, notes)
+        specs = _program_inputs(ep, input_shape, path, notes, input_shapes, input_values)
+        name, shape = specs[0].name, specs[0].shape
+        values = {k: v for k, v in (input_values or {}).items() if k in {s.name for s in specs}}
         try:
             module = ep.module()
         except Exception as exc:
@@ -592,10 +620,12 @@ class TorchExportFrontend(Frontend):
         if training:
             notes.append(f"the program was exported in training mode ({', '.join(training)}): "
                          "batch norm and dropout behave as in training; export it from model.eval()")
-        check_module_runs(module, shape, f"the exported program in {path.name}")
+        check_module_runs(module, specs if len(specs) > 1 else shape, f"the exported program in {path.name}",
+                          values)
         notes.append(f"exported program: {sum(1 for n in ep.graph.nodes if n.op == 'call_function')} "
-                     f"operator calls, {len(ep.state_dict)} weights; input {name!r} "
-                     f"{shape_text(shape)}")
+                     f"operator calls, {len(ep.state_dict)} weights; "
+                     + ", ".join(f"input {s.name!r} {shape_text(s.shape)}" for s in specs))
         return SourceModel(format="torch-export", path=str(path), sha256=sha, name=path.stem,
                            input_shape=shape, module=module, notes=notes, input_name=name,
-                           metadata={"weights": len(ep.state_dict), "constants": len(ep.constants)})
+                           metadata={"weights": len(ep.state_dict), "constants": len(ep.constants)},
+                           inputs=specs, values=values)

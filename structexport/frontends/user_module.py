@@ -23,6 +23,7 @@ from pathlib import Path
 
 from structexport import errors as E
 from structexport.frontends.base import (Frontend, SourceModel, check_module_runs, first_line,
+                                         forward_arguments, named_input_specs,
                                          module_input_shape, shape_text)
 from structexport.frontends.checkpoint import looks_like_torch_file
 from structexport.loader import (check_finite, file_sha256, key_mismatch, mismatch_error,
@@ -265,7 +266,8 @@ class UserModuleFrontend(Frontend):
         return looks_like_torch_file(path, head)
 
     def load(self, path: Path, *, model_spec: str | None = None, input_shape=None,
-             trust_pickle: bool = False, allow_torchscript: bool = False, **_) -> SourceModel:
+             trust_pickle: bool = False, allow_torchscript: bool = False,
+             input_shapes: dict | None = None, input_values: dict | None = None, **_) -> SourceModel:
         if not model_spec:
             raise E.ModelSpecError("a state dict of your own model needs --model",
                                    "pass --model path/to/file.py:build")
@@ -299,7 +301,20 @@ class UserModuleFrontend(Frontend):
                       if t.is_floating_point()} & {"float16", "bfloat16"})
         if low:
             notes.append(f"weights stored in {', '.join(low)}; cast to the model's own dtypes")
-        shape = input_shape
+        arguments = forward_arguments(model)
+        if len(arguments) > 1:
+            specs = named_input_specs(arguments, f"{cls}.forward ({label})", input_shape,
+                                      input_shapes or {}, input_values or {})
+            values = {k: v for k, v in (input_values or {}).items() if k in dict(arguments)}
+            check_module_runs(model, specs, f"{cls} ({label})", values)
+            notes.append("inputs " + ", ".join(f"{s.name} {shape_text(s.shape)} {s.dtype}" for s in specs))
+            return SourceModel(format="module", path=str(path), sha256=file_sha256(path), name=cls,
+                               input_shape=specs[0].shape, module=model, notes=notes,
+                               input_name=specs[0].name, inputs=specs, values=values,
+                               metadata={"model_spec": model_spec, "source_format": fmt,
+                                         "wrapper_key": wrapper, **{k: v for k, v in meta.items()}})
+        shape = input_shape if input_shape is not None else (input_shapes or {}).get(
+            arguments[0][0] if arguments else "", None)
         if shape is None:
             carried = module_input_shape(model)
             if carried is None:

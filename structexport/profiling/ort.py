@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from structexport.machine import package_version
-from structexport.ortsession import ort_session
+from structexport.ortsession import feed_dict, ort_session
 from structexport.profiling.layermap import ort_owner
 from structexport.profiling.options import ProfileOptions
 from structexport.profiling.runs import keep_fastest
@@ -33,7 +33,7 @@ def ort_profile(paths: dict[str, Path], feed: np.ndarray, threads: int, runs: in
         for i in range(warmup + runs):
             for n in (names if i % 2 == 0 else names[::-1]):
                 s = sessions[n]
-                s.run(None, {s.get_inputs()[0].name: feed})
+                s.run(None, feed_dict(s, feed))
         for n, s in sessions.items():
             events = json.loads(Path(s.end_profiling()).read_text())
             model_runs = sorted((e for e in events if e.get("cat") == "Session"
@@ -65,9 +65,8 @@ def node_times(path: Path, feed: np.ndarray, threads: int, runs: int = 20
     optimized graph (see :func:`~structexport.profiling.layermap.ort_owner`)."""
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(path, threads, profile_prefix=Path(tmp) / "prof")
-        name = session.get_inputs()[0].name
         for _ in range(runs):
-            session.run(None, {name: feed})
+            session.run(None, feed_dict(session, feed))
         events = json.loads(Path(session.end_profiling()).read_text())
     return [(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"),
              e["dur"] / 1e3 / runs)

@@ -142,6 +142,7 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     timed = dict(vms)
     if artifact is not None and artifact.is_file():
         dev = programs["structured"]["device"]
+        say(f"load {artifact} (native code: it runs in this process)")
         with quiet_native_stderr():
             timed["artifact"] = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), dev)
         args["artifact"] = args["structured"][:1]

@@ -207,27 +207,37 @@ def _ort_layer_times(paths: dict[str, Path], layers: list[str], feed, threads: i
     return out
 
 
-def _timers(base, candidate, target: str, opts: ABOptions, feed):
-    """Timers of both sides: ORT sessions, or both TVM libraries in one device session."""
+def _timers(base, candidate, target: str, opts: ABOptions, feed, say=lambda _m: None):
+    """Timers of both sides: ORT sessions, or both TVM libraries in one device session; each
+    checked against its own package's stored outputs before it is timed."""
+    from structexport.timedcheck import checked_sessions
+    sides = (("base", base), ("candidate", candidate))
     if target == "ort-cpu":
-        from structexport.ortsession import ort_session
-        return {"base": ort_session(base.package.model_onnx, opts.threads),
-                "candidate": ort_session(candidate.package.model_onnx, opts.threads)}, None
+        timers = {}
+        for side, w in sides:
+            timers.update(checked_sessions(w.package, {side: w.package.model_onnx}, opts.threads, say))
+        return timers, None
     from structexport.rpc import DeviceSpec, LoadedLibrary, open_session, set_threads
     from structexport.targets import get_target
     spec = opts.target_options.get("device") or DeviceSpec()
     kind = get_target(target, {}).device_kind
     session = open_session(spec)
     set_threads(spec, session, opts.threads)
-    libs = {side: LoadedLibrary(w.package.library, spec, kind, session=session)
-            for side, w in (("base", base), ("candidate", candidate))}
+    libs = {}
+    for side, w in sides:
+        # A TVM library is native code: loading it runs it with this user's privileges
+        say(f"load {w.package.library} (native code) on the {spec.describe()}")
+        libs[side] = LoadedLibrary(w.package.library, spec, kind, session=session)
+        what = f"{w.package.library} on the {spec.describe()}"
+        say(f"check {what}")
+        w.package.check_timed(libs[side].run, what)
     return {side: lib.timer(feed) for side, lib in libs.items()}, spec
 
 
 def _measure(base, candidate, target: str, opts: ABOptions, work: Path, say) -> _Measured:
     from structexport.timing import time_interleaved
     feed = base.package.feed()
-    timers, spec = _timers(base, candidate, target, opts, feed)
+    timers, spec = _timers(base, candidate, target, opts, feed, say)
     where = f" on the {spec.describe()}" if spec is not None and spec.remote else ""
     say(f"timing base and candidate ({opts.repeat} interleaved runs{where})")
     latency = time_interleaved(timers, feed, opts.repeat, opts.warmup)
@@ -331,7 +341,13 @@ def _run_ab(base: str, candidate: str, opts: ABOptions, say) -> ABReport:
                                     "pass --target ort-cpu")
         if target != "ort-cpu" and (b.package.library is None or c.package.library is None):
             raise RegressUsageError(f"a {target} package without its library", "convert it for the target again")
-        first = _measure(b, c, target, opts, work, say)
+        try:
+            first = _measure(b, c, target, opts, work, say)
+        except StructExportError as exc:
+            if exc.exit_code in CODE_FAILURE_EXIT_CODES:  # a timed session gives other outputs: exit 1
+                return _error_report(base, candidate, opts, f"{exc} (exit code {exc.exit_code} of the "
+                                     "pipeline)", time.perf_counter() - start)
+            raise
         whole, layers = _verdicts(first, opts)
         remeasured = False
         attempt = 0
