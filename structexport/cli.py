@@ -137,9 +137,10 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
       not searched), c, n, C, N, residual, macs_ratio, structured, decompose, reason (why
       not: "dense", "saves N% ... under 20%", "dilated", ...), params_before, params_after,
       macs_before, macs_after (the small conv's), sumpool_adds (naive count, apart)
-    totals: layers, structured, decomposed, params_before, params_after (conv and linear
-      layers), graph_params, macs_before, macs_after (whole graph), other_macs,
-      sumpool_adds, speedup_theoretical (macs_before / macs_after)
+    totals: layers, by_op {conv2d, linear}, structured, decomposed, params_before,
+      params_after (conv and linear layers), graph_params, macs_before, macs_after (whole
+      graph), other_macs, sumpool_adds, pool_adds (the model's own average pooling, not
+      sum-pools), speedup_theoretical (macs_before / macs_after)
 
     \b
     Zoo checkpoints: source, checkpoint {path, sha256, format, wrapper_key, stored_dtypes,
@@ -391,8 +392,12 @@ def _render_convert(m: dict, outdir) -> None:
     summary = Table(show_header=True)
     for col in ("", *(("dense",) if show_dense else ()), "before", "after"):
         summary.add_column(col, justify="right")
-    for label, key in (("params", "params"), ("MACs", "macs"), ("sum-pool additions", "sumpool_adds")):
-        summary.add_row(label, *((f"{dense[key]:,}",) if show_dense else ()), f"{b[key]:,}", f"{a[key]:,}")
+    rows = [("params", "params"), ("MACs", "macs"), ("sum-pool additions", "sumpool_adds")]
+    if a.get("pool_adds"):   # the model's own average pooling, counted apart from sum-pools
+        rows.append(("average pooling additions", "pool_adds"))
+    for label, key in rows:
+        summary.add_row(label, *((f"{dense.get(key, 0):,}",) if show_dense else ()), f"{b.get(key, 0):,}",
+                        f"{a.get(key, 0):,}")
     out.print(summary)
     if dense and a["macs"]:
         out.print(f"theoretical speedup over the dense model: {dense['macs'] / a['macs']:.2f}x (MACs)")

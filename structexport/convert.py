@@ -649,7 +649,7 @@ def _onnx_totals(costs: list, proto) -> dict:
     from structexport.costmodel import totals
     t = totals(costs)
     params = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
-    return {"params": params, "macs": t["macs"], "sumpool_adds": t["adds"]}
+    return {"params": params, "macs": t["macs"], "sumpool_adds": t["adds"], "pool_adds": t["pool_adds"]}
 
 
 def prepare_onnx(proto, fold_constants: bool = True):
