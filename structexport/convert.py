@@ -72,6 +72,9 @@ class ConvertOptions:
     allow_torchscript: bool = False
     # A user's own architecture: "path/to/file.py:build" or "package.module:build".
     model_spec: str | None = None
+    # The model's input preprocessing (structexport.datasets.Preprocess.to_dict()), stored in
+    # the manifest for evaluate and calibration; None: not recorded.
+    preprocess: dict | None = None
 
 
 @dataclass
@@ -497,6 +500,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                        "stored_dtypes": loaded.stored_dtypes, "notes": loaded.notes,
                        "metadata": loaded.metadata},
             "target": target.name, "precision": opts.precision, "input_shape": list(shape),
+            "preprocess": opts.preprocess,
             "target_build": target.build_info or None,
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
@@ -861,6 +865,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
                        "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
             "target": target.name, "precision": "fp32", "input_shape": list(shape),
+            "preprocess": opts.preprocess,
             "inputs": [spec.to_dict() for spec in specs],
             "input_notes": input_notes,
             "target_build": target.build_info or None,
