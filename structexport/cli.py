@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport import __version__, cli_device, cli_profile, cli_regress
+from structexport import __version__, cli_device, cli_evaluate, cli_profile, cli_regress
 from structexport.cli_common import (OptionRefusedError, check_measure_flags, check_pass_flags,
                                      check_source_flags, check_tvm_flags, package_facts, declared_structures, device_options,
                                      device_spec, err, fail_cleanly, given, out, source_kind,
@@ -206,6 +206,7 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
 @click.option("--allow-torchscript", is_flag=True, help="Allow TorchScript archives (trusted files only).")
 @tvm_build_options
 @device_options
+@cli_evaluate.preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON for machines.")
 @click.pass_context
 @fail_cleanly
@@ -213,7 +214,7 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
             tvm_preset, tvm_target, tvm_structured, tune_per_task, tune_trials, tuning_db, rpc,
-            tracker, key, rpc_timeout, as_json):
+            tracker, key, rpc_timeout, preprocess, as_json):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
     model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
@@ -239,6 +240,7 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
         passes=only, skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
         model_spec=model_spec,
+        preprocess=(built.to_dict() if (built := preprocess.build()) else None),
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
                         "tvm_structured": tvm_structured,
                         "device": device_spec(rpc, tracker, key, rpc_timeout),
@@ -451,6 +453,7 @@ def _render_convert(m: dict, outdir) -> None:
 # Commands that live in their own modules; they import structexport.cli_common, never this
 # module, so registering them here makes no import cycle.
 main.add_command(cli_device.device)
+main.add_command(cli_evaluate.evaluate)
 main.add_command(cli_profile.profile)
 main.add_command(cli_regress.regress)
 
