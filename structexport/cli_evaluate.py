@@ -156,7 +156,7 @@ def evaluate(ctx, path, data, preprocess, limit, batch_size, artifacts, no_sourc
         batch_size=batch_size, limit=limit, artifacts=list(artifacts) or None, source=not no_source,
         threads=threads, arch=arch, model_spec=model_spec, input_shape=input_shape,
         trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
-        device=device_spec(rpc, tracker, key, rpc_timeout) if (rpc or tracker) else None)
+        device=device_spec(rpc, tracker, key, rpc_timeout))
     with _Bar() as bar:
         report = run_evaluate(path, data, opts, progress=bar)
     if json_file:

@@ -125,10 +125,11 @@ class _Tally:
                "seconds": round(self.seconds, 3)}
         if self.k != TOPK:
             out["topk"] = self.k
-        if with_source:
+        if with_source:     # an artifact: null without a source to agree with
             out.update({"agreement": self.agree / self.compared if self.compared else None,
-                        "agreeing": self.agree, "max_logit_diff": self.max_diff if self.compared else None,
-                        "disagreeing_images": self.disagreeing})
+                        "agreeing": self.agree if self.compared else None,
+                        "max_logit_diff": self.max_diff if self.compared else None,
+                        "disagreeing_images": self.disagreeing if self.compared else None})
         return out
 
 
@@ -274,7 +275,8 @@ def _tvm_runner(package: Package, opts: EvaluateOptions, say) -> tuple[_Runner |
     return _Runner("model.so", f"TVM VM on {where}", run, {"device": where}), None
 
 
-def _artifact_runners(package: Package, opts: EvaluateOptions, say) -> tuple[list[_Runner], dict]:
+def _select_artifacts(package: Package, opts: EvaluateOptions) -> list[str]:
+    """The artifacts a run evaluates (checked before anything is loaded)."""
     shipped = [name for name in ARTIFACTS if name in package.manifest["artifacts"]]
     wanted = opts.artifacts
     if wanted:
@@ -286,8 +288,13 @@ def _artifact_runners(package: Package, opts: EvaluateOptions, say) -> tuple[lis
     if opts.device is not None and "model.so" not in shipped:
         raise EvaluateUsageError(f"--rpc/--tracker run a TVM library on a device, and {package.root} has "
                                  "none to run", "leave --rpc/--tracker out")
+    return shipped
+
+
+def _artifact_runners(package: Package, names: list[str], opts: EvaluateOptions,
+                      say) -> tuple[list[_Runner], dict]:
     runners, skipped = [], {}
-    for name in shipped:
+    for name in names:
         if name == "model.so":
             runner, why = _tvm_runner(package, opts, say)
         else:
@@ -402,8 +409,9 @@ def evaluate(path: str | Path, data: str | Path | Dataset, options: EvaluateOpti
         num_classes = _num_classes(package)
         dataset.check_for(preprocess, package.input_shape, num_classes, opts.limit)
         k = min(TOPK, num_classes or TOPK)
+        names = _select_artifacts(package, opts)
         source, source_reason = _source_runner(package, opts, say)
-        artifacts, skipped = _artifact_runners(package, opts, say)
+        artifacts, skipped = _artifact_runners(package, names, opts, say)
         runners = ([source] if source else []) + artifacts
         if not runners:
             raise EvaluateUsageError(f"nothing of {package.root} can run here: "
@@ -440,7 +448,7 @@ def evaluate(path: str | Path, data: str | Path | Dataset, options: EvaluateOpti
         "num_classes": num_classes, "topk": k,
         "source": tallies["source"].to_dict(source, False) if source else None,
         "source_unavailable": source_reason,
-        "artifacts": {r.label: tallies[r.label].to_dict(r, source is not None) for r in artifacts},
+        "artifacts": {r.label: tallies[r.label].to_dict(r, True) for r in artifacts},
         "skipped": skipped,
         "machine": {"cpu": m["cpu"]["model"], "cores": m["cpu"]["cores"]},
         "seconds": round(time.perf_counter() - t0, 3),

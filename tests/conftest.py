@@ -15,6 +15,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "associativeconv"
+CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,18 @@ def fixtures_dir() -> Path:
         pytest.fail(f"checkpoint fixtures folder {FIXTURES_DIR} holds no *.t7 files",
                     pytrace=False)
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The real CIFAR-10 data (``<repo>/../shared/data/cifar10``: test.npz, train-25k.npz);
+    fails the requesting test -- never skips -- when it is missing."""
+    if not (CIFAR10_DIR / "test.npz").is_file():
+        pytest.fail(
+            f"CIFAR-10 data not found at {CIFAR10_DIR}/test.npz: tests that measure accuracy need the "
+            f"shared folder beside the repository (<repo>/../shared/data/cifar10); clone the "
+            f"repository next to it", pytrace=False)
+    return CIFAR10_DIR
 
 
 @pytest.fixture(scope="session")
