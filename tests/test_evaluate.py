@@ -355,8 +355,9 @@ def test_presets_and_resize_crop():
 # --------------------------------------------------------------------------- published checkpoints
 
 SLICE = 200
-SLICE_FIXTURES = ["resnet56-csg-16x16x3x3-128-fp16.t7", "shufflenetv2-0.5x-csg-16x16x1x1-16.t7",
-                  "densenet-bc-40-36-csg-12x12x3x3-72.t7"]
+# Two families, one with FP16 storage (the bundled ResNet-20 is checked above; all 9 in the
+# slow tier): ~25 s each on 2 cores, most of it the conversion.
+SLICE_FIXTURES = ["resnet56-csg-16x16x3x3-128-fp16.t7", "shufflenetv2-0.5x-csg-16x16x1x1-16.t7"]
 
 
 @pytest.mark.parametrize("name", SLICE_FIXTURES)
