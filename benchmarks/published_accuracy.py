@@ -16,6 +16,7 @@ Prints a Markdown table (and writes it with ``--write``); ``--json FILE`` keeps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -43,6 +44,10 @@ CHECKPOINTS = {
 }
 PRECISIONS = ("fp32", "fp16")
 TOLERANCE_POINTS = 0.1     # every accuracy within this many points of the stored one
+# convert verifies an fp16 export at atol = rtol = 2e-2 on seeded Gaussian inputs; where a
+# deep network's fp16 logits move further than that on them, the row is converted again
+# at this tolerance and says so (its accuracy on real images is what the table measures).
+FP16_LOOSER = 0.05
 
 
 def measure(name: str, workdir: Path, data: Path = TEST_SET, limit: int | None = None,
@@ -51,14 +56,26 @@ def measure(name: str, workdir: Path, data: Path = TEST_SET, limit: int | None =
     from structexport.convert import ConvertOptions, convert
     from structexport.datasets import PRESETS
     from structexport.evaluate import EvaluateOptions, evaluate
+    from structexport.export import VerificationError
     arch, network = CHECKPOINTS[name]
     path = FIXTURES / name
     row = {"checkpoint": name, "network": network, "arch": arch}
     for precision in precisions:
         t = time.perf_counter()
         out = workdir / f"{Path(name).stem}-{precision}"
-        result = convert(str(path), out, arch, ConvertOptions(
-            target="ort-cpu", precision=precision, preprocess=PRESETS["cifar10"].to_dict()))
+        options = ConvertOptions(target="ort-cpu", precision=precision,
+                                 preprocess=PRESETS["cifar10"].to_dict())
+        tolerance = None
+        try:
+            result = convert(str(path), out, arch, options)
+        except VerificationError as exc:
+            if precision != "fp16":
+                raise
+            tolerance = {"atol": FP16_LOOSER, "rtol": FP16_LOOSER, "default_failed": exc.message}
+            say(f"{name} {precision}: {exc.message}; converting again with --atol {FP16_LOOSER} "
+                f"--rtol {FP16_LOOSER}")
+            result = convert(str(path), out, arch,
+                             dataclasses.replace(options, atol=FP16_LOOSER, rtol=FP16_LOOSER))
         converted_s = time.perf_counter() - t
         row.setdefault("stored", result.manifest["source"]["metadata"].get("acc"))
         row.setdefault("inferred_arch", result.manifest["source"]["arch"])
@@ -72,8 +89,10 @@ def measure(name: str, workdir: Path, data: Path = TEST_SET, limit: int | None =
             row["source_top5"] = 100 * report["source"]["top5"]
         row[precision] = {"top1": 100 * art["top1"], "top5": 100 * art["top5"],
                           "agreement": 100 * art["agreement"], "max_logit_diff": art["max_logit_diff"],
+                          "verification": result.manifest["verification"]["max_abs_diff"],
+                          "tolerance": tolerance,
                           "convert_s": round(converted_s, 1), "evaluate_s": round(evaluated_s, 1)}
-        say(f"{name} {precision}: source {row.get('source')}, model.onnx {row[precision]['top1']:.2f} "
+        say(f"{name} {precision}: source {row.get('source', float('nan')):.2f}, model.onnx {row[precision]['top1']:.2f} "
             f"(stored {row['stored']}), {converted_s:.0f} s convert, {evaluated_s:.0f} s evaluate")
     return row
 
@@ -122,9 +141,17 @@ def render(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        mark = " *" if r["fp16"].get("tolerance") else ""
         lines.append(f"| `{r['checkpoint']}` | {r['network']} | {r['stored']:.2f} | {r['source']:.2f} | "
-                     f"{r['fp32']['top1']:.2f} | {r['fp32']['agreement']:.2f} | {r['fp16']['top1']:.2f} | "
+                     f"{r['fp32']['top1']:.2f} | {r['fp32']['agreement']:.2f} | {r['fp16']['top1']:.2f}{mark} | "
                      f"{r['fp16']['agreement']:.2f} | {worst(r):.2f} |")
+    looser = [r for r in rows if r["fp16"].get("tolerance")]
+    if looser:
+        lines += ["", f"\\* `convert --precision fp16` verifies the fp16 export against the fp32 source at "
+                  f"atol = rtol = 2e-2 on 3 seeded Gaussian inputs; for these checkpoints it stopped "
+                  f"(exit 32) and the row was converted with `--atol {FP16_LOOSER} --rtol {FP16_LOOSER}`: "
+                  + "; ".join(f"`{Path(r['checkpoint']).stem}`: {r['fp16']['tolerance']['default_failed']}"
+                              for r in looser) + "."]
     lines += [
         "",
         "Largest logit difference from the source, per artifact: "
@@ -152,7 +179,7 @@ def render(rows: list[dict], meta: dict) -> str:
                     f"{r['fp16']['convert_s']:.0f}+{r['fp16']['evaluate_s']:.0f}" for r in rows) + ".",
         "",
         "The default test tier (`tests/test_evaluate.py::test_published_checkpoints_slice`) runs the "
-        "first images of the test set through three of these checkpoints and checks the artifact's "
+        "first images of the test set through two of these checkpoints (given as model files) and checks the artifact's "
         "predictions equal the source's.",
     ]
     return "\n".join(lines) + "\n"
