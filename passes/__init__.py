@@ -9,6 +9,7 @@ from .decompose_structured_conv_pass import DecomposeStructuredConvPass
 from .decompose_structured_pass import DecomposeStructuredPass
 from .fold_batchnorm_pass import FoldBatchNormPass
 from .infra import (ONNX, TORCH, LayerRecord, ModelKind, Pass, PassContext, PassError, PassManager,
+                    PassOptionError,
                     PassResult, PassRun, replace_module)
 from .lower_sparse_conv_pass import LowerSparseConvPass
 from .lower_ssc_pass import LowerSSCPass
@@ -29,11 +30,6 @@ ONNX_PIPELINE = [cls.name for cls in ONNX_PASS_CLASSES]
 
 class UnknownPassError(StructExportError):
     exit_code, kind = 36, "unknown-pass"
-
-
-class PassOptionError(StructExportError):
-    """A pass or pass option the model's path cannot honour: refused, never ignored."""
-    exit_code, kind = 2, "usage"
 
 
 def _flags(only, skip, names) -> str:

@@ -53,7 +53,7 @@ def check_declared_globs(layers: list[str], ctx: PassContext) -> None:
     unmatched = [glob for glob in (ctx.option("declared_structures") or {})
                  if not any(fnmatch.fnmatchcase(layer, glob) for layer in layers)]
     if unmatched:
-        from structexport.passes import PassOptionError
+        from .infra import PassOptionError
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
         raise PassOptionError(f"--declare-structured {', '.join(repr(g) for g in unmatched)} "
                               f"match{'es' if len(unmatched) == 1 else ''} no conv of the model",

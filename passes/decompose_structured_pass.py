@@ -50,7 +50,7 @@ class DecomposeStructuredPass(Pass):
         unmatched = [glob for glob in (ctx.option("declared_structures") or {})
                      if not any(fnmatch.fnmatchcase(name, glob) for name in convs)]
         if unmatched:   # it would declare nothing: refused (exit 2), never ignored
-            from structexport.passes import PassOptionError
+            from .infra import PassOptionError
             shown = ", ".join(convs[:6]) + (", ..." if len(convs) > 6 else "")
             raise PassOptionError(f"--declare-structured {', '.join(repr(g) for g in unmatched)} "
                                   f"match{'es' if len(unmatched) == 1 else ''} no conv of the model",

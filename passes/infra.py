@@ -36,6 +36,11 @@ class PassError(StructExportError):
     exit_code, kind = 30, "pass-failed"
 
 
+class PassOptionError(StructExportError):
+    """A pass or pass option the model's path cannot honour: refused, never ignored."""
+    exit_code, kind = 2, "usage"
+
+
 @dataclass
 class PassContext:
     """What passes may read: the target, the example input shape and user options."""

@@ -164,8 +164,8 @@ def _against_mode(ctx, opts: dict, tolerance: float) -> int:
         raise RegressUsageError("--seed draws the weights of an --arch entry; BASE and CANDIDATE have their "
                                 "own (and are timed on the base's stored verification input)",
                                 "leave --seed out with --against")
-    from structexport.regress.ab import _timed_target
-    timed = _timed_target(opts["against"][0], opts["against"][1],
+    from structexport.regress.ab import timed_target
+    timed = timed_target(opts["against"][0], opts["against"][1],
                           ABOptions(target=opts["target"] if _given(ctx, "target") else None))
     layer_flags = [f"--{n.replace('_', '-')}" for n in ("layer_tolerance", "min_layer_share") if _given(ctx, n)]
     if layer_flags and timed != "ort-cpu":

@@ -24,7 +24,8 @@ import os
 from pathlib import Path
 
 from structexport import errors as E
-from structexport.frontends.base import (HEAD_BYTES, Frontend, SourceModel, parse_input_shape)
+from structexport.frontends.base import (HEAD_BYTES, Frontend, SourceModel, parse_input_shape,
+                                         parse_input_shapes)
 from structexport.frontends.checkpoint import CheckpointFrontend
 from structexport.frontends.onnx_model import OnnxFrontend
 from structexport.frontends.torch_export import TorchExportFrontend
@@ -80,7 +81,10 @@ def load_source(path: str | os.PathLike, *, model_spec: str | None = None, arch:
     """
     path = Path(path)
     check_path(path)
-    shape = parse_input_shape(input_shape)
+    if input_shapes is None:    # the flag's text, bare and NAME=SIZES alike
+        shape, input_shapes = parse_input_shapes(input_shape)
+    else:
+        shape = parse_input_shape(input_shape)
     if model_spec and arch:
         raise E.ModelSpecError("--arch and --model both name the architecture",
                                "pass --arch NAME for a zoo model or --model FILE.py:build for your own, not both")

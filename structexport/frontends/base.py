@@ -229,8 +229,8 @@ def named_input_specs(arguments: list[tuple[str, str]], owner: str, input_shape,
         if shape is None:
             raise E.InputDimensionError(
                 f"{owner} does not say the shape of its input {arg!r}",
-                f"pass --input-shape {arg}=SIZES for each input (e.g. {arg}=1,3,224,224), or their "
-                "values in --inputs FILE.npz")
+                f"pass --input-shape {arg}=SIZES for each input (e.g. {arg}=1,3,224,224), or, for "
+                "convert, their values in --inputs FILE.npz")
         specs.append(InputSpec(arg, tuple(shape), dtype))
     return specs
 
@@ -273,7 +273,7 @@ def check_module_runs(module, shape, label: str, values: dict | None = None) -> 
         several = len(args) > 1
         raise E.InputDimensionError(
             f"{label} cannot run on {text}: {first_line(exc)}",
-            "pass the --input-shape NAME=SIZES of each input (or their values in --inputs FILE.npz)"
+            "pass the --input-shape NAME=SIZES of each input (or, for convert, their values in --inputs FILE.npz)"
             if several else "pass the --input-shape the model was built for") from None
 
 

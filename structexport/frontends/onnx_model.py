@@ -188,7 +188,7 @@ def _flag_for(index: int, name: str, dims: list, several: bool, unknown: bool = 
         return f"pass --input-shape{sizes} {_suggestion(dims)}"
     sizes = " with the size the model was trained at for each unknown dimension" if unknown else ""
     return (f"pass --input-shape {name}={_suggestion(dims)}{sizes} (one --input-shape NAME=SIZES per "
-            f"input), or its values in --inputs FILE.npz as an array named {name!r}")
+            f"input), or, for convert, its values in --inputs FILE.npz as an array named {name!r}")
 
 
 def _fix_inputs(model, inputs, input_shape, notes, named: dict | None = None,

@@ -281,7 +281,7 @@ def _package_target(path: str) -> str | None:
         return None
 
 
-def _timed_target(base: str, candidate: str, opts: ABOptions) -> str:
+def timed_target(base: str, candidate: str, opts: ABOptions) -> str:
     """The target both sides will be timed on: --target, else a package's, else ort-cpu."""
     return opts.target or _package_target(base) or _package_target(candidate) or "ort-cpu"
 
@@ -294,7 +294,7 @@ def run_ab(base: str, candidate: str, opts: ABOptions,
     emulated aarch64 device, started for the run when it is not running)."""
     import dataclasses
     say = progress or (lambda _m: None)
-    target_name = _timed_target(base, candidate, opts)
+    target_name = timed_target(base, candidate, opts)
     device = opts.target_options.get("device")
     if device is not None and not target_name.startswith("tvm"):
         raise RegressUsageError(f"--rpc/--tracker time TVM libraries on a device; this check times "
