@@ -148,7 +148,7 @@ def evaluate(ctx, path, data, preprocess, limit, batch_size, artifacts, no_sourc
         raise OptionRefusedError("--rpc-timeout bounds an RPC session, and there is none without --rpc "
                                  "or --tracker", "add --rpc HOST:PORT or --tracker HOST:PORT --key KEY, "
                                  "or leave --rpc-timeout out")
-    from structexport.evaluate import EvaluateOptions, markdown, notes, rows, title
+    from structexport.evaluate import EvaluateOptions, markdown, notes, rows, runtimes, title
     from structexport.evaluate import evaluate as run_evaluate
     preset = preprocess.build() if preprocess.preset else None
     opts = EvaluateOptions(
@@ -165,13 +165,19 @@ def evaluate(ctx, path, data, preprocess, limit, batch_size, artifacts, no_sourc
     if markdown_file:
         from structexport.fsutil import write_text_atomic
         write_text_atomic(markdown_file, markdown(report))
-    head, body = rows(report)
+    head, body = rows(report, runtime=False)
     table = Table(title=title(report), title_justify="left")
+    short = {"agreement %": "agree %", "max logit diff": "max diff", "seconds": "s"}   # fits 80 columns
     for col in head:
-        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+        table.add_column(short.get(col, col), justify="left" if col == "model" else "right", no_wrap=True)
     for cells in body:
         table.add_row(*map(escape, cells))
     out.print(table)
+    if report["artifacts"] and report["source"]:
+        out.print("agree: images with the source's top-1 class; max diff: largest logit difference "
+                  "from the source", soft_wrap=True)
+    for line in runtimes(report):
+        out.print(f"  {escape(line)}", soft_wrap=True)
     for line in notes(report):
         out.print(f"[yellow]note:[/] {escape(line)}")
     if json_file or markdown_file:
@@ -187,7 +193,8 @@ class _Bar:
         # the stage line is a spinner alone; each model's line a bar over the images
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), console=err, transient=True)
+                                 TimeRemainingColumn(), console=err, transient=True,
+                                 disable=not err.is_terminal)   # logs get the table, not bar frames
         self.progress.__enter__()
         self.stage_task = self.progress.add_task("evaluate", total=None, count="")
         self.tasks = {}

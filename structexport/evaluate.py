@@ -461,19 +461,28 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
-def rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """The table ``evaluate`` prints (and writes as Markdown): one row per model."""
-    head = ["model", "runtime", "top-1 %", "top-5 %" if report["topk"] == TOPK else f"top-{report['topk']} %",
-            "agreement %", "max logit diff", "seconds"]
+def rows(report: dict, runtime: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The table ``evaluate`` prints (and writes as Markdown): one row per model (the runtime
+    column last; ``runtime=False`` leaves it out, see :func:`runtimes`)."""
+    head = ["model", "top-1 %", "top-5 %" if report["topk"] == TOPK else f"top-{report['topk']} %",
+            "agreement %", "max logit diff", "seconds", "runtime"]
     body = []
     if report["source"]:
         s = report["source"]
-        body.append(["source", s["runtime"], _pct(s["top1"]), _pct(s["top5"]), "", "", f"{s['seconds']:.1f}"])
+        body.append(["source", _pct(s["top1"]), _pct(s["top5"]), "", "", f"{s['seconds']:.1f}", s["runtime"]])
     for name, a in report["artifacts"].items():
         diff = a.get("max_logit_diff")
-        body.append([name, a["runtime"], _pct(a["top1"]), _pct(a["top5"]), _pct(a.get("agreement")),
-                     "-" if diff is None else f"{diff:.3g}", f"{a['seconds']:.1f}"])
+        body.append([name, _pct(a["top1"]), _pct(a["top5"]), _pct(a.get("agreement")),
+                     "-" if diff is None else f"{diff:.3g}", f"{a['seconds']:.1f}", a["runtime"]])
+    if not runtime:
+        return head[:-1], [row[:-1] for row in body]
     return head, body
+
+
+def runtimes(report: dict) -> list[str]:
+    """``model: runtime`` for each model in the table."""
+    out = [f"source: {report['source']['runtime']}"] if report["source"] else []
+    return out + [f"{name}: {a['runtime']}" for name, a in report["artifacts"].items()]
 
 
 def notes(report: dict) -> list[str]:
