@@ -105,7 +105,8 @@ class _Tally:
         pred = logits.argmax(axis=1)
         self.count += len(labels)
         self.top1 += int((pred == labels).sum())
-        top = np.argpartition(-logits, self.k - 1, axis=1)[:, :self.k]
+        k = min(self.k, logits.shape[1])
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         self.topk += int((top == labels[:, None]).any(axis=1).sum())
         if source is not None:
             same = pred == source.argmax(axis=1)
@@ -425,6 +426,9 @@ def evaluate(path: str | Path, data: str | Path | Dataset, options: EvaluateOpti
                 t = time.perf_counter()
                 logits = runner.run(batch.x)
                 tallies[runner.label].seconds += time.perf_counter() - t
+                if num_classes is None:    # the graph leaves it symbolic: the first run says
+                    num_classes = logits.shape[1]
+                    dataset.check_for(preprocess, package.input_shape, num_classes, opts.limit)
                 if logits.shape[1] != num_classes:
                     raise DataClassCountError(f"{runner.label} gives {logits.shape[1]} outputs per image, "
                                               f"{package.model_onnx.name} {num_classes}")
