@@ -152,16 +152,18 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     stats = time_interleaved(workloads, feed, opts.repeat, opts.warmup)
     cost_s, cost_d = totals(node_costs(structured_onnx)), totals(node_costs(dense_path))
     measured = stats["dense"]["median"] / stats["structured"]["median"]
-    theoretical = cost_d["macs"] / cost_s["macs"] if cost_s["macs"] else float("nan")
+    # None: the cost model counted no MACs (shapes it cannot infer, e.g. inside If branches)
+    theoretical = cost_d["macs"] / cost_s["macs"] if cost_s["macs"] and cost_d["macs"] else None
     result = {
         "arch": package.arch, "target": opts.target, "threads": opts.threads,
-        "input_shape": list(package.input_shape), "repeat": opts.repeat, "warmup": opts.warmup,
+        "input_shape": list(package.input_shape), "inputs": package.inputs,
+        "repeat": opts.repeat, "warmup": opts.warmup,
         "workload": {"origin": workload.origin, "label": workload.label,
                      "package": None if workload.converted_here else str(package.root),
                      "notes": workload.notes},
         "latency_ms": stats["structured"], "dense_latency_ms": stats["dense"],
         "speedup_measured": measured, "speedup_theoretical": theoretical,
-        "realization_efficiency": measured / theoretical if theoretical == theoretical else None,
+        "realization_efficiency": measured / theoretical if theoretical else None,
         "macs": {"structured": cost_s["macs"], "dense": cost_d["macs"]},
         "sumpool_adds": cost_s["adds"] - cost_d["adds"],
         "machine": machine(),

@@ -326,8 +326,10 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
     s, d = result["latency_ms"], result["dense_latency_ms"]
-    table = Table(title=f"{result['arch']} on {result['target']}, {result['threads']} thread(s), "
-                        f"input {result['input_shape']}", title_justify="left")
+    shown = (f"inputs {', '.join(i['name'] + ' ' + str(i['shape']) for i in result['inputs'])}"
+             if len(result.get("inputs") or []) > 1 else f"input {result['input_shape']}")
+    table = Table(title=f"{result['arch']} on {result['target']}, {result['threads']} thread(s), {shown}",
+                  title_justify="left")
     for col in ("model", "median ms", "p10 ms", "p90 ms", "MACs"):
         table.add_column(col, justify="right")
     table.add_row("structured", f"{s['median']:.3f}", f"{s['p10']:.3f}", f"{s['p90']:.3f}",
@@ -341,8 +343,9 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
               if device.get("served_by") else
               f"{'emulated aarch64 device' if result.get('emulated') else 'device'} at {device['address']}")
              if device and device["address"] != "local" else result["machine"]["cpu"]["model"])
+    theory = result["speedup_theoretical"]
     out.print(f"speedup measured {result['speedup_measured']:.2f}x, theoretical "
-              f"{result['speedup_theoretical']:.2f}x, realization efficiency "
+              f"{'n/a (no MACs counted in the graphs)' if theory is None else f'{theory:.2f}x'}, realization efficiency "
               f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs, "
               f"{where})")
     if result.get("note"):
