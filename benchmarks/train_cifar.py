@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
         epoch += 1
         val = accuracy(model, x_val, y_val)

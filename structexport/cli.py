@@ -59,6 +59,11 @@ def zoo(name, as_json):
     """List the model zoo, or describe one model: params, MACs and input shape."""
     from structexport.analysis import summarize
     from structexport.models import ARCHITECTURES, build_model, input_shape, list_names, parse_name
+    from structexport.models.trained import trained_weights
+    trained = trained_weights()
+
+    def trained_text(model_name: str) -> str:
+        return ", ".join(f"{w.recipe} {w.test_top1:.2f}%" for w in trained if w.name == model_name)
     if not name:
         if as_json:
             click.echo(json.dumps(list_names(), indent=2))
@@ -67,21 +72,27 @@ def zoo(name, as_json):
         table.add_column("name")
         table.add_column("input")
         table.add_column("description")
-        for n in list_names():
+        table.add_column("trained weights (CIFAR-10 test top-1)")
+        names = list_names()
+        names += sorted({w.name for w in trained} - set(names))
+        for n in names:
             spec = parse_name(n)
             arch = ARCHITECTURES[spec.base]
             table.add_row(n, "x".join(map(str, arch.input_shape[1:])),
-                          arch.description if spec.family == "dense" else f"  {spec.family} variant")
+                          arch.description if spec.family == "dense" else f"  {spec.family} variant",
+                          trained_text(n))
         out.print(table)
         out.print("Variants: -csg-S0xS1xSHxSW-K[-frozen], -bcsg-S0xS1xSHxSW-K, -ssc-T, "
-                  "-struct-c2n2, -struct-c1n2")
+                  "-struct-c2n2, -struct-c1n2. Trained weights: models/checkpoints/trained/ "
+                  "(`structexport zoo NAME` gives the files)")
         return
     spec = parse_name(name)
     summary = summarize(build_model(spec), input_shape(spec))
     info = {"name": spec.name, "family": spec.family, "params": summary["params"],
             "trainable_params": summary["trainable_params"], "macs": summary["macs"],
             "sumpool_adds": summary["sumpool_adds"], "input_shape": summary["input_shape"],
-            "generator": summary["generator"]}
+            "generator": summary["generator"],
+            "trained": [w.to_dict() for w in trained if w.name == spec.name]}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -91,6 +102,9 @@ def zoo(name, as_json):
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     if info["generator"]:
         table.add_row("generator", json.dumps(info["generator"]))
+    for w in info["trained"]:
+        table.add_row(f"trained ({w['recipe']}, seed {w['seed']})",
+                      f"test top-1 {w['test_top1']:.2f}%, {w['epochs']} epochs: {w['path']}")
     out.print(table)
 
 
