@@ -129,17 +129,8 @@ def _check_shape(model: nn.Module, shape: tuple[int, ...], arch: str) -> None:
 
 
 def _load_inputs(path: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputsFileError(f"no such inputs file: {path}")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise InputsFileError(f"{path} is not a readable .npz file: {type(exc).__name__}",
-                              "write it with numpy.savez(path, input=array)") from None
-    if not arrays:
-        raise InputsFileError(f"{path} holds no arrays")
+    """A model with one image input: each array of the file is one more input."""
+    arrays = _load_npz(path)
     out = {}
     for key, arr in arrays.items():
         if tuple(arr.shape) != tuple(shape) and tuple(arr.shape) != tuple(shape[1:]):

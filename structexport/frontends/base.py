@@ -201,6 +201,15 @@ def forward_arguments(module) -> list[tuple[str, str]]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
 
 
+def check_input_names(named: dict, names: list[str], owner: str) -> None:
+    """Every ``--input-shape NAME=...`` names an input of ``owner``."""
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which "
+                                    f"{owner} does not take (its inputs: {', '.join(names)})",
+                                    "name one of its inputs, or give the first one's shape bare")
+
+
 def named_input_specs(arguments: list[tuple[str, str]], owner: str, input_shape, named: dict,
                       values: dict) -> list[InputSpec]:
     """The inputs of a module whose ``forward`` takes several: each shape from
@@ -208,12 +217,7 @@ def named_input_specs(arguments: list[tuple[str, str]], owner: str, input_shape,
     or, for the first, the bare ``--input-shape``. Arguments that are not tensors (a
     TorchScript ``int``) are refused: an ONNX export cannot take them as inputs."""
     import numpy as np
-    names = [a for a, _ in arguments]
-    unknown = sorted(set(named) - set(names))
-    if unknown:
-        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which "
-                                    f"{owner} does not take (its inputs: {', '.join(names)})",
-                                    "name one of its inputs, or give the first one's shape bare")
+    check_input_names(named, [a for a, _ in arguments], owner)
     for arg, kind in arguments:
         if kind not in ("?", "Tensor", "Optional[Tensor]"):
             raise E.InputDimensionError(

@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 from structexport import errors as E
-from structexport.frontends.base import (Frontend, InputSpec, SourceModel, first_line, shape_text)
+from structexport.frontends.base import (Frontend, InputSpec, SourceModel, check_input_names, first_line,
+                                         shape_text)
 
 MIN_OPSET = 11
 # ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited).
@@ -166,11 +167,7 @@ def _given_shapes(inputs, input_shape, named: dict, values: dict) -> dict[str, t
     """The shape each input is given: ``--input-shape NAME=...``, the shape of its array in
     ``--inputs``, or the bare ``--input-shape`` for the first input."""
     names = [vi.name for vi in inputs]
-    unknown = sorted(set(named) - set(names))
-    if unknown:
-        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which the "
-                                    f"model does not take (its inputs: {', '.join(names)})",
-                                    "name one of its inputs, or give the first one's shape bare")
+    check_input_names(named, names, "the model")
     ranks = {vi.name: len(_dims(vi)) for vi in inputs}
     given = {n: tuple(np_shape) for n, np_shape in ((n, getattr(values.get(n), "shape", None))
                                                      for n in names)

@@ -85,7 +85,8 @@ import zipfile
 from pathlib import Path
 
 from structexport import errors as E
-from structexport.frontends.base import (InputSpec, Frontend, SourceModel, check_module_runs, first_line,
+from structexport.frontends.base import (Frontend, InputSpec, SourceModel, check_input_names,
+                                         check_module_runs, first_line,
                                          shape_text, zip_names)
 from structexport.loader import SAFE_GLOBAL, pickle_globals
 
@@ -491,12 +492,7 @@ def _program_inputs(ep, input_shape, path: Path, notes: list[str], named: dict |
     if not tensors:
         raise E.ExportArchiveError(f"{path}: the exported program takes no tensor input",
                                    "export the model with an example input tensor")
-    names = [n for n, _ in tensors]
-    unknown = sorted(set(named) - set(names))
-    if unknown:
-        raise E.InputDimensionError(f"--input-shape names {', '.join(map(repr, unknown))}, which the "
-                                    f"program does not take (its inputs: {', '.join(names)})",
-                                    "name one of its inputs, or give the first one's shape bare")
+    check_input_names(named, [n for n, _ in tensors], "the program")
     try:
         args = ep.example_inputs[0] if ep.example_inputs else ()
     except Exception:
