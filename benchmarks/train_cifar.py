@@ -143,11 +143,20 @@ def main(argv=None) -> int:
     if args.limit:
         x_tr, y_tr = x_tr[:args.limit], y_tr[:args.limit]
     model = build_model(name, seed=args.seed, struct_mode=mode).train()
-    decay, no_decay = [], []
-    for pname, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=0.1, momentum=0.9, nesterov=True)
+    # Coefficients trained directly move the composed kernel prod(window) times faster than
+    # a dense weight at the same learning rate (each alpha feeds a whole box of W): their
+    # step is scaled down by that factor, per layer, so that W moves as in dense training.
+    groups = [{"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
+    alphas = {id(layer.alpha): math.prod(layer.window) for _, layer in structured_layers(model)
+              if layer.mode == "coeff"}
+    for scale in sorted(set(alphas.values())):
+        groups.append({"params": [p for p in model.parameters() if alphas.get(id(p)) == scale],
+                       "weight_decay": 5e-4, "lr_scale": 1.0 / scale})
+    groups.append({"params": [p for p in model.parameters() if p.ndim > 1 and id(p) not in alphas],
+                   "weight_decay": 5e-4, "lr_scale": 1.0})
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=0.1, momentum=0.9, nesterov=True)
+    if alphas:
+        config["alpha_lr_scale"] = "1/prod(window) per layer"
     epoch, history = 0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
@@ -166,7 +175,7 @@ def main(argv=None) -> int:
         start, seen, loss_sum, sr_sum = time.perf_counter(), 0, 0.0, 0.0
         for k, (x, y) in enumerate(augmented_batches(x_tr, y_tr, rng)):
             for group in opt.param_groups:
-                group["lr"] = learning_rate(epoch * steps + k, steps, args.epochs)
+                group["lr"] = learning_rate(epoch * steps + k, steps, args.epochs) * group["lr_scale"]
             loss = F.cross_entropy(model(x), y)
             total = loss
             if args.recipe == "sr":
