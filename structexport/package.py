@@ -267,7 +267,8 @@ class Package:
 
     @property
     def inputs(self) -> list[dict]:
-        """Every input (name, shape, dtype) of a model with several; empty for one image input."""
+        """Every input (name, shape, dtype), as converted from a model from elsewhere; empty for
+        a zoo model (one image input, ``input_shape``) and for packages written before."""
         return list(self.manifest.get("inputs") or [])
 
     def feed(self) -> np.ndarray | dict:
