@@ -38,23 +38,30 @@ def _flags(only, skip, names) -> str:
                         if any(n in names for n in given))
 
 
-def select_passes(default: list[str], only: list[str] | None = None,
-                  skip: list[str] | None = None) -> list[Pass]:
-    """The passes to run: ``only`` (in pipeline order) or ``default``, minus ``skip``. A pass
-    of the ONNX pipeline (models outside the zoo) is refused (exit 2), an unknown one is
-    exit 36."""
-    for name in (only or []) + (skip or []):
-        if name not in PASSES and name not in ONNX_PASSES:
-            raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(PIPELINE)}")
-    foreign = [n for n in (only or []) + (skip or []) if n in ONNX_PASSES]
+def _select(table: dict, pipeline: list[str], default: list[str], foreign_table: dict, kind: str,
+            foreign_kind: str, only: list[str] | None, skip: list[str] | None) -> list[Pass]:
+    """``only`` (in ``pipeline`` order) or ``default``, minus ``skip``; a pass of the other
+    pipeline (``foreign_table``) is refused (exit 2), an unknown one is exit 36."""
+    given = (only or []) + (skip or [])
+    for name in given:
+        if name not in table and name not in foreign_table:
+            raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(pipeline)}")
+    foreign = [n for n in given if n in foreign_table]
     if foreign:
         raise PassOptionError(f"{_flags(only, skip, foreign)}: "
-                              f"{'a pass' if len(set(foreign)) == 1 else 'passes'} of models outside the "
-                              "zoo (ONNX graphs), never run on a zoo checkpoint",
-                              f"zoo checkpoints run {', '.join(PIPELINE)}")
-    chosen = [n for n in PIPELINE if n in only] if only else list(default)
-    return [PASSES[n]() for n in chosen if n not in (skip or [])]
+                              f"{'a pass' if len(set(foreign)) == 1 else 'passes'} of {foreign_kind}, "
+                              f"never run on {kind}", f"{kind} run {', '.join(pipeline)}")
+    chosen = [n for n in pipeline if n in only] if only else list(default)
+    return [table[n]() for n in chosen if n not in (skip or [])]
 
+
+def select_passes(default: list[str], only: list[str] | None = None,
+                  skip: list[str] | None = None) -> list[Pass]:
+    """The passes to run on a zoo checkpoint: ``only`` (in pipeline order) or ``default``,
+    minus ``skip``. A pass of the ONNX pipeline (models outside the zoo) is refused (exit 2),
+    an unknown one is exit 36."""
+    return _select(PASSES, PIPELINE, default, ONNX_PASSES, "zoo checkpoints",
+                   "models outside the zoo (ONNX graphs)", only, skip)
 
 __all__ = ["LayerRecord", "ModelKind", "ONNX", "TORCH", "Pass", "PassContext", "PassError", "PassManager",
            "PassResult", "PassRun", "replace_module", "PASSES", "PIPELINE", "ONNX_PASSES", "ONNX_PIPELINE",
@@ -107,14 +114,5 @@ def select_onnx_passes(only: list[str] | None = None, skip: list[str] | None = N
     """The ONNX passes to run: ``only`` (in pipeline order) or all, minus ``skip``. A zoo pass
     (torch modules) is refused (exit 2): it would run nothing on an ONNX graph; an unknown
     one is exit 36."""
-    for name in (only or []) + (skip or []):
-        if name not in ONNX_PASSES and name not in PASSES:
-            raise UnknownPassError(f"unknown pass {name!r}", f"choose from {', '.join(ONNX_PIPELINE)}")
-    foreign = [n for n in (only or []) + (skip or []) if n in PASSES]
-    if foreign:
-        raise PassOptionError(f"{_flags(only, skip, foreign)}: "
-                              f"{'a pass' if len(set(foreign)) == 1 else 'passes'} of zoo checkpoints "
-                              "(torch modules), never run on a model outside the zoo",
-                              f"models outside the zoo run {', '.join(ONNX_PIPELINE)}")
-    chosen = [n for n in ONNX_PIPELINE if n in only] if only else list(ONNX_PIPELINE)
-    return [ONNX_PASSES[n]() for n in chosen if n not in (skip or [])]
+    return _select(ONNX_PASSES, ONNX_PIPELINE, ONNX_PIPELINE, PASSES, "models outside the zoo",
+                   "zoo checkpoints (torch modules)", only, skip)

@@ -18,7 +18,7 @@ of ``manifest.json`` key by key. A missing, corrupt or incompatible package is o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,8 @@ def _corrupt(root: Path, what: str) -> PackageCorruptError:
 class Package:
     root: Path
     manifest: dict
+    # verification.npz as read once: feed() and every check_timed() of a command share it
+    _arrays: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -226,6 +228,11 @@ class Package:
     # ------------------------------------------------------------------ verification data
     def verification_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
         """(inputs by label, the source model's outputs on each) as stored at conversion."""
+        if self._arrays is None:
+            self._arrays = self._read_verification_arrays()
+        return self._arrays
+
+    def _read_verification_arrays(self) -> tuple[dict, dict]:
         path = self.verification_data
         if path is None:
             raise PackageIncompatibleError(

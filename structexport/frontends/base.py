@@ -160,9 +160,6 @@ def parse_input_shapes(given) -> tuple[tuple[int, ...] | None, dict[str, tuple[i
     ``D0,D1,...`` the first input. Returns (the bare shape or None, shapes by name)."""
     if given is None or isinstance(given, (str, tuple, list)) and not given:
         return None, {}
-    if isinstance(given, dict):
-        named = {k: parse_input_shape(v) for k, v in given.items() if k}
-        return (parse_input_shape(given[None]) if given.get(None) is not None else None), named
     items = [given] if isinstance(given, str) or not isinstance(given[0], str) else list(given)
     bare, named = None, {}
     for item in items:

@@ -178,7 +178,7 @@ def _given_shapes(inputs, input_shape, named: dict, values: dict) -> dict[str, t
     return given
 
 
-def _flag_for(index: int, name: str, dims: list, several: bool, unknown: bool = False) -> str:
+def _flag_for(name: str, dims: list, several: bool, unknown: bool = False) -> str:
     """How to give the shape of input ``name``."""
     if not several:
         sizes = " with the size the model was trained at for each unknown dimension, e.g." if unknown else ""
@@ -210,18 +210,18 @@ def _fix_inputs(model, inputs, input_shape, notes, named: dict | None = None,
                 dims = [None] * len(given)
             else:
                 raise E.InputDimensionError(f"input {vi.name!r} has no shape at all",
-                                            _flag_for(index, vi.name, [1, 3, 224, 224], several))
+                                            _flag_for(vi.name, [1, 3, 224, 224], several))
         if given is not None:
             if len(given) != len(dims):
                 raise E.InputDimensionError(
                     f"input {vi.name!r} has {len(dims)} dimensions, --input-shape gives "
                     f"{len(given)} ({shape_text(given)})",
-                    f"pass {len(dims)} sizes: " + _flag_for(index, vi.name, dims, several).removeprefix("pass "))
+                    f"pass {len(dims)} sizes: " + _flag_for(vi.name, dims, several).removeprefix("pass "))
             for axis, (d, g) in enumerate(zip(dims, given)):
                 if isinstance(d, int) and d != g:
                     raise E.InputDimensionError(
                         f"input {vi.name!r} has dimension {axis} fixed to {d}, --input-shape "
-                        f"gives {g}", _flag_for(index, vi.name, dims, several))
+                        f"gives {g}", _flag_for(vi.name, dims, several))
             fixed = list(given)
             if any(not isinstance(d, int) for d in dims):
                 chosen = True
@@ -239,7 +239,7 @@ def _fix_inputs(model, inputs, input_shape, notes, named: dict | None = None,
                 raise E.InputDimensionError(
                     f"input {vi.name!r} (declared {declared}) has dimension {_dim_label(dims, axis)} "
                     f"unknown",
-                    _flag_for(index, vi.name, dims, several, unknown=True))
+                    _flag_for(vi.name, dims, several, unknown=True))
             else:
                 fixed = dims
         shape_proto = vi.type.tensor_type.shape
