@@ -16,6 +16,7 @@ from .lower_ssc_pass import LowerSSCPass
 from .materialize_csg_pass import MaterializeCSGPass
 from .project_structured_weights_pass import ProjectStructuredWeightsPass
 from .realize_sumpool_pass import RealizeSumPoolPass
+from .rebase_channel_sums_pass import RebaseChannelSumsPass
 
 PASS_CLASSES = [DecomposeStructuredPass, RealizeSumPoolPass, MaterializeCSGPass, LowerSSCPass,
                 FoldBatchNormPass]
@@ -26,6 +27,8 @@ PIPELINE = [cls.name for cls in PASS_CLASSES]
 ONNX_PASS_CLASSES = [ProjectStructuredWeightsPass, DecomposeStructuredConvPass, LowerSparseConvPass]
 ONNX_PASSES = {cls.name: cls for cls in ONNX_PASS_CLASSES}
 ONNX_PIPELINE = [cls.name for cls in ONNX_PASS_CLASSES]
+# Run by convert --precision int8 on the exported graph, before it is quantized.
+INT8_PASS_CLASSES = [RebaseChannelSumsPass]
 
 
 class UnknownPassError(StructExportError):

@@ -25,6 +25,7 @@ from structexport.machine import machine
 from structexport.package import Package, is_package
 from structexport.profiling.layermap import onnx_node_layers
 from structexport.profiling.ort import node_times
+from structexport.quantize import FP32_MODEL
 from structexport.timedcheck import checked_libraries, checked_sessions
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
@@ -134,9 +135,15 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     structured_onnx, dense_path = package.model_onnx, package.reference_onnx
     feed = package.feed()
     device, dense_build = None, None
+    int8 = package.precision == "int8"
+    if int8 and opts.target != "ort-cpu":
+        raise BenchError(f"{package.root} is an INT8 package for ort-cpu; {opts.target} cannot time it",
+                         "bench it with --target ort-cpu")
     if opts.target == "ort-cpu":
         workloads = checked_sessions(package, {"structured": structured_onnx, "dense": dense_path},
                                      opts.threads, say)
+        if int8:
+            workloads["dense-int8"] = checked_int8_baseline(package, opts.threads, say)
     else:
         workloads, device, dense_build = _tvm_workloads(opts, package, package.library, dense_path,
                                                         feed, workdir, say)
@@ -150,8 +157,12 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     where = f" on the {device.describe()}" if device is not None and device.remote else ""
     say(f"timing ({opts.repeat} interleaved runs{where})")
     stats = time_interleaved(workloads, feed, opts.repeat, opts.warmup)
-    cost_s, cost_d = totals(node_costs(structured_onnx)), totals(node_costs(dense_path))
-    measured = stats["dense"]["median"] / stats["structured"]["median"]
+    # An INT8 graph's convs read dequantized weights: its MACs are the float32 model's
+    costs_of = package.root / FP32_MODEL if int8 else structured_onnx
+    cost_s, cost_d = totals(node_costs(costs_of)), totals(node_costs(dense_path))
+    # INT8: judged against the dense model quantized the same way (what an INT8 user ships)
+    baseline = "dense-int8" if int8 else "dense"
+    measured = stats[baseline]["median"] / stats["structured"]["median"]
     # None: the cost model counted no MACs (shapes it cannot infer, e.g. inside If branches)
     theoretical = cost_d["macs"] / cost_s["macs"] if cost_s["macs"] and cost_d["macs"] else None
     result = {
@@ -184,6 +195,12 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
             # > 1: TVM is slower than ONNX Runtime on the same model and machine.
             "tvm_over_ort": stats["structured"]["median"] / ort_s,
             "tvm_over_ort_dense": stats["dense"]["median"] / ort_d}
+    if int8:
+        result["precision"] = "int8"
+        result["baseline"] = "the dense model quantized the same way, with the same calibration (reference.int8.onnx)"
+        result["dense_int8_latency_ms"] = stats["dense-int8"]
+        result["speedup_over_dense_fp32"] = stats["dense"]["median"] / stats["structured"]["median"]
+        result["dense_int8_over_dense_fp32"] = stats["dense"]["median"] / stats["dense-int8"]["median"]
     if opts.extra_workloads:
         result["extra_latency_ms"] = {n: stats[n] for n in opts.extra_workloads}
     if opts.per_layer:
@@ -194,6 +211,30 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         result["per_layer"] = per_layer_breakdown([layer["name"] for layer in package.layers],
                                                   structured_onnx, dense_path, feed, opts.threads)
     return result
+
+
+def checked_int8_baseline(package: Package, threads: int, say):
+    """The dense INT8 baseline's session as it is timed, checked first: its integer kernels
+    against its own QDQ graph run as written, on the package's stored inputs."""
+    from structexport.export import VerificationError, verify_arrays
+    from structexport.ortsession import ort_session, session_runner
+    from structexport.quantize import DENSE_INT8, output_tolerance
+    path = package.root / DENSE_INT8
+    if not path.is_file():
+        raise BenchError(f"{package.root} is an INT8 package without {DENSE_INT8}, its INT8 baseline",
+                         "convert the model again with this structexport")
+    inputs, _ = package.verification_arrays()
+    fake = session_runner(ort_session(path, 1, optimize=False))
+    expected = {label: fake(x) for label, x in inputs.items()}
+    session = ort_session(path, threads)
+    what = f"{path} under ONNX Runtime (ORT_ENABLE_ALL, {threads} thread{'s' * (threads > 1)})"
+    say(f"check {what}")
+    result = verify_arrays(session_runner(session), inputs, expected, "int8",
+                           output_tolerance(path, next(iter(expected.values()))), 0.0, runtime=what)
+    if not result.passed:
+        raise VerificationError(f"{what} does not compute what its QDQ graph says: {result.summary()}",
+                                "nothing was timed; convert the model again on this machine")
+    return session
 
 
 def library_options(package: Package, target_options: dict) -> dict:

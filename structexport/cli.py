@@ -191,7 +191,24 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
               "input of a model with several), a bare shape for the first input. Any layout the "
               "model takes (N,C,H,W; NHWC for TensorFlow exports; [batch, time] for audio). "
               "Default: the model's own.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="int8: static INT8 for ort-cpu, calibrated on --calibration images and gated on "
+                   "held-out ones (docs/int8.md).")
+@click.option("--calibration", "calibration", type=click.Path(path_type=str), metavar="DATA",
+              help="--precision int8: images to calibrate on, read like evaluate's --data (an .npz or "
+                   "a folder of class subfolders) with the model's --preprocess.")
+@click.option("--calibration-count", type=click.IntRange(1), default=256, show_default=True,
+              help="Images (a seeded random draw of DATA) to calibrate on.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="minmax", show_default=True, help="How activation ranges are calibrated.")
+@click.option("--int8-gate-images", type=click.IntRange(1), default=500, show_default=True,
+              help="Further images of DATA, held out from calibration, for the accuracy gate.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.97, show_default=True,
+              help="The gate: least top-1 agreement of the INT8 model with the float32 source.")
+@click.option("--int8-max-logit-diff", type=click.FloatRange(0), help="The gate: largest logit "
+              "difference from the float32 source allowed (default: not gated, only reported).")
+@click.option("--keep-fp32", multiple=True, metavar="GLOB",
+              help="Keep these layers in float32 (layer or node names, as the SQNR table shows; repeatable).")
 @click.option("--passes", help="Comma-separated passes to run instead of the target's default.")
 @click.option("--skip-pass", "skip_passes", multiple=True, help="A pass not to run (repeatable).")
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str),
@@ -228,7 +245,8 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
             inputs_file, atol, rtol, force, keep_csg_codes, sumpool_realization, autotune,
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
             tvm_preset, tvm_target, tvm_structured, tune_per_task, tune_trials, tuning_db, rpc,
-            tracker, key, rpc_timeout, preprocess, as_json):
+            tracker, key, rpc_timeout, preprocess, as_json, calibration, calibration_count,
+            calibration_method, int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
     model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
@@ -245,15 +263,17 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
     check_source_flags(checkpoint, kind, arch, model_spec, trust_pickle, allow_torchscript)
     check_pass_flags(kind, target, pass_options, only, list(skip_passes))
     check_tvm_flags(ctx, tvm_preset, tvm_target, tune_per_task, tune_trials, tuning_db, rpc, tracker)
-    if kind == "onnx" and precision != "fp32":
+    if kind == "onnx" and precision == "fp16":
         raise OptionRefusedError(f"--precision {precision} exports zoo checkpoints at half precision; "
                                  f"{checkpoint} is converted through its ONNX graph, at fp32",
                                  "leave --precision out")
+    int8 = _int8_options(ctx, precision, calibration, calibration_count, calibration_method,
+                         int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32)
     options = ConvertOptions(
         target=target, input_shape=list(input_shape) or None, precision=precision,
         passes=only, skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
         pass_options=pass_options, trust_pickle=trust_pickle, allow_torchscript=allow_torchscript,
-        model_spec=model_spec,
+        model_spec=model_spec, int8=int8,
         preprocess=(built.to_dict() if (built := preprocess.build()) else None),
         target_options={"tvm_target": tvm_target, "tvm_preset": tvm_preset,
                         "tvm_structured": tvm_structured,
@@ -346,11 +366,20 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
                   title_justify="left")
     for col in ("model", "median ms", "p10 ms", "p90 ms", "MACs"):
         table.add_column(col, justify="right")
-    table.add_row("structured", f"{s['median']:.3f}", f"{s['p10']:.3f}", f"{s['p90']:.3f}",
-                  f"{result['macs']['structured']:,}")
-    table.add_row("dense", f"{d['median']:.3f}", f"{d['p10']:.3f}", f"{d['p90']:.3f}",
+    int8 = result.get("precision") == "int8"
+    table.add_row("structured INT8" if int8 else "structured", f"{s['median']:.3f}", f"{s['p10']:.3f}",
+                  f"{s['p90']:.3f}", f"{result['macs']['structured']:,}")
+    if int8:
+        q = result["dense_int8_latency_ms"]
+        table.add_row("dense INT8", f"{q['median']:.3f}", f"{q['p10']:.3f}", f"{q['p90']:.3f}",
+                      f"{result['macs']['dense']:,}")
+    table.add_row("dense fp32" if int8 else "dense", f"{d['median']:.3f}", f"{d['p10']:.3f}", f"{d['p90']:.3f}",
                   f"{result['macs']['dense']:,}")
     out.print(table)
+    if int8:
+        out.print(f"INT8: structured INT8 over dense fp32 {result['speedup_over_dense_fp32']:.2f}x; dense INT8 "
+                  f"over dense fp32 {result['dense_int8_over_dense_fp32']:.2f}x. The speedup below is over "
+                  "dense INT8, quantized the same way with the same calibration.")
     eff = result["realization_efficiency"]
     device = result.get("device")
     where = ((f"device {device['served_by']} (key {device['key']!r}, from the tracker at {device['address']})"
@@ -381,6 +410,56 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
                            fmt(e["speedup_measured"], ".2f"), fmt(e["speedup_theoretical"], ".2f"),
                            fmt(e["realization_efficiency"], ".2f"))
         out.print(layers)
+
+
+_INT8_FLAGS = {"calibration_count": "--calibration-count", "calibration_method": "--calibration-method",
+               "int8_gate_images": "--int8-gate-images", "int8_min_agreement": "--int8-min-agreement",
+               "int8_max_logit_diff": "--int8-max-logit-diff", "keep_fp32": "--keep-fp32"}
+
+
+def _int8_options(ctx, precision, calibration, count, method, gate_images, min_agreement, max_logit_diff,
+                  keep_fp32):
+    """The INT8 flags as one :class:`~structexport.quantize.Int8Options`, or None; flags
+    that would do nothing without --calibration are refused."""
+    from structexport.quantize import Int8Options
+    orphans = [flag for name, flag in _INT8_FLAGS.items() if given(ctx, name)]
+    if calibration is None:
+        if orphans:
+            raise OptionRefusedError(f"{', '.join(orphans)} {'sets' if len(orphans) == 1 else 'set'} up INT8 "
+                                     "calibration, and there is none without --calibration DATA",
+                                     "add --precision int8 --calibration DATA, or leave "
+                                     f"{'it' if len(orphans) == 1 else 'them'} out")
+        return None
+    return Int8Options(data=calibration, count=count, gate_count=gate_images, method=method,
+                       keep_fp32=list(keep_fp32), min_agreement=min_agreement, max_logit_diff=max_logit_diff)
+
+
+def _render_int8(q: dict) -> None:
+    g, cal = q["gate"], q["calibration"]
+    quant = q["quantization"]
+    out.print(f"INT8: calibrated on {cal['calibration_images']} images of {escape(cal['data'])} "
+              f"({quant['calibration_method']}); {quant['weights']} weights, {quant['activations']} activations"
+              + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant["kept_fp32"] else ""))
+    if q.get("rebased"):
+        n = sum(len(r["records"]) for r in q["rebased"])
+        if n:
+            out.print(f"  {n} channel sum(s) rebased for INT8 (one sum / sqrt(window), then differences)")
+    mark = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
+    out.print(f"  accuracy gate {mark} on {g['images']} held-out images: top-1 agreement with the float32 "
+              f"source {100 * g['agreement']:.2f}% (at least {100 * g['min_agreement']:.2f}%), largest logit "
+              f"difference {g['max_logit_diff']:.3g}; top-1 {100 * g['reference_top1']:.2f}% float32, "
+              f"{100 * g['int8_top1']:.2f}% INT8")
+    for failure in g.get("failures") or []:
+        out.print(f"    [red]{escape(failure)}[/]")
+    dense = q.get("dense_int8")
+    if dense:
+        d = dense["gate"]
+        out.print(f"  the dense model quantized the same way ({dense['file']}): agreement "
+                  f"{100 * d['agreement']:.2f}%, top-1 {100 * d['int8_top1']:.2f}%")
+    rows = sorted((r for r in q["layers"] if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])[:5]
+    if rows:
+        out.print("  lowest per-layer SQNR (calibration images, errors of earlier layers included): "
+                  + ", ".join(f"{escape(r['layer'])} {r['sqnr_db']:.1f} dB" for r in rows))
 
 
 def _render_convert(m: dict, outdir) -> None:
@@ -426,13 +505,17 @@ def _render_convert(m: dict, outdir) -> None:
     out.print(f"verification {mark}{escape(against)}: {len(v['checks'])} output checks on ONNX Runtime "
               f"(optimizations off), max abs diff {v['max_abs_diff']:.3g}, max rel diff "
               f"{v['max_rel_diff']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    if m.get("int8"):
+        out.print(f"  ({v.get('file', 'model.fp32.onnx')}: the float32 model that was quantized to INT8)")
+        _render_int8(m["int8"])
     for d in (m.get("deployed_verification") or [])[1:]:   # the first is the check above
         if "graph_optimization_level" not in d["options"]:
             continue    # the TVM library: shown below as the target's own check
         mark = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]"
         o = d["options"]
+        against = (f" against its fake-quantized graph (atol {d['atol']:.3g})" if m.get("int8") else "")
         out.print(f"  {d['file']} as deployed ({o['graph_optimization_level']}"
-                  f"{', ORT format' if o.get('model_format') == 'ORT' else ''}) {mark}: "
+                  f"{', ORT format' if o.get('model_format') == 'ORT' else ''}){against} {mark}: "
                   f"max abs diff {d['max_abs_diff']:.3g}, max rel diff {d['max_rel_diff']:.3g}")
     tv = m.get("target_verification")
     if tv and tv.get("skipped"):

@@ -75,6 +75,8 @@ class ConvertOptions:
     # The model's input preprocessing (structexport.datasets.Preprocess.to_dict()), stored in
     # the manifest for evaluate and calibration; None: not recorded.
     preprocess: dict | None = None
+    # --precision int8: calibration and gate (a structexport.quantize.Int8Options)
+    int8: object | None = None
 
 
 @dataclass
@@ -178,13 +180,53 @@ class _Plan:
     missing_parents: list[Path]
 
 
+def prepare_int8(opts: ConvertOptions) -> ConvertOptions:
+    """``--precision int8`` checked before any work (its calibration, its preprocessing, a
+    target that runs and checks INT8), with the sum-pools realized as bands: 1x1 and
+    depthwise convs, which have integer kernels (running sums have none)."""
+    from structexport.quantize import Int8OptionError
+    if opts.precision != "int8":
+        if opts.int8 is not None:
+            raise Int8OptionError(f"--calibration and its options quantize to INT8, and --precision is "
+                                  f"{opts.precision}", "add --precision int8, or leave them out")
+        return opts
+    if opts.int8 is None:
+        raise Int8OptionError("--precision int8 needs calibration images",
+                              "add --calibration DATA (an .npz of images and labels, or a folder of class "
+                              "subfolders) and the model's --preprocess")
+    if opts.target != "ort-cpu":
+        why = ("TVM's Relax frontend has no INT8 conv: it runs float convs between QuantizeLinear and "
+               "DequantizeLinear, slower than float32" if opts.target.startswith("tvm")
+               else "the INT8 model is checked and gated as ONNX Runtime runs it")
+        raise Int8OptionError(f"--precision int8 is built for ort-cpu, not {opts.target}: {why}",
+                              "use --target ort-cpu (its model.onnx is the portable QDQ model)")
+    if opts.preprocess is None:
+        raise Int8OptionError("--precision int8 calibrates on images preprocessed as the model expects, "
+                              "and no preprocessing was given",
+                              "add --preprocess cifar10 (or imagenet, none, or --scale/--mean/--std)")
+    forced = opts.pass_options.get("sumpool_realization")
+    if forced not in (None, "banded"):
+        raise Int8OptionError(f"--sumpool-realization {forced} has no integer kernels in ONNX Runtime; "
+                              "INT8 realizes each sum-pool as a banded 1x1 conv and a depthwise conv of ones",
+                              "leave --sumpool-realization out")
+    if opts.pass_options.get("autotune"):
+        raise Int8OptionError("--autotune times float32 sum-pool realizations; INT8 realizes them as "
+                              "banded 1x1 and depthwise convs", "leave --autotune out")
+    return dataclasses.replace(opts, pass_options=dict(opts.pass_options, sumpool_realization="banded"))
+
+
+def _num_classes(outputs) -> int | None:
+    first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    return int(first.shape[-1]) if getattr(first, "ndim", 0) >= 2 else None
+
+
 def _plan(outdir: str | Path, opts: ConvertOptions, say) -> _Plan:
     from structexport.passes import select_passes
     from structexport.targets import get_target
     outdir = Path(outdir)
     target = get_target(opts.target, dict(opts.target_options, progress=say))
     if opts.precision not in TOLERANCES:
-        raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32 or fp16")
+        raise InputShapeError(f"unknown precision {opts.precision!r}", "choose fp32, fp16 or int8")
     missing_parents = _check_outdir(outdir)
     target.preflight()
     steps = select_passes(target.default_passes(), opts.passes, opts.skip_passes)
@@ -197,7 +239,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
     """Load ``checkpoint`` (checks first: nothing is loaded for a run that cannot succeed)
     and convert it into the package ``outdir``."""
     from structexport.frontends import load_source
-    opts = options or ConvertOptions()
+    opts = prepare_int8(options or ConvertOptions())
     say = progress or (lambda _msg: None)
     from structexport.frontends import is_zoo_checkpoint
     from structexport.frontends.base import parse_input_shapes
@@ -235,7 +277,7 @@ def convert_source(source, outdir: str | Path, options: ConvertOptions | None = 
     """Convert a front end's :class:`~structexport.frontends.base.SourceModel`: a zoo
     checkpoint through the zoo's passes, anything else through ONNX (torch modules are
     exported first), with the structure discovered in its weights."""
-    opts = options or ConvertOptions()
+    opts = prepare_int8(options or ConvertOptions())
     say = progress or (lambda _msg: None)
     if source.format == "checkpoint" and source.checkpoint is not None:
         return convert_loaded(source.checkpoint, outdir, opts, say)
@@ -269,7 +311,7 @@ def _jsonable_pass_options(options: dict) -> dict:
 
 
 def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dict, opts: ConvertOptions,
-                  say, timings: dict, expected: dict, verification):
+                  say, timings: dict, expected: dict, verification, portable_file: str = "model.onnx"):
     """The target's artifacts, verified on its device against ``reference`` (a torch module
     or a function of an input array), and every shipped file in the configuration it is
     deployed in against ``expected``; (artifacts, manifest record, device, device error,
@@ -304,7 +346,8 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
         raise VerificationError(f"{target.name} artifact failed verification: "
                                 f"{target_verification.summary()}",
                                 "nothing was written; pass --force to keep the artifact")
-    deployed = _verify_deployed(target, staging, inputs, expected, opts, verification, target_check, say)
+    deployed = _verify_deployed(target, staging, inputs, expected, opts, verification, target_check, say,
+                                portable_file)
     return artifacts, target_check, device, device_lost, deployed
 
 
@@ -315,17 +358,19 @@ def _deployed_record(file: str, options: dict, result) -> dict:
 
 
 def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: ConvertOptions,
-                     verification, target_check: dict | None, say) -> list[dict]:
+                     verification, target_check: dict | None, say, portable_file: str = "model.onnx") -> list[dict]:
     """Every shipped model file run as it is deployed (the target's :meth:`deployments`:
     ONNX Runtime's optimized sessions, the optimized model, the .ort file), compared with
     the source's outputs before anything is written; with the portable check of
-    ``model.onnx`` and the target's own (TVM) check, one record per file and configuration."""
+    ``model.onnx`` and the target's own (TVM) check, one record per file and configuration.
+    INT8: ``expected`` are the fake-quantized graph's outputs and the portable check is of
+    ``portable_file``, the float32 model that was quantized."""
     from structexport.export import verify_arrays
     from structexport.ortsession import session_options
     arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     portable = dict(session_options(1, "ORT_DISABLE_ALL"),
                     note="the portable check: the graph exactly as written")
-    records = [_deployed_record("model.onnx", portable, verification.to_dict())]
+    records = [_deployed_record(portable_file, portable, verification.to_dict())]
     for deployment in target.deployments():
         say(f"verify {deployment.file} ({deployment.options['graph_optimization_level']})")
         run = deployment.open(staging / deployment.file)
@@ -418,6 +463,12 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
     gen = torch.Generator().manual_seed(opts.seed)
     inputs = {f"random:{i}": torch.randn(shape, generator=gen) for i in range(opts.random_inputs)}
     inputs.update(user_inputs)
+    sets = None
+    if opts.precision == "int8":   # the data is checked before any work
+        from structexport.quantize import calibration_sets
+        with torch.no_grad():
+            classes = _num_classes(source(torch.zeros(shape)))
+        sets = calibration_sets(opts.int8, opts.preprocess, shape, classes, say)
 
     say("passes")
     t = time.perf_counter()
@@ -445,12 +496,17 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
         t = time.perf_counter()
         expected = reference_outputs(source, inputs)
         verification = verify_arrays(onnx_runner(onnx_path), {k: v.numpy() for k, v in inputs.items()},
-                                     expected, opts.precision, opts.atol, opts.rtol)
+                                     expected, "fp32" if opts.precision == "int8" else opts.precision,
+                                     opts.atol, opts.rtol)
         timings["verify"] = time.perf_counter() - t
         if not verification.passed and not opts.force:
             raise VerificationError(f"verification failed: {verification.summary()}",
                                     "nothing was written; loosen --atol/--rtol if the differences "
                                     "are expected, or pass --force to keep the artifact")
+        int8, deploy_opts, deploy_expected, portable_file = None, opts, expected, "model.onnx"
+        if sets is not None:
+            int8, deploy_opts, deploy_expected, portable_file = _quantize(
+                staging, source, {k: v.numpy() for k, v in inputs.items()}, sets, opts, say, timings)
 
         if _wants_composed(target):
             from structexport.layers.decomposed import recompose
@@ -460,7 +516,8 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                         fold_constants=not ctx.option("keep_csg_codes", False))
             target.options["composed_onnx"] = composed_path
         artifacts, target_check, device, device_lost, deployed = _target_stage(
-            target, staging, onnx_path, source, inputs, opts, say, timings, expected, verification)
+            target, staging, onnx_path, source, inputs, deploy_opts, say, timings, deploy_expected,
+            verification, portable_file)
         _drop_composed(target, staging, artifacts)
 
         say("export the dense reference")
@@ -473,9 +530,12 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
         if not reference_check.passed:
             raise VerificationError(f"the dense reference failed verification: {reference_check.summary()}",
                                     "nothing was written; report this (the dense export is wrong)")
+        if int8 is not None:
+            _dense_int8(staging, source, sets, opts, say, int8, artifacts)
         save_verification_arrays(staging / VERIFICATION_DATA,
                                  {k: v.numpy() for k, v in inputs.items()},
-                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
+                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()},
+                                 int8.expected if int8 is not None else None)
         artifacts[REFERENCE] = ("the source model as exported, structured layers as dense kernels: "
                                 "what the artifact was verified against, and bench's dense counterpart")
         artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
@@ -512,10 +572,32 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
+        if int8 is not None:
+            manifest["int8"] = int8.record
         _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)
     return ConvertResult(outdir, manifest)
+
+
+def _quantize(staging: Path, source, arrays: dict, sets, opts: ConvertOptions, say, timings: dict):
+    """The INT8 stage on the verified float32 ``model.onnx``: (the stage's result, the options
+    and outputs the deployed files are checked with, the file of the portable check)."""
+    from structexport.quantize import FP32_MODEL, int8_stage
+    t = time.perf_counter()
+    int8 = int8_stage(staging, source, arrays, sets, opts.int8, opts.force, say)
+    timings["int8"] = time.perf_counter() - t
+    return int8, dataclasses.replace(opts, atol=int8.atol, rtol=0.0), int8.expected, FP32_MODEL
+
+
+def _dense_int8(staging: Path, source, sets, opts: ConvertOptions, say, int8, artifacts: dict) -> None:
+    from structexport.quantize import DENSE_INT8, FP32_MODEL, dense_int8_baseline
+    int8.record["dense_int8"] = dense_int8_baseline(staging, REFERENCE, source, sets, opts.int8, say)
+    artifacts["model.onnx"] = ("the INT8 model (QDQ: int8 per-channel weights, calibrated uint8 "
+                               "activations), checked against its fake-quantized graph and gated on "
+                               "held-out images")
+    artifacts[FP32_MODEL] = "the float32 model that was quantized (channel sums rebased), verified against the source"
+    artifacts[DENSE_INT8] = "the dense reference quantized the same way, with the same calibration: the INT8 baseline"
 
 
 # --------------------------------------------------------------------------- ONNX sources
@@ -734,13 +816,13 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
 
     from structexport.export import onnx_runner, verify_arrays
     from structexport.passes import ONNX, PassContext, PassManager, select_onnx_passes
-    opts = options or ConvertOptions()
+    opts = prepare_int8(options or ConvertOptions())
     say = progress or (lambda _msg: None)
     source = dict(source or {})
     outdir = Path(outdir)
-    if opts.precision != "fp32":
+    if opts.precision not in ("fp32", "int8"):
         raise InputShapeError(f"--precision {opts.precision} is for zoo checkpoints",
-                              "convert ONNX models at fp32")
+                              "convert ONNX models at fp32 (or int8)")
     target = get_target(opts.target, dict(opts.target_options, progress=say))
     plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
     target.preflight()
@@ -777,6 +859,14 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                                 f"{reference_check.summary()}",
                                 "nothing was written; pass --keep-csg-codes to convert it unfolded, "
                                 "or --force")
+    sets = None
+    if opts.precision == "int8":   # the data is checked before any work
+        from structexport.quantize import Int8OptionError, calibration_sets
+        if several:
+            raise Int8OptionError("--precision int8 calibrates models with one image input; this one takes "
+                                  + ", ".join(s.name for s in specs), "convert it at fp32")
+        sets = calibration_sets(opts.int8, opts.preprocess, shape,
+                                _num_classes(next(iter(source_expected.values()))), say)
 
     say("passes")
     t = time.perf_counter()
@@ -822,6 +912,10 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             raise VerificationError(f"verification failed: {verification.summary()}",
                                     "nothing was written; loosen --atol/--rtol or --max-residual, or pass "
                                     "--force to keep the artifact")
+        int8, deploy_opts, deploy_expected, portable_file = None, opts, expected, "model.onnx"
+        if sets is not None:
+            int8, deploy_opts, deploy_expected, portable_file = _quantize(staging, given, arrays, sets, opts,
+                                                                          say, timings)
         if _wants_composed(target):
             # the same passes but the decomposition: structured convs stay plain convs,
             # their kernels projected when --max-residual asked for it
@@ -831,10 +925,14 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
             target.options["composed_onnx"] = staging / COMPOSED
         artifacts, target_check, device, device_lost, deployed = _target_stage(
-            target, staging, onnx_path, run_reference, inputs, opts, say, timings, expected, verification)
+            target, staging, onnx_path, run_reference, inputs, deploy_opts, say, timings, deploy_expected,
+            verification, portable_file)
         _drop_composed(target, staging, artifacts)
+        if int8 is not None:
+            _dense_int8(staging, given, sets, opts, say, int8, artifacts)
         save_verification_arrays(staging / VERIFICATION_DATA, arrays,
-                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()})
+                                 {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()},
+                                 int8.expected if int8 is not None else None)
         artifacts[REFERENCE] = ("bench's dense counterpart: the source with its constants folded (onnxsim) "
                                 "and its shapes fixed, checked against the source as given"
                                 if not projected else
@@ -855,7 +953,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                        "arch": name, "family": "discovered", "notes": list(source.get("notes", [])),
                        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
                        "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
-            "target": target.name, "precision": "fp32", "input_shape": list(shape),
+            "target": target.name, "precision": opts.precision, "input_shape": list(shape),
             "preprocess": opts.preprocess,
             "inputs": [spec.to_dict() for spec in specs],
             "input_notes": input_notes,
@@ -866,7 +964,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "source_layers": onnx_layers(proto, reference_costs),
             "before": _onnx_totals(reference_costs, proto),
             "dense": _onnx_totals(reference_costs, proto),   # the source's kernels are dense already
-            "after": _onnx_totals(node_costs(onnx_path), out_proto),
+            "after": _onnx_totals(node_costs(staging / "model.fp32.onnx" if int8 is not None else onnx_path), out_proto),
             "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
             "verification": verification.to_dict(),
             "verified_against": ("the source torch module" if true_source is not None else
@@ -887,6 +985,8 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
+        if int8 is not None:
+            manifest["int8"] = int8.record
         _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)

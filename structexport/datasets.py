@@ -21,6 +21,7 @@ file or image, an empty data set, a class count the model's outputs do not have.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -275,6 +276,11 @@ class Dataset:
     def describe(self) -> str:
         return f"{self.path} ({len(self)} images{f', {len(self.classes)} classes' if self.classes else ''})"
 
+    def subset(self, indices) -> "Dataset":
+        """The images at ``indices``, in that order (calibration draws a shuffled sample:
+        a folder lists its images class by class)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ checks against the model
     def check_for(self, preprocess: Preprocess, input_shape, num_classes: int | None,
                   limit: int | None = None) -> None:
@@ -390,6 +396,13 @@ class NpzDataset(Dataset):
             yield Batch(start, x, self._labels[start:start + len(chunk)])
 
 
+    def subset(self, indices) -> "NpzDataset":
+        out = copy.copy(self)
+        indices = np.asarray(indices, dtype=np.int64)
+        out.images, out._labels = self.images[indices], self._labels[indices]
+        return out
+
+
 class FolderDataset(Dataset):
     """torchvision's ImageFolder layout: ``root/<class>/<image>``, classes sorted by name."""
     kind = "folder"
@@ -418,6 +431,12 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices) -> "FolderDataset":
+        out = copy.copy(self)
+        out.samples = [self.samples[int(i)] for i in indices]
+        out._labels = self._labels[np.asarray(indices, dtype=np.int64)]
+        return out
 
     @property
     def labels(self) -> np.ndarray:

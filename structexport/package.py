@@ -62,6 +62,7 @@ class Package:
     manifest: dict
     # verification.npz as read once: feed() and every check_timed() of a command share it
     _arrays: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _int8_expected: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -243,7 +244,7 @@ class Package:
                 arrays = {k: data[k] for k in data.files}
         except Exception as exc:
             raise _corrupt(self.root, f"{VERIFICATION_DATA} cannot be read ({type(exc).__name__})") from None
-        inputs, expected = {}, {}
+        inputs, expected, int8 = {}, {}, {}
         for key, arr in arrays.items():
             kind, _, rest = key.partition("/")
             if kind == "input":
@@ -251,11 +252,12 @@ class Package:
             elif kind == "inputs":   # several inputs, by name, in the model's order
                 label, _, name = rest.rpartition("/")
                 inputs.setdefault(label, {})[name] = arr
-            elif kind == "output":
+            elif kind in ("output", "int8"):
                 label, _, index = rest.rpartition("/")
-                expected.setdefault(label, []).append((int(index), arr))
-        if not inputs or set(inputs) != set(expected):
+                (expected if kind == "output" else int8).setdefault(label, []).append((int(index), arr))
+        if not inputs or set(inputs) != set(expected) or (int8 and set(int8) != set(inputs)):
             raise _corrupt(self.root, f"{VERIFICATION_DATA} does not pair inputs with outputs")
+        self._int8_expected = {k: [a for _, a in sorted(v)] for k, v in int8.items()}
         return inputs, {k: [a for _, a in sorted(v)] for k, v in expected.items()}
 
     def check_timed(self, run, what: str, precision: str | None = None) -> None:
@@ -267,6 +269,14 @@ class Package:
         inputs, expected = self.verification_arrays()
         atol, rtol = self.tolerances
         precision = precision or self.precision
+        if precision == "int8":
+            # the integer kernels against the package's fake-quantized outputs
+            expected = self._int8_expected
+            atol, rtol = self.manifest["int8"]["tolerance"]["atol"], 0.0
+            if not expected:
+                raise _corrupt(self.root, f"an INT8 package without INT8 outputs in {VERIFICATION_DATA}")
+        elif self.precision == "int8":
+            precision = "fp32"
         result = verify_arrays(run, inputs, expected, precision, atol, rtol, runtime=what)
         if not result.passed:
             raise VerificationError(f"{what} does not give the package's verified outputs: {result.summary()}",
@@ -286,15 +296,19 @@ class Package:
 
 
 def save_verification_arrays(path: Path, inputs: dict[str, np.ndarray],
-                             expected: dict[str, list[np.ndarray]]) -> None:
+                             expected: dict[str, list[np.ndarray]],
+                             int8_expected: dict[str, list[np.ndarray]] | None = None) -> None:
+    """``int8_expected``: an INT8 package's fake-quantized outputs, what its integer kernels
+    are checked against (``int8/<label>/<index>``)."""
     arrays = {}
     for label, x in inputs.items():
         if isinstance(x, dict):      # several inputs: one array per input name
             arrays.update({f"inputs/{label}/{name}": np.array(v, order="C") for name, v in x.items()})
         else:
             arrays[f"input/{label}"] = np.array(x, order="C")
-    for label, outs in expected.items():
-        for i, arr in enumerate(outs):
-            arrays[f"output/{label}/{i}"] = np.array(arr, order="C")
+    for prefix, table in (("output", expected), ("int8", int8_expected or {})):
+        for label, outs in table.items():
+            for i, arr in enumerate(outs):
+                arrays[f"{prefix}/{label}/{i}"] = np.array(arr, order="C")
     with open(path, "wb") as f:
         np.savez(f, **arrays)

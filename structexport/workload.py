@@ -101,7 +101,7 @@ def _differences(package: Package, target: str, shape, opts: WorkloadOptions) ->
     why = []
     if tuple(shape) != package.input_shape:
         why.append(f"input shape {list(shape)} (it was built for {list(package.input_shape)})")
-    if package.precision != "fp32":
+    if package.precision not in ("fp32", "int8"):
         why.append(f"fp32 (it is {package.precision})")
     if not graph_compatible(package.target, target, opts.need):
         why.append(f"target {target} (it was built for {package.target})")
@@ -153,6 +153,10 @@ def check_package_outputs(package: Package, progress: Callable[[str], None] | No
     from structexport.export import VerificationError, onnx_runner, verify_arrays
     say = progress or (lambda _m: None)
     say("check the package against its verification data")
+    if package.precision == "int8":   # against its fake-quantized outputs
+        package.check_timed(onnx_runner(package.model_onnx),
+                            f"{package.model_onnx} (ONNX Runtime, optimizations off)")
+        return
     inputs, expected = package.verification_arrays()
     precision = package.precision
     atol, rtol = package.tolerances
@@ -176,6 +180,11 @@ def resolve_workload(path: str | None, arch: str | None, opts: WorkloadOptions, 
         if not why:
             check_package_outputs(package, say)
             return Workload(package, "outdir", str(path), target)
+        if package.precision == "int8":
+            raise PackageIncompatibleError(
+                f"{path} is an INT8 package and this run needs {'; '.join(why)}: converting it again "
+                "here would lose its calibration", "convert the model again with --precision int8 and "
+                "those options, or drop the options that differ")
         source = package.source_checkpoint
         if source is None:
             raise PackageIncompatibleError(

@@ -1,0 +1,459 @@
+"""INT8: calibration data, ONNX Runtime static quantization, and the measurements that judge
+the result (``convert --precision int8``).
+
+The stage runs on the verified float32 ``model.onnx``:
+
+1. ``rebase_channel_sums`` rewrites the banded channel sums of decomposed structured convs
+   so that they quantize without rounding between nearly equal sums (see the pass);
+2. ONNX Runtime's ``quantize_static`` writes a QDQ model: 8-bit symmetric per-channel
+   weights, activations calibrated on the user's images (asymmetric uint8, ONNX Runtime's
+   x86 form: U8S8);
+3. it is judged three ways: the QDQ graph run as written (float convs between
+   QuantizeLinear/DequantizeLinear: the fake-quantized reference) against the same file with
+   ONNX Runtime's optimizations on (integer kernels), within a few output quantization
+   steps; its top-1 agreement with the float32 source and largest logit difference on
+   held-out images (the gate); and the SQNR of every layer's output against float32 on
+   calibration images (where accuracy goes).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from structexport.errors import StructExportError
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+DEFAULT_CALIBRATION_COUNT = 256
+DEFAULT_GATE_COUNT = 500
+DEFAULT_MIN_AGREEMENT = 0.97
+# The integer kernels and the fake-quantized graph may round a value to the neighbouring
+# step, and such a step travels; measured: 2 output steps at most (ResNet-20s, 200 images).
+OUTPUT_STEPS = 4
+SQNR_IMAGES = 32
+# The ops whose outputs are a layer's (SQNR rows, --keep-fp32 names)
+LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+class CalibrationError(StructExportError):
+    exit_code, kind = 52, "calibration"
+
+
+class Int8OptionError(StructExportError):
+    exit_code, kind = 2, "usage"
+
+
+class Int8GateError(StructExportError):
+    exit_code, kind = 53, "int8-gate-failed"
+
+
+@dataclass
+class Int8Options:
+    data: str
+    count: int = DEFAULT_CALIBRATION_COUNT
+    gate_count: int = DEFAULT_GATE_COUNT
+    method: str = "minmax"
+    keep_fp32: list[str] = field(default_factory=list)
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_logit_diff: float | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"data": str(self.data), "count": self.count, "gate_count": self.gate_count,
+                "method": self.method, "keep_fp32": list(self.keep_fp32),
+                "min_agreement": self.min_agreement, "max_logit_diff": self.max_logit_diff,
+                "seed": self.seed}
+
+
+@dataclass
+class CalibrationSets:
+    calibration: np.ndarray          # (N, C, H, W) float32, preprocessed
+    gate: np.ndarray                 # held-out images for the gate
+    gate_labels: np.ndarray
+    description: dict
+
+
+def calibration_sets(opts: Int8Options, preprocess: dict | None, input_shape, num_classes: int | None,
+                     say=lambda _m: None) -> CalibrationSets:
+    """A shuffled draw (seeded) of ``count`` calibration images and the next ``gate_count``
+    as held-out images for the gate, preprocessed as the package records it."""
+    from structexport.datasets import Preprocess, open_dataset
+    if opts.method not in CALIBRATION_METHODS:
+        raise CalibrationError(f"unknown calibration method {opts.method!r}",
+                               f"choose one of {', '.join(CALIBRATION_METHODS)}")
+    if preprocess is None:
+        raise CalibrationError("--calibration images need the model's preprocessing, and none was given",
+                               "add --preprocess cifar10 (or imagenet, none, or --scale/--mean/--std)")
+    pre = Preprocess.from_dict(preprocess)
+    data = open_dataset(opts.data)
+    data.check_for(pre, input_shape, num_classes)
+    if opts.count < 1 or opts.gate_count < 1:
+        raise CalibrationError("--calibration-count and the gate's images must be at least 1")
+    need = opts.count + opts.gate_count
+    if len(data) < need:
+        raise CalibrationError(
+            f"{data.describe()}: {need} images are needed ({opts.count} to calibrate and "
+            f"{opts.gate_count} held out for the accuracy gate)",
+            f"give more images, or lower --calibration-count (the gate takes {opts.gate_count})")
+    order = np.random.default_rng(opts.seed).permutation(len(data))[:need]
+    chosen = data.subset(order)
+    say(f"read {need} calibration images from {data.path}")
+    xs, labels = [], []
+    for batch in chosen.batches(pre, 64):
+        xs.append(batch.x.astype(np.float32))
+        labels.append(batch.labels)
+    x, y = np.concatenate(xs), np.concatenate(labels)
+    return CalibrationSets(x[:opts.count], x[opts.count:], y[opts.count:], {
+        "data": str(data.path), "kind": data.kind, "images_in_data": len(data),
+        "calibration_images": opts.count, "gate_images": opts.gate_count, "seed": opts.seed,
+        "draw": "a seeded permutation of the data: the first images calibrate, the next are held out",
+        "preprocess": preprocess})
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantization():
+    """ONNX Runtime's quantization tool logs advice and progress to the root logger and stdout."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _batched(x: np.ndarray, batch: int):
+    for i in range(0, len(x) - batch + 1, batch):
+        yield x[i:i + batch]
+
+
+def model_batch(path: Path) -> tuple[str, int]:
+    """The input name and fixed batch size of a one-input ONNX model."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    first = next(i for i in graph.input if i.name not in inits)
+    dim = first.type.tensor_type.shape.dim[0]
+    return first.name, (dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1)
+
+
+def layer_nodes(path: Path) -> list[tuple[str, str, str]]:
+    """(node name, op type, layer name) of every layer op of the graph; the layer name is the
+    weight's without ``.weight`` (the source layer, where the export kept it)."""
+    import onnx
+    graph = onnx.load(str(path)).graph
+    inits = {i.name for i in graph.initializer}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+
+    def weight_of(node):
+        return next((i for i in node.input[1:2] if i in inits), None)
+
+    def plain(name):
+        return name[:-len(".weight")] if name.endswith(".weight") else name
+
+    out = []
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS:
+            continue
+        weight = weight_of(node)
+        layer = plain(weight) if weight else node.name
+        if weight and len(users[weight]) > 1:
+            # One constant shared by several layers (a sum-pool's band or box of ones is the
+            # same for layers of one shape): named after the layer it feeds
+            nxt = node
+            for _ in range(3):
+                consumers = users.get(nxt.output[0], [])
+                if len(consumers) != 1:
+                    break
+                nxt = consumers[0]
+                w = weight_of(nxt) if nxt.op_type in LAYER_OPS else None
+                if w and len(users[w]) == 1:
+                    owner = plain(w)
+                    owner = owner[:-len(".conv")] if owner.endswith(".conv") else owner
+                    layer = f"{owner}.pool.{weight.rsplit('.', 1)[-1]}"
+                    break
+        out.append((node.name, node.op_type, layer))
+    return out
+
+
+def excluded_nodes(path: Path, globs: list[str]) -> list[str]:
+    """Nodes of ``path`` that ``--keep-fp32 GLOB`` names, by node name or layer name; a glob
+    that names nothing is refused (it would keep nothing in float)."""
+    nodes = layer_nodes(path)
+    chosen, unmatched = [], []
+    for glob in globs:
+        hit = [n for n, _, layer in nodes if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(layer, glob)]
+        if not hit:
+            unmatched.append(glob)
+        chosen += [n for n in hit if n not in chosen]
+    if unmatched:
+        shown = ", ".join(layer for _, _, layer in nodes[:6]) + (", ..." if len(nodes) > 6 else "")
+        raise Int8OptionError(f"--keep-fp32 {', '.join(repr(g) for g in unmatched)} names no layer of the model",
+                         f"name its layers (or nodes), as convert's per-layer SQNR table shows: {shown}")
+    return chosen
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, method: str,
+                 exclude: list[str]) -> dict:
+    """ONNX Runtime static quantization of ``fp32_path`` into the QDQ model ``out_path``."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    name, batch = model_batch(fp32_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{name: x} for x in _batched(calibration, batch)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    t = time.perf_counter()
+    with _quiet_ort_quantization():
+        quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method], nodes_to_exclude=list(exclude),
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric, per tensor",
+            "calibration_method": method, "kept_fp32": list(exclude),
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
+def output_tolerance(qdq_path: Path, expected: list[np.ndarray]) -> float:
+    """``OUTPUT_STEPS`` quantization steps of the graph's outputs (the largest scale of the
+    DequantizeLinear nodes that produce them); an output left in float (--keep-fp32) gets 1%
+    of its largest value."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(qdq_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    steps = []
+    for out, ref in zip(graph.output, expected):
+        node = producers.get(out.name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in inits:
+            steps.append(OUTPUT_STEPS * float(np.max(numpy_helper.to_array(inits[node.input[1]]))))
+        else:
+            steps.append(0.01 * float(np.max(np.abs(ref))))
+    return max(steps)
+
+
+def _dequantized_names(graph) -> dict[str, str]:
+    """tensor -> the DequantizeLinear output that carries it quantized (Q then DQ)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out = {}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        dq = next((n for n in consumers.get(node.output[0], []) if n.op_type == "DequantizeLinear"), None)
+        if dq is not None:
+            out[node.input[0]] = dq.output[0]
+    return out
+
+
+def _with_outputs(path: Path, names: list[str]) -> bytes:
+    import onnx
+    model = onnx.load(str(path))
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def layer_sqnr(fp32_path: Path, qdq_path: Path, images: np.ndarray) -> list[dict]:
+    """SQNR (dB) of every layer's output in the QDQ graph (as the integer kernels see it:
+    after its QuantizeLinear/DequantizeLinear) against the float32 graph, on ``images``:
+    ``10 log10(sum ref^2 / sum (ref - q)^2)``, errors of the layers before it included."""
+    import onnx
+
+    from structexport.ortsession import ort_session
+    qgraph = onnx.load(str(qdq_path)).graph
+    dq = _dequantized_names(qgraph)
+    nodes = layer_nodes(fp32_path)
+    fgraph = {n.name: n for n in onnx.load(str(fp32_path)).graph.node}
+    f_tensors = {o for n in fgraph.values() for o in n.output}
+    qnodes = {n.name: n for n in qgraph.node}
+    rows = []
+    for name, op, layer in nodes:
+        # The quantizer folds a Relu into the layer before it (the uint8 range clips): the
+        # layer's output in the QDQ graph then carries the Relu's name, as in float
+        qnode = qnodes.get(name)
+        out = qnode.output[0] if qnode is not None else fgraph[name].output[0]
+        tensor = out if out in f_tensors else fgraph[name].output[0]
+        rows.append({"node": name, "op": op, "layer": layer, "tensor": tensor,
+                     "quantized": qnode is not None and out in dq, "q_tensor": dq.get(out, out)})
+    f_sess = ort_session(_with_outputs(fp32_path, [r["tensor"] for r in rows]), optimize=False)
+    q_sess = ort_session(_with_outputs(qdq_path, [r["q_tensor"] for r in rows]), optimize=False)
+    f_names = [o.name for o in f_sess.get_outputs()]
+    q_names = [o.name for o in q_sess.get_outputs()]
+    input_name, batch = model_batch(fp32_path)
+    signal = np.zeros(len(rows))
+    noise = np.zeros(len(rows))
+    for x in _batched(images, batch):
+        f = dict(zip(f_names, f_sess.run(None, {input_name: x})))
+        q = dict(zip(q_names, q_sess.run(None, {input_name: x})))
+        for k, r in enumerate(rows):
+            ref = f[r["tensor"]].astype(np.float64)
+            signal[k] += float(np.sum(ref * ref))
+            noise[k] += float(np.sum((ref - q[r["q_tensor"]].astype(np.float64)) ** 2))
+    out = []
+    for k, r in enumerate(rows):
+        db = math.inf if noise[k] == 0 else 10 * math.log10(max(signal[k], 1e-30) / noise[k])
+        out.append({"layer": r["layer"], "node": r["node"], "op": r["op"], "quantized": r["quantized"],
+                    "sqnr_db": round(db, 2) if math.isfinite(db) else None})
+    return out
+
+
+def agreement(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+              images: np.ndarray, labels: np.ndarray, batch: int) -> dict:
+    """Top-1 agreement, largest logit difference and both top-1 accuracies on ``images``."""
+    agree = correct_ref = correct_cand = 0
+    worst = 0.0
+    seen = 0
+    for start in range(0, len(images) - batch + 1, batch):
+        x = images[start:start + batch]
+        y = labels[start:start + batch]
+        r, c = np.asarray(reference(x), np.float64), np.asarray(candidate(x), np.float64)
+        r, c = r.reshape(len(x), -1), c.reshape(len(x), -1)
+        agree += int((r.argmax(1) == c.argmax(1)).sum())
+        correct_ref += int((r.argmax(1) == y).sum())
+        correct_cand += int((c.argmax(1) == y).sum())
+        worst = max(worst, float(np.abs(r - c).max()))
+        seen += len(x)
+    return {"images": seen, "agreement": agree / seen, "max_logit_diff": worst,
+            "reference_top1": correct_ref / seen, "int8_top1": correct_cand / seen}
+
+
+def gate_failures(result: dict, opts: Int8Options) -> list[str]:
+    """What the gate refuses in ``result`` (empty: it passes)."""
+    failed = []
+    if result["agreement"] < opts.min_agreement:
+        failed.append(f"top-1 agreement with the float32 source {100 * result['agreement']:.2f}% < "
+                      f"{100 * opts.min_agreement:.2f}%")
+    if opts.max_logit_diff is not None and result["max_logit_diff"] > opts.max_logit_diff:
+        failed.append(f"largest logit difference {result['max_logit_diff']:.4g} > {opts.max_logit_diff:.4g}")
+    return failed
+
+
+def worst_layers(rows: list[dict], count: int = 3) -> list[dict]:
+    scored = [r for r in rows if r["sqnr_db"] is not None]
+    return sorted(scored, key=lambda r: r["sqnr_db"])[:count]
+
+
+# --------------------------------------------------------------------------- the convert stage
+
+FP32_MODEL = "model.fp32.onnx"
+DENSE_INT8 = "reference.int8.onnx"
+
+
+@dataclass
+class Int8Result:
+    expected: dict            # label -> outputs of the fake-quantized model.onnx (what the kernels must give)
+    atol: float               # the tolerance of that check
+    record: dict              # the manifest's "int8"
+
+
+def logits_function(model) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> first output`` of a torch module or of a runner returning a list of outputs."""
+    import torch
+    if isinstance(model, torch.nn.Module):
+        def run(x):
+            with torch.no_grad():
+                out = model(torch.from_numpy(np.ascontiguousarray(x)))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return out.float().numpy()
+        return run
+    return lambda x: np.asarray(model(x)[0])
+
+
+def _session_logits(path: Path, optimize: bool) -> Callable[[np.ndarray], np.ndarray]:
+    from structexport.ortsession import ort_session, session_runner
+    run = session_runner(ort_session(path, 1, optimize=optimize))
+    return lambda x: run(x)[0]
+
+
+def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: CalibrationSets,
+               opts: Int8Options, force: bool, say) -> Int8Result:
+    """``staging/model.onnx`` (float32, verified) becomes ``model.fp32.onnx`` (its channel
+    sums rebased) and the QDQ ``model.onnx``; returns what the deployed files are checked
+    against and the manifest record. Raises :class:`Int8GateError` (nothing written) when
+    the gate fails and not ``force``."""
+    import onnx
+    import onnx_ir as ir
+    import torch
+
+    from structexport.passes import ONNX, PassContext, PassManager
+    from structexport.passes.rebase_channel_sums_pass import RebaseChannelSumsPass
+    from structexport.export import TOLERANCES
+    from structexport.ortsession import ort_session, session_runner
+    model_path, fp32_path = staging / "model.onnx", staging / FP32_MODEL
+    say("int8: rebase channel sums")
+    first = next(iter(inputs.values()))
+    manager = PassManager([RebaseChannelSumsPass()], check_inputs=torch.from_numpy(first),
+                          atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"], model_kind=ONNX)
+    rebased, runs = manager.run(ir.from_proto(onnx.load(str(model_path))), PassContext())
+    fp32_path.write_bytes(ir.to_proto(rebased).SerializeToString())
+    model_path.unlink()
+    exclude = excluded_nodes(fp32_path, opts.keep_fp32)
+    say(f"int8: calibrate ({len(sets.calibration)} images, {opts.method}) and quantize")
+    quantization = quantize_qdq(fp32_path, model_path, sets.calibration, opts.method, exclude)
+    fake = session_runner(ort_session(model_path, 1, optimize=False))
+    expected = {label: [np.asarray(o, np.float32) for o in fake(x)] for label, x in inputs.items()}
+    atol = output_tolerance(model_path, next(iter(expected.values())))
+    say(f"int8: per-layer SQNR on {min(SQNR_IMAGES, len(sets.calibration))} calibration images")
+    layers = layer_sqnr(fp32_path, model_path, sets.calibration[:SQNR_IMAGES])
+    say(f"int8: accuracy gate on {len(sets.gate)} held-out images")
+    _, batch = model_batch(fp32_path)
+    reference = logits_function(source)
+    gate = agreement(reference, _session_logits(model_path, True), sets.gate, sets.gate_labels, batch)
+    failures = gate_failures(gate, opts)
+    gate.update({"against": "the float32 source", "shipped": "model.onnx under ONNX Runtime, all optimizations",
+                 "min_agreement": opts.min_agreement, "max_logit_diff_allowed": opts.max_logit_diff,
+                 "passed": not failures, "failures": failures})
+    if failures and not force:
+        worst = ", ".join(f"{r['layer']} ({r['sqnr_db']} dB)" for r in worst_layers(layers))
+        raise Int8GateError(f"the INT8 model fails the accuracy gate on {gate['images']} held-out images: "
+                            + "; ".join(failures),
+                            f"nothing was written. Keep the layers that lose most in float (--keep-fp32 "
+                            f"LAYER; lowest SQNR: {worst}), calibrate on more images or with another "
+                            "--calibration-method, lower --int8-min-agreement, or pass --force")
+    record = {"calibration": sets.description, "quantization": quantization,
+              "rebased": [r.to_dict() for r in runs],
+              "tolerance": {"atol": atol, "rtol": 0.0, "output_steps": OUTPUT_STEPS,
+                            "note": "model.onnx with ONNX Runtime's optimizations (integer kernels) "
+                                    "against the same QDQ graph run as written (fake-quantized)"},
+              "gate": gate, "layers": layers, "options": opts.to_dict()}
+    return Int8Result(expected, atol, record)
+
+
+def dense_int8_baseline(staging: Path, reference_file: str, source, sets: CalibrationSets,
+                        opts: Int8Options, say) -> dict:
+    """What an INT8 user would ship without structexport: the dense reference quantized the
+    same way with the same calibration, judged by the same gate."""
+    say("int8: the dense INT8 baseline")
+    quantization = quantize_qdq(staging / reference_file, staging / DENSE_INT8, sets.calibration,
+                                opts.method, [])
+    _, batch = model_batch(staging / reference_file)
+    gate = agreement(logits_function(source), _session_logits(staging / DENSE_INT8, True),
+                     sets.gate, sets.gate_labels, batch)
+    return {"file": DENSE_INT8, "quantization": quantization, "gate": gate}
