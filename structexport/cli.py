@@ -438,7 +438,7 @@ def _render_int8(q: dict) -> None:
     g, cal = q["gate"], q["calibration"]
     quant = q["quantization"]
     out.print(f"INT8: calibrated on {cal['calibration_images']} images of {escape(cal['data'])} "
-              f"({quant['calibration_method']}); {quant['weights']} weights, {quant['activations']} activations"
+              f"({quant['calibration_method']}); weights {quant['weights']}, activations {quant['activations']}"
               + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant["kept_fp32"] else ""))
     if q.get("rebased"):
         n = sum(len(r["records"]) for r in q["rebased"])
