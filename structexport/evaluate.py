@@ -35,11 +35,16 @@ from structexport.package import Package, is_package
 
 TOPK = 5
 # Artifacts evaluate runs, in this order (reference.onnx and composed.onnx are not deployed).
-ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so")
+# An INT8 package also ships the float32 model it quantized and the dense INT8 baseline:
+# evaluated beside it, they show what INT8 costs and what the dense model would have lost.
+ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so", "model.fp32.onnx",
+             "reference.int8.onnx")
 # How each ONNX Runtime file is deployed (as targets/onnx_targets.py's deployments()).
 ORT_CONFIG = {"model.onnx": ("ORT_ENABLE_ALL", False),
               "model.optimized.onnx": ("ORT_DISABLE_ALL", False),
-              "model.ort": ("ORT_ENABLE_EXTENDED", True)}
+              "model.ort": ("ORT_ENABLE_EXTENDED", True),
+              "model.fp32.onnx": ("ORT_ENABLE_ALL", False),
+              "reference.int8.onnx": ("ORT_ENABLE_ALL", False)}
 
 
 class EvaluateUsageError(StructExportError):
