@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from structexport.models import build_model
     from structexport.models.trained import trained_weights
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="checkpoint file names in --trained (default: all)")
     p.add_argument("--trained", type=Path, default=REPO / "models" / "checkpoints" / "trained")
     p.add_argument("--sr-state", type=Path, help="the SR run's state.pt (its W before decomposition)")
     p.add_argument("--thresholds", default="0.001,0.01,0.03,0.1")
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="trained-accuracy-") as tmp:
         tmp = Path(tmp)
         for w in trained_weights(folder=args.trained):
+            if args.names and w.path.name not in args.names:
+                continue
             row = _evaluate(w.path, tmp / w.path.stem, say)
             row.update(name=w.name, recipe=w.recipe, seed=w.seed, stored_test_top1=w.test_top1,
                        epochs=w.epochs)
