@@ -63,7 +63,11 @@ def zoo(name, as_json):
     trained = trained_weights()
 
     def trained_text(model_name: str) -> str:
-        return ", ".join(f"{w.recipe} {w.test_top1:.2f}%" for w in trained if w.name == model_name)
+        mine = [w for w in trained if w.name == model_name]     # best first
+        if not mine:
+            return ""
+        more = f" (+{len(mine) - 1} more: structexport zoo {model_name})" if len(mine) > 1 else ""
+        return f"{mine[0].recipe} (seed {mine[0].seed}) {mine[0].test_top1:.2f}%{more}"
     if not name:
         if as_json:
             click.echo(json.dumps(list_names(), indent=2))
