@@ -39,6 +39,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
     if opts.rpc or opts.tracker or opts.key:
         from structexport import rpc
         spec = rpc.parse_device(opts.rpc, opts.tracker, opts.key, opts.rpc_timeout)  # usage errors first
+    _refuse_int8_elsewhere(path, opts.target, spec is not None)   # before any conversion
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-profile-") as tmp:
         work = Path(tmp)
@@ -48,6 +49,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             need="graph", command="profile"), work, say)
         src = _inputs_of(workload)
         target = src["target"]
+        if src["precision"] == "int8" and (spec is not None or target != "ort-cpu"):
+            raise _int8_refusal(workload.package.root, target, spec is not None)
         if spec is not None and target not in REMOTE_TARGETS:
             raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
                                f"not {target!r}", "pass --target tvm-llvm or --target tvm-arm")
@@ -55,7 +58,7 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
                                f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
                                "--rpc HOST:PORT for a TVM device")
-        dense_onnx = workload.package.reference_onnx
+        dense_onnx = _dense_side(workload.package)
         feed = workload.package.feed()
         if spec is not None:
             measured = profile_remote(src["tvm_onnx"], dense_onnx, feed, opts, say, spec, target,
@@ -81,6 +84,57 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         return report
 
 
+def _int8_refusal(root, target: str | None, remote: bool) -> ProfileError:
+    where = "on a device (--rpc/--tracker)" if remote else f"on {target}"
+    return ProfileError(f"{root} is an INT8 package: its integer kernels run under ONNX Runtime, "
+                        f"and profile cannot run them {where} (TVM has no INT8 convolution; "
+                        "docs/int8.md)", "profile it with --target ort-cpu, its own target; TVM "
+                        "targets profile float32 packages")
+
+
+def _refuse_int8_elsewhere(path: str | None, target: str | None, remote: bool) -> None:
+    """An INT8 package profiles on ort-cpu only: refused before anything is converted (another
+    target would otherwise send its QDQ graph to TVM, or convert its source again at fp32)."""
+    from structexport.package import Package, is_package
+    if not path or not is_package(path):
+        return
+    try:
+        package = Package.load(path, check_hashes=False)
+    except Exception:   # resolve_workload reports a broken package with its own error
+        return
+    if package.precision == "int8" and (remote or (target or package.target) != "ort-cpu"):
+        raise _int8_refusal(package.root, target or package.target, remote)
+
+
+def _dense_side(package) -> Path | None:
+    """The dense model profiled beside the structured one: ``reference.onnx``, or for an INT8
+    package the dense model quantized the same way (``reference.int8.onnx``, the baseline an
+    INT8 user would otherwise ship, as ``bench`` judges it)."""
+    if package.precision != "int8":
+        return package.reference_onnx
+    from structexport.quantize import DENSE_INT8
+    path = package.root / DENSE_INT8
+    if DENSE_INT8 not in package.manifest["artifacts"] or not path.is_file():
+        raise ProfileError(f"{package.root} is an INT8 package without {DENSE_INT8}, the dense "
+                           "INT8 baseline it is profiled against",
+                           "convert the model again with this structexport")
+    return path
+
+
+def layer_sqnr(rows: list[dict], layers: list[str]) -> dict[str, float | None]:
+    """The lowest SQNR (dB) of each source layer among an INT8 package's per-layer rows
+    (``manifest["int8"]["layers"]``, named ``stage_1.0.conv_a.conv``,
+    ``stage_1.0.conv_a.pool.band`` ...): those whose layer is the source layer or starts
+    with its name and a dot; None where no row has a finite SQNR."""
+    out: dict[str, float | None] = {}
+    for name in layers:
+        values = [float(r["sqnr_db"]) for r in rows
+                  if (r.get("layer") == name or str(r.get("layer", "")).startswith(name + "."))
+                  and isinstance(r.get("sqnr_db"), (int, float))]
+        out[name] = min(values) if values else None
+    return out
+
+
 def _inputs_of(workload) -> dict:
     """What the collectors and :func:`assemble` read of a workload's package."""
     package, target = workload.package, workload.target
@@ -103,11 +157,30 @@ def _inputs_of(workload) -> dict:
         notes.append(f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks); "
                      "the profiled builds are untuned, so per-layer times are the untuned "
                      "kernels' (model.so's own latency is in the totals)")
-    return {"arch": package.arch, "checkpoint": workload.label if workload.origin != "outdir"
-            else (package.source_path or workload.label),
-            "outdir": str(package.root) if reused else None, "target": target,
-            "shape": package.input_shape, "onnx": package.model_onnx, "passes": package.passes,
-            "tvm_onnx": package.composed_onnx if fuse else package.model_onnx, "fuse": fuse,
-            "tvm_target": tvm_target, "artifact": artifact, "notes": notes,
-            "layers": [layer["name"] for layer in package.layers]}
+    layers = [layer["name"] for layer in package.layers]
+    src = {"arch": package.arch, "checkpoint": workload.label if workload.origin != "outdir"
+           else (package.source_path or workload.label),
+           "outdir": str(package.root) if reused else None, "target": target,
+           "shape": package.input_shape, "onnx": package.model_onnx, "passes": package.passes,
+           "tvm_onnx": package.composed_onnx if fuse else package.model_onnx, "fuse": fuse,
+           "tvm_target": tvm_target, "artifact": artifact, "notes": notes,
+           "layers": layers, "precision": package.precision}
+    if package.precision == "int8":
+        from structexport.quantize import DENSE_INT8, FP32_MODEL
+        int8 = package.manifest.get("int8") or {}
+        rows = list(int8.get("layers") or [])
+        # An INT8 graph's convs read dequantized weights (and its 0/1 and +-1 channel-sum
+        # kernels are not recognizable once quantized): MACs are counted on the float32 model
+        # that was quantized and on the dense reference, as bench counts them
+        src["macs_onnx"] = {"structured": package.root / FP32_MODEL, "dense": package.reference_onnx}
+        src["int8"] = {
+            "dense": DENSE_INT8,
+            "dense_description": "the dense model quantized the same way, with the same "
+                                 "calibration (the INT8 baseline)",
+            "sqnr": layer_sqnr(rows, layers),
+            "sqnr_source": "manifest.json int8.layers: SQNR of each conv/linear output in the QDQ "
+                           "graph against float32, on the calibration images, errors of earlier "
+                           "layers included; per source layer the lowest of its rows",
+            "gate": int8.get("gate"), "dense_int8": int8.get("dense_int8")}
+    return src
 

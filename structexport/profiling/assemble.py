@@ -45,6 +45,8 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
             if layer == UNMAPPED:
                 lost[call["op"]] = lost.get(call["op"], 0.0) + call["ms"]
         row(OUTSIDE)[f"{which}_ms"] += m["profiled_ms"] - kernels
+        # MACs on the graph the cost model reads (an INT8 package: its float32 graphs)
+        onnx_path = (src.get("macs_onnx") or {}).get(which) or onnx_path
         owners = onnx_node_layers(onnx_path, layers)
         costs = node_costs(onnx_path)
         macs_unmapped = 0
@@ -65,6 +67,7 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
             totals_out[which]["artifact_latency_ms"] = measured["latency"]["artifact"]
         unmapped_calls[which] = dict(sorted(lost.items(), key=lambda kv: -kv[1]))
     peak_gmacs = peak["gmacs"] if peak else None
+    int8 = src.get("int8")
     out_rows = []
     for name in order + [n for n in rows if n not in layers]:
         r = rows[name]
@@ -86,6 +89,8 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
                            if r["speedup_measured"] and r["speedup_theoretical"] else None)
         r["peak_fraction"] = (r["structured_gmacs"] / peak_gmacs
                               if r["structured_gmacs"] and peak_gmacs else None)
+        if int8 is not None:
+            r["sqnr_db"] = int8["sqnr"].get(name) if r["kind"] == "layer" else None
         out_rows.append(r)
     s_lat, d_lat = totals_out["structured"]["latency_ms"], totals_out["dense"]["latency_ms"]
     theo = (totals_out["dense"]["macs"] / totals_out["structured"]["macs"]
@@ -109,14 +114,34 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         notes.append("the profiled TVM builds are compiled from the same model.onnx with the same "
                      "target and pipeline as model.so, weights passed as inputs (named, so that "
                      "each PrimFunc call can be mapped to the layer whose weights it reads)")
+    precision = src.get("precision", "fp32")
+    dense = {"onnx": Path(dense_onnx).name,
+             "description": "the same network with the structured model's own dense-equivalent "
+                            "kernels (the package's reference)"}
+    int8_out = None
+    if int8 is not None:
+        dense = {"onnx": int8["dense"], "description": int8["dense_description"]}
+        scored = sorted(((r["layer"], r["sqnr_db"]) for r in out_rows
+                         if r["kind"] == "layer" and r.get("sqnr_db") is not None), key=lambda kv: kv[1])
+        int8_out = {"dense": int8["dense"], "sqnr_source": int8["sqnr_source"],
+                    "lowest_sqnr": [{"layer": n, "sqnr_db": v} for n, v in scored[:3]],
+                    "gate": int8.get("gate"), "dense_int8": int8.get("dense_int8")}
+        notes.append(f"dense: the dense model quantized the same way ({int8['dense']}, same "
+                     "calibration, checked against its own QDQ graph before timing), the INT8 "
+                     "baseline an INT8 user would otherwise ship; bench also times the dense "
+                     "float32 reference")
+        notes.append("MACs are counted on the float32 graphs that were quantized (model.fp32.onnx, "
+                     "reference.onnx); the machine peak is a float32 MatMul's, which integer "
+                     "kernels (VNNI, AMX) can exceed")
     mach = machine()
     if target.startswith("tvm"):
         mach["tvm"] = package_version("apache-tvm")
-    return {
+    report = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "arch": src["arch"], "target": target, "device": "this host",
         "source": {"checkpoint": src["checkpoint"], "outdir": src["outdir"]},
+        "precision": precision, "dense": dense,
         "input_shape": list(src["shape"]), "threads": opts.threads, "repeat": opts.repeat,
         "warmup": opts.warmup, "runtime": measured["runtime"], "profiler": measured["profiler"],
         "totals": totals_out,
@@ -133,6 +158,9 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
                        "interpreter, allocations and the profiler's own hooks",
         },
     }
+    if int8_out is not None:
+        report["int8"] = int8_out
+    return report
 
 
 LAYER_KEYS = {"layer": str, "kind": str, "structured_ms": float, "dense_ms": float,
@@ -150,9 +178,25 @@ TOP_KEYS = {"schema": str, "created": str, "arch": str, "target": str, "device":
             "mapping": dict}
 
 
+# Reports written before these keys existed lack them; when present, their types are checked.
+OPTIONAL_TOP_KEYS = {"precision": str, "dense": dict, "int8": dict}
+
+
 def validate(report: dict) -> list[str]:
-    """What is wrong with ``report`` against :data:`SCHEMA` (empty when nothing)."""
+    """What is wrong with ``report`` against :data:`SCHEMA` (empty when nothing). An INT8
+    report (``precision`` ``int8``) also needs ``int8`` and every row's ``sqnr_db``."""
     problems = []
+    for key, typ in OPTIONAL_TOP_KEYS.items():
+        if key in report and not isinstance(report[key], typ):
+            problems.append(f"{key}: {type(report[key]).__name__}")
+    if report.get("precision") == "int8":
+        if "int8" not in report:
+            problems.append("missing int8")
+        for i, r in enumerate(report.get("layers", [])):
+            if "sqnr_db" not in r:
+                problems.append(f"layers[{i}] missing sqnr_db")
+            elif not isinstance(r["sqnr_db"], (int, float, type(None))) or isinstance(r["sqnr_db"], bool):
+                problems.append(f"layers[{i}].sqnr_db: {type(r['sqnr_db']).__name__}")
     for key, typ in TOP_KEYS.items():
         if key not in report:
             problems.append(f"missing {key}")

@@ -12,7 +12,7 @@ import numpy as np
 from structexport.machine import package_version
 from structexport.ortsession import feed_dict, ort_session
 from structexport.profiling.layermap import ort_owner
-from structexport.profiling.options import ProfileOptions
+from structexport.profiling.options import ProfileError, ProfileOptions
 from structexport.profiling.runs import keep_fastest
 from structexport.timing import time_interleaved
 
@@ -77,11 +77,26 @@ def measure_ort(structured: Path, dense: Path, feed, opts: ProfileOptions, say, 
                 package=None) -> dict:
     """Both models timed interleaved with the profiler off (each session checked against
     ``package``'s stored outputs first), then profiled; the ``measured`` dict
-    :func:`~structexport.profiling.assemble.assemble` reads."""
+    :func:`~structexport.profiling.assemble.assemble` reads.
+
+    An INT8 package's dense side is its dense INT8 baseline (``reference.int8.onnx``): the
+    structured model's integer kernels are checked against the package's fake-quantized
+    outputs, the baseline's against its own QDQ graph run as written, as ``bench`` does
+    (:func:`structexport.bench.checked_int8_baseline`)."""
     from structexport.timedcheck import checked_sessions
     paths = {"structured": structured, "dense": dense}
-    sessions = (checked_sessions(package, paths, opts.threads, say) if package is not None
-                else {n: ort_session(p, opts.threads) for n, p in paths.items()})
+    if package is not None and package.precision == "int8":
+        from structexport.bench import checked_int8_baseline
+        from structexport.quantize import DENSE_INT8
+        if Path(dense) != package.root / DENSE_INT8:
+            raise ProfileError(f"an INT8 package is profiled against its {DENSE_INT8}, not {dense}",
+                               "profile the package folder itself")
+        sessions = checked_sessions(package, {"structured": structured}, opts.threads, say)
+        sessions["dense"] = checked_int8_baseline(package, opts.threads, say)
+    elif package is not None:
+        sessions = checked_sessions(package, paths, opts.threads, say)
+    else:
+        sessions = {n: ort_session(p, opts.threads) for n, p in paths.items()}
     say(f"timing ({opts.repeat} interleaved runs)")
     latency = time_interleaved(sessions, feed, opts.repeat, opts.warmup)
     say(f"profiling ({opts.repeat} interleaved runs, ONNX Runtime profiler)")

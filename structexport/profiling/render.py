@@ -28,9 +28,10 @@ def _fmt(v, spec=".3f", none="") -> str:
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """The per-layer table as strings, shared by Markdown, HTML and the terminal."""
+    int8 = is_int8(report)
     head = ["layer", "structured ms", "dense ms", "share (struct)", "MACs (struct)",
             "MACs (dense)", "GMAC/s (struct)", "GMAC/s (dense)", "measured", "theoretical",
-            "efficiency"]
+            "efficiency"] + (["SQNR dB (min)"] if int8 else [])
     body = []
     for r in report["layers"]:
         body.append([r["layer"], _fmt(r["structured_ms"]), _fmt(r["dense_ms"]),
@@ -39,8 +40,29 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
                      _fmt(r["structured_gmacs"], ".2f"), _fmt(r["dense_gmacs"], ".2f"),
                      _fmt(r["speedup_measured"], ".2f", "") + ("x" if r["speedup_measured"] else ""),
                      _fmt(r["speedup_theoretical"], ".2f", "") + ("x" if r["speedup_theoretical"] else ""),
-                     _fmt(r["efficiency"], ".2f")])
+                     _fmt(r["efficiency"], ".2f")]
+                    + ([_fmt(r.get("sqnr_db"), ".2f")] if int8 else []))
     return head, body
+
+
+def is_int8(report: dict) -> bool:
+    """A profile of an INT8 package (its dense side the dense INT8 baseline, SQNR per layer)."""
+    return report.get("precision") == "int8"
+
+
+def int8_lines(report: dict) -> list[str]:
+    """What an INT8 report says beside the latency: its dense side and its weakest layers."""
+    if not is_int8(report):
+        return []
+    info = report.get("int8") or {}
+    dense = report.get("dense") or {}
+    lines = [f"INT8 package: structured INT8 (model.onnx) against dense INT8: {dense.get('onnx')}, "
+             f"{dense.get('description')}"]
+    low = info.get("lowest_sqnr") or []
+    if low:
+        lines.append(f"lowest SQNR ({len(low)} weakest layers; INT8 against float32 on the "
+                     "calibration images, errors of earlier layers included): " + ", ".join(f"{x['layer']} {x['sqnr_db']:.2f} dB" for x in low))
+    return lines
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -64,7 +86,7 @@ def summary_lines(report: dict) -> list[str]:
         f"{d['profiled_ms']:.3f} ms = {d['kernels_ms']:.3f} + {d['outside_ms']:.3f} ms "
         f"(unmapped {d['unmapped_ms']:.3f} ms)",
         f"MACs: structured {s['macs']:,}, dense {d['macs']:,}",
-    ]
+    ] + int8_lines(report)
     if s.get("artifact_latency_ms"):
         lines.append(f"model.so itself (profiler off, median): {s['artifact_latency_ms']['median']:.3f} ms")
     if peak:
