@@ -23,9 +23,9 @@ from structexport.costmodel import node_costs, totals
 from structexport.errors import StructExportError
 from structexport.machine import machine
 from structexport.package import Package, is_package
-from structexport.profiling.layermap import onnx_node_layers
+from structexport.profiling.layermap import ORT_FUSED_SUFFIX, onnx_node_layers
 from structexport.profiling.ort import node_times
-from structexport.quantize import FP32_MODEL
+from structexport.quantize import DENSE_INT8, FP32_MODEL
 from structexport.timedcheck import checked_libraries, checked_sessions
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
@@ -80,7 +80,10 @@ def per_layer_breakdown(layer_names: list[str], structured_onnx: Path, dense_onn
         owners = onnx_node_layers(path, layers)
         costs = {c.name: c for c in node_costs(path)}
         for node, _op, ms in node_times(path, feed, threads):
-            layer = owners.get(node) or owners.get(node.removesuffix("_nchwc"), "(runtime)")
+            # ONNX Runtime's names for what it kept or fused (conv_nchwc; an INT8 model's
+            # QLinearConv node_Conv_7_token_3 fused from the QDQ group around node_Conv_7)
+            layer = (owners.get(node) or owners.get(node.removesuffix("_nchwc"))
+                     or owners.get(ORT_FUSED_SUFFIX.sub("", node), "(runtime)"))
             entry = table.setdefault(layer, {"layer": layer, "structured_ms": 0.0, "dense_ms": 0.0,
                                              "structured_macs": 0, "dense_macs": 0})
             entry[f"{which}_ms"] += ms
@@ -205,11 +208,13 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         result["extra_latency_ms"] = {n: stats[n] for n in opts.extra_workloads}
     if opts.per_layer:
         say("profiling")
+        # INT8: layer by layer against the dense INT8 baseline, as the speedup is
+        dense_profiled = package.root / DENSE_INT8 if int8 else dense_path
         result["per_op_ms"] = {
             "structured": _by(node_times(structured_onnx, feed, opts.threads), lambda e: e[1]),
-            "dense": _by(node_times(dense_path, feed, opts.threads), lambda e: e[1])}
+            "dense": _by(node_times(dense_profiled, feed, opts.threads), lambda e: e[1])}
         result["per_layer"] = per_layer_breakdown([layer["name"] for layer in package.layers],
-                                                  structured_onnx, dense_path, feed, opts.threads)
+                                                  structured_onnx, dense_profiled, feed, opts.threads)
     return result
 
 

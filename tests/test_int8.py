@@ -185,6 +185,15 @@ def test_bench_int8_package_against_the_dense_int8_baseline(int8_package):
     assert "dense INT8" in r.output and "structured INT8" in r.output
     r = cli("bench", out, "--target", "tvm-llvm", "--repeat", "3")
     assert r.exit_code != 0 and "INT8 package" in r.output
+    # per layer against the dense INT8 baseline: ONNX Runtime's fused QLinearConv nodes
+    # (node_Conv_N_token_M) are mapped back to every layer
+    r = cli("bench", out, "--repeat", "3", "--warmup", "1", "--per-layer", "--json", out.parent / "pl.json")
+    assert r.exit_code == 0, r.output
+    result = json.loads((out.parent / "pl.json").read_text())
+    rows = {e["layer"]: e for e in result["per_layer"]}
+    convs = [name for name in rows if name.startswith("stage_")]
+    assert len(convs) == 18 and all(rows[n]["structured_ms"] > 0 and rows[n]["dense_ms"] > 0 for n in convs)
+    assert "QLinearConv" in result["per_op_ms"]["dense"]
 
 
 def test_the_gate_refuses_and_writes_nothing(tmp_path, cifar10_dir):

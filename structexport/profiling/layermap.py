@@ -32,7 +32,7 @@ QUANT_PARAM_INPUTS = {
 QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")
 # ONNX Runtime's graph transformers name the nodes they create after the node they replace,
 # with a unique suffix: ``node_Conv_643_token_34`` (a QLinearConv fused from a QDQ group)
-_ORT_TOKEN = re.compile(r"(_token_\d+)+$")
+ORT_FUSED_SUFFIX = re.compile(r"(_token_\d+)+$")
 
 
 def quant_param_positions(op: str, names: list[str]) -> set[int]:
@@ -97,7 +97,7 @@ def ort_owner(path: Path, optimized: Path | None, layers):
 
     def exported(name: str, outputs=()) -> str | None:
         return (owners.get(name) or owners.get(name.removesuffix("_nchwc"))
-                or owners.get(_ORT_TOKEN.sub("", name))
+                or owners.get(ORT_FUSED_SUFFIX.sub("", name))
                 or next((owners[o] for o in outputs if o in owners), None))
     opt: dict[str, str] = {}
     if optimized and optimized.is_file():
