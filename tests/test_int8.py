@@ -282,3 +282,14 @@ def test_int8_from_every_front_end(front_end, tmp_path, cifar10_dir):
     rebased = [rec for run in m["int8"]["rebased"] for rec in run["records"]]
     assert any(rec["details"]["groups"] == 4 for rec in rebased)      # the grouped conv
     assert all(d["passed"] for d in m["deployed_verification"])
+
+
+def test_regress_against_an_int8_package(int8_package):
+    """regress times two INT8 packages interleaved, each session checked against its
+    fake-quantized outputs first, and judges them per layer."""
+    out, _ = int8_package
+    r = cli("regress", "--against", out, out, "--repeat", "5", "--json", out.parent / "regress.json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out.parent / "regress.json").read_text())
+    assert report["passed"] is True
+    assert len([layer for layer in report["layers"] if layer["name"].startswith("stage_")]) == 18
