@@ -40,6 +40,7 @@ DEFAULT_MIN_AGREEMENT = 0.97
 # step, and such a step travels; measured: 2 output steps at most (ResNet-20s, 200 images).
 OUTPUT_STEPS = 4
 SQNR_IMAGES = 32
+KERNEL_CHECK_IMAGES = 64
 # The ops whose outputs are a layer's (SQNR rows, --keep-fp32 names)
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -438,12 +439,25 @@ def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: Calib
     fake = session_runner(ort_session(model_path, 1, optimize=False))
     expected = {label: [np.asarray(o, np.float32) for o in fake(x)] for label, x in inputs.items()}
     atol = output_tolerance(model_path, next(iter(expected.values())))
+    # The integer kernels against the fake-quantized graph on real images too (the deployed
+    # checks run the verification inputs, which are random)
+    _, batch = model_batch(fp32_path)
+    kernels = _session_logits(model_path, True)
+    images = sets.gate[:KERNEL_CHECK_IMAGES]
+    worst = max((float(np.abs(np.asarray(kernels(x)) - np.asarray(fake(x)[0])).max())
+                 for x in _batched(images, batch)), default=0.0)
+    kernel_check = {"images": len(images) - len(images) % batch, "max_abs_diff": worst, "atol": atol,
+                    "passed": worst <= atol}
+    if worst > atol and not force:
+        from structexport.export import VerificationError
+        raise VerificationError(f"model.onnx's integer kernels differ from its QDQ graph on held-out images "
+                                f"by {worst:.4g} > {atol:.4g} ({OUTPUT_STEPS} output steps)",
+                                "nothing was written; pass --force to keep the artifact")
     say(f"int8: per-layer SQNR on {min(SQNR_IMAGES, len(sets.calibration))} calibration images")
     layers = layer_sqnr(fp32_path, model_path, sets.calibration[:SQNR_IMAGES])
     say(f"int8: accuracy gate on {len(sets.gate)} held-out images")
-    _, batch = model_batch(fp32_path)
     reference = logits_function(source)
-    gate = agreement(reference, _session_logits(model_path, True), sets.gate, sets.gate_labels, batch)
+    gate = agreement(reference, kernels, sets.gate, sets.gate_labels, batch)
     failures = gate_failures(gate, opts)
     gate.update({"against": "the float32 source", "shipped": "model.onnx under ONNX Runtime, all optimizations",
                  "min_agreement": opts.min_agreement, "max_logit_diff_allowed": opts.max_logit_diff,
@@ -460,7 +474,7 @@ def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: Calib
               "tolerance": {"atol": atol, "rtol": 0.0, "output_steps": OUTPUT_STEPS,
                             "note": "model.onnx with ONNX Runtime's optimizations (integer kernels) "
                                     "against the same QDQ graph run as written (fake-quantized)"},
-              "gate": gate, "layers": layers, "options": opts.to_dict()}
+              "kernels_on_images": kernel_check, "gate": gate, "layers": layers, "options": opts.to_dict()}
     return Int8Result(expected, atol, record)
 
 

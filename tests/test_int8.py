@@ -148,6 +148,8 @@ def test_int8_package_manifest_and_files(int8_package):
     for f in ("model.onnx", "model.optimized.onnx", "model.ort"):
         assert records[f]["passed"] and records[f]["atol"] == pytest.approx(q["tolerance"]["atol"])
     assert 0 < q["tolerance"]["atol"] < 2
+    kernels = q["kernels_on_images"]       # integer kernels against the QDQ graph, real images
+    assert kernels["images"] == 64 and kernels["passed"] and kernels["max_abs_diff"] <= kernels["atol"]
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "CumSum" not in ops
     with np.load(out / "verification.npz") as d:
