@@ -26,7 +26,7 @@ from structexport.package import Package, is_package
 from structexport.profiling.layermap import ORT_FUSED_SUFFIX, onnx_node_layers
 from structexport.profiling.ort import node_times
 from structexport.quantize import DENSE_INT8, FP32_MODEL
-from structexport.timedcheck import checked_libraries, checked_sessions
+from structexport.timedcheck import checked_int8_baseline, checked_libraries, checked_sessions
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
 
@@ -216,30 +216,6 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         result["per_layer"] = per_layer_breakdown([layer["name"] for layer in package.layers],
                                                   structured_onnx, dense_profiled, feed, opts.threads)
     return result
-
-
-def checked_int8_baseline(package: Package, threads: int, say):
-    """The dense INT8 baseline's session as it is timed, checked first: its integer kernels
-    against its own QDQ graph run as written, on the package's stored inputs."""
-    from structexport.export import VerificationError, verify_arrays
-    from structexport.ortsession import ort_session, session_runner
-    from structexport.quantize import DENSE_INT8, output_tolerance
-    path = package.root / DENSE_INT8
-    if not path.is_file():
-        raise BenchError(f"{package.root} is an INT8 package without {DENSE_INT8}, its INT8 baseline",
-                         "convert the model again with this structexport")
-    inputs, _ = package.verification_arrays()
-    fake = session_runner(ort_session(path, 1, optimize=False))
-    expected = {label: fake(x) for label, x in inputs.items()}
-    session = ort_session(path, threads)
-    what = f"{path} under ONNX Runtime (ORT_ENABLE_ALL, {threads} thread{'s' * (threads > 1)})"
-    say(f"check {what}")
-    result = verify_arrays(session_runner(session), inputs, expected, "int8",
-                           output_tolerance(path, next(iter(expected.values()))), 0.0, runtime=what)
-    if not result.passed:
-        raise VerificationError(f"{what} does not compute what its QDQ graph says: {result.summary()}",
-                                "nothing was timed; convert the model again on this machine")
-    return session
 
 
 def library_options(package: Package, target_options: dict) -> dict:

@@ -42,3 +42,28 @@ def vm_runner(tvm, vm, device, extra_args=()):
         out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x), device=device), *extra_args)
         return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
     return run
+
+
+def checked_int8_baseline(package: Package, threads: int, say):
+    """The dense INT8 baseline's session as it is timed, checked first: its integer kernels
+    against its own QDQ graph run as written, on the package's stored inputs."""
+    from structexport.export import VerificationError, verify_arrays
+    from structexport.ortsession import ort_session, session_runner
+    from structexport.quantize import DENSE_INT8, output_tolerance
+    path = package.root / DENSE_INT8
+    if not path.is_file():
+        from structexport.package import PackageIncompatibleError
+        raise PackageIncompatibleError(f"{package.root} is an INT8 package without {DENSE_INT8}, its INT8 baseline",
+                                       "convert the model again with this structexport")
+    inputs, _ = package.verification_arrays()
+    fake = session_runner(ort_session(path, 1, optimize=False))
+    expected = {label: fake(x) for label, x in inputs.items()}
+    session = ort_session(path, threads)
+    what = f"{path} under ONNX Runtime (ORT_ENABLE_ALL, {threads} thread{'s' * (threads > 1)})"
+    say(f"check {what}")
+    result = verify_arrays(session_runner(session), inputs, expected, "int8",
+                           output_tolerance(path, next(iter(expected.values()))), 0.0, runtime=what)
+    if not result.passed:
+        raise VerificationError(f"{what} does not compute what its QDQ graph says: {result.summary()}",
+                                "nothing was timed; convert the model again on this machine")
+    return session

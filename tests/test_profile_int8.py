@@ -38,15 +38,15 @@ def int8_package(tmp_path_factory, cifar10_dir) -> Path:
 @pytest.fixture(scope="module")
 def profiled(int8_package):
     """The package profiled through the CLI; the dense INT8 baseline's check recorded."""
-    import structexport.bench as bench
-    real = bench.checked_int8_baseline
+    import structexport.timedcheck as timedcheck
+    real = timedcheck.checked_int8_baseline
     checked = []
 
     def recording(package, threads, say):
         checked.append(Path(package.root))
         return real(package, threads, say)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "checked_int8_baseline", recording)
+        mp.setattr(timedcheck, "checked_int8_baseline", recording)
         html = int8_package.parent / "rep" / "report.html"
         res = cli("profile", int8_package, "--repeat", "6", "--warmup", "1", "--no-peak", "-o", html)
     assert res.exit_code == 0, res.output

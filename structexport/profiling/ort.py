@@ -82,11 +82,11 @@ def measure_ort(structured: Path, dense: Path, feed, opts: ProfileOptions, say, 
     An INT8 package's dense side is its dense INT8 baseline (``reference.int8.onnx``): the
     structured model's integer kernels are checked against the package's fake-quantized
     outputs, the baseline's against its own QDQ graph run as written, as ``bench`` does
-    (:func:`structexport.bench.checked_int8_baseline`)."""
+    (:func:`structexport.timedcheck.checked_int8_baseline`)."""
     from structexport.timedcheck import checked_sessions
     paths = {"structured": structured, "dense": dense}
     if package is not None and package.precision == "int8":
-        from structexport.bench import checked_int8_baseline
+        from structexport.timedcheck import checked_int8_baseline
         from structexport.quantize import DENSE_INT8
         if Path(dense) != package.root / DENSE_INT8:
             raise ProfileError(f"an INT8 package is profiled against its {DENSE_INT8}, not {dense}",
