@@ -68,6 +68,7 @@ def select_passes(default: list[str], only: list[str] | None = None,
 
 __all__ = ["LayerRecord", "ModelKind", "ONNX", "TORCH", "Pass", "PassContext", "PassError", "PassManager",
            "PassResult", "PassRun", "replace_module", "PASSES", "PIPELINE", "ONNX_PASSES", "ONNX_PIPELINE",
+           "INT8_PASS_CLASSES",
            "select_passes", "select_onnx_passes", "UnknownPassError", "PassOptionError",
            "OPTION_CONSUMERS", "check_pass_options"]
 

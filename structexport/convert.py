@@ -34,6 +34,8 @@ from structexport.models import input_shape as default_input_shape
 from structexport.models import parse_name
 from structexport.package import (COMPOSED, MANIFEST, MANIFEST_VERSION, REFERENCE, VERIFICATION_DATA,
                                   save_verification_arrays)
+from structexport.quantize import (DENSE_INT8, FP32_MODEL, Int8OptionError, calibration_sets,
+                                   dense_int8_baseline, int8_stage)
 from structexport.reference import export_reference
 from structexport.targets import get_target
 from structexport.targets.base import TargetOptionError
@@ -184,7 +186,6 @@ def prepare_int8(opts: ConvertOptions) -> ConvertOptions:
     """``--precision int8`` checked before any work (its calibration, its preprocessing, a
     target that runs and checks INT8), with the sum-pools realized as bands: 1x1 and
     depthwise convs, which have integer kernels (running sums have none)."""
-    from structexport.quantize import Int8OptionError
     if opts.precision != "int8":
         if opts.int8 is not None:
             raise Int8OptionError(f"--calibration and its options quantize to INT8, and --precision is "
@@ -465,7 +466,6 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
     inputs.update(user_inputs)
     sets = None
     if opts.precision == "int8":   # the data is checked before any work
-        from structexport.quantize import calibration_sets
         with torch.no_grad():
             classes = _num_classes(source(torch.zeros(shape)))
         sets = calibration_sets(opts.int8, opts.preprocess, shape, classes, say)
@@ -583,7 +583,6 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
 def _quantize(staging: Path, source, arrays: dict, sets, opts: ConvertOptions, say, timings: dict):
     """The INT8 stage on the verified float32 ``model.onnx``: (the stage's result, the options
     and outputs the deployed files are checked with, the file of the portable check)."""
-    from structexport.quantize import FP32_MODEL, int8_stage
     t = time.perf_counter()
     int8 = int8_stage(staging, source, arrays, sets, opts.int8, opts.force, say)
     timings["int8"] = time.perf_counter() - t
@@ -591,7 +590,6 @@ def _quantize(staging: Path, source, arrays: dict, sets, opts: ConvertOptions, s
 
 
 def _dense_int8(staging: Path, source, sets, opts: ConvertOptions, say, int8, artifacts: dict) -> None:
-    from structexport.quantize import DENSE_INT8, FP32_MODEL, dense_int8_baseline
     int8.record["dense_int8"] = dense_int8_baseline(staging, REFERENCE, source, sets, opts.int8, say)
     artifacts["model.onnx"] = ("the INT8 model (QDQ: int8 per-channel weights, calibrated uint8 "
                                "activations), checked against its fake-quantized graph and gated on "
@@ -861,7 +859,6 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                                 "or --force")
     sets = None
     if opts.precision == "int8":   # the data is checked before any work
-        from structexport.quantize import Int8OptionError, calibration_sets
         if several:
             raise Int8OptionError("--precision int8 calibrates models with one image input; this one takes "
                                   + ", ".join(s.name for s in specs), "convert it at fp32")
@@ -964,7 +961,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "source_layers": onnx_layers(proto, reference_costs),
             "before": _onnx_totals(reference_costs, proto),
             "dense": _onnx_totals(reference_costs, proto),   # the source's kernels are dense already
-            "after": _onnx_totals(node_costs(staging / "model.fp32.onnx" if int8 is not None else onnx_path), out_proto),
+            "after": _onnx_totals(node_costs(staging / FP32_MODEL if int8 is not None else onnx_path), out_proto),
             "export": {"ops": dict(sorted(ops.items())), "from": "onnx"},
             "verification": verification.to_dict(),
             "verified_against": ("the source torch module" if true_source is not None else

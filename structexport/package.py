@@ -61,8 +61,8 @@ class Package:
     root: Path
     manifest: dict
     # verification.npz as read once: feed() and every check_timed() of a command share it
+    # (inputs, the source's outputs, an INT8 package's fake-quantized outputs)
     _arrays: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _int8_expected: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -231,9 +231,9 @@ class Package:
         """(inputs by label, the source model's outputs on each) as stored at conversion."""
         if self._arrays is None:
             self._arrays = self._read_verification_arrays()
-        return self._arrays
+        return self._arrays[:2]
 
-    def _read_verification_arrays(self) -> tuple[dict, dict]:
+    def _read_verification_arrays(self) -> tuple[dict, dict, dict]:
         path = self.verification_data
         if path is None:
             raise PackageIncompatibleError(
@@ -257,8 +257,7 @@ class Package:
                 (expected if kind == "output" else int8).setdefault(label, []).append((int(index), arr))
         if not inputs or set(inputs) != set(expected) or (int8 and set(int8) != set(inputs)):
             raise _corrupt(self.root, f"{VERIFICATION_DATA} does not pair inputs with outputs")
-        self._int8_expected = {k: [a for _, a in sorted(v)] for k, v in int8.items()}
-        return inputs, {k: [a for _, a in sorted(v)] for k, v in expected.items()}
+        return inputs, *({k: [a for _, a in sorted(v)] for k, v in table.items()} for table in (expected, int8))
 
     def check_timed(self, run, what: str, precision: str | None = None) -> None:
         """The very session or library a command is about to time, ``run(x) -> outputs``,
@@ -271,7 +270,7 @@ class Package:
         precision = precision or self.precision
         if precision == "int8":
             # the integer kernels against the package's fake-quantized outputs
-            expected = self._int8_expected
+            expected = self._arrays[2]
             atol, rtol = self.manifest["int8"]["tolerance"]["atol"], 0.0
             if not expected:
                 raise _corrupt(self.root, f"an INT8 package without INT8 outputs in {VERIFICATION_DATA}")

@@ -421,14 +421,13 @@ def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: Calib
     import onnx_ir as ir
     import torch
 
-    from structexport.passes import ONNX, PassContext, PassManager
-    from structexport.passes.rebase_channel_sums_pass import RebaseChannelSumsPass
+    from structexport.passes import INT8_PASS_CLASSES, ONNX, PassContext, PassManager
     from structexport.export import TOLERANCES
     from structexport.ortsession import ort_session, session_runner
     model_path, fp32_path = staging / "model.onnx", staging / FP32_MODEL
-    say("int8: rebase channel sums")
+    say("int8: " + ", ".join(cls.name for cls in INT8_PASS_CLASSES))
     first = next(iter(inputs.values()))
-    manager = PassManager([RebaseChannelSumsPass()], check_inputs=torch.from_numpy(first),
+    manager = PassManager([cls() for cls in INT8_PASS_CLASSES], check_inputs=torch.from_numpy(first),
                           atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"], model_kind=ONNX)
     rebased, runs = manager.run(ir.from_proto(onnx.load(str(model_path))), PassContext())
     fp32_path.write_bytes(ir.to_proto(rebased).SerializeToString())
