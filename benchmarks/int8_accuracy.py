@@ -71,7 +71,8 @@ def measure(name: str, path: Path, arch: str | None, workdir: Path, limit: int |
            "dense_int8_top1": 100 * a["reference.int8.onnx"]["top1"],
            "dense_int8_agreement": 100 * a["reference.int8.onnx"]["agreement"],
            "gate_agreement": 100 * q["gate"]["agreement"], "gate_passed": q["gate"]["passed"],
-           "gate_failure": forced, "rebased_layers": sum(len(r["records"]) for r in q["rebased"]),
+           "gate_failure": forced, "rebased_layers": sum(rec["action"] == "rebased" for run in q["passes"] for rec in run["records"]),
+           "dense_layers": sum(rec["action"] == "composed" for run in q["passes"] for rec in run["records"]),
            "min_sqnr_db": min((r["sqnr_db"] for r in q["layers"] if r["sqnr_db"] is not None), default=None),
            "convert_s": round(convert_s, 1)}
     row["int8_drop"] = row["fp32_top1"] - row["int8_top1"]

@@ -37,12 +37,12 @@ from .decompose_structured_conv_pass import layer_name
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
 
 
-def _ints(node: ir.Node, key: str, default):
+def conv_ints(node: ir.Node, key: str, default):
     attr = node.attributes.get(key)
     return list(attr.value) if attr is not None else list(default)
 
 
-def _weight(node: ir.Node) -> np.ndarray | None:
+def conv_weight(node: ir.Node) -> np.ndarray | None:
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
     w = node.inputs[1]
@@ -53,9 +53,9 @@ def _plain(node: ir.Node) -> bool:
     """Stride 1, no padding, no dilation, no bias (or a zero one), explicit pads."""
     if node.attributes.get("auto_pad") is not None and node.attributes["auto_pad"].value not in ("NOTSET", ""):
         return False
-    if any(v != 1 for v in _ints(node, "strides", [1, 1]) + _ints(node, "dilations", [1, 1])):
+    if any(v != 1 for v in conv_ints(node, "strides", [1, 1]) + conv_ints(node, "dilations", [1, 1])):
         return False
-    if any(_ints(node, "pads", [0, 0, 0, 0])):
+    if any(conv_ints(node, "pads", [0, 0, 0, 0])):
         return False
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         b = node.inputs[2].const_value
@@ -67,7 +67,7 @@ def band_window(node: ir.Node) -> tuple[int, int, int] | None:
     """``(groups, kc, c)`` when ``node`` is a grouped 1x1 conv whose weights are the 0/1 band
     ``SumPool`` writes (output ``g * c + a`` sums input channels ``a .. a + kc - 1`` of group
     ``g``), else None."""
-    w = _weight(node)
+    w = conv_weight(node)
     if w is None or w.ndim != 4 or w.shape[2:] != (1, 1) or not _plain(node):
         return None
     groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
@@ -85,20 +85,20 @@ def band_window(node: ir.Node) -> tuple[int, int, int] | None:
     return (groups, kc, c) if np.array_equal(w[:, :, 0, 0], want) else None
 
 
-def _only_consumer(value: ir.Value) -> ir.Node | None:
+def only_consumer(value: ir.Value) -> ir.Node | None:
     users = {id(n): n for n, _ in value.uses()}
     if len(users) != 1 or value.is_graph_output():
         return None
     return next(iter(users.values()))
 
 
-def _is_box(node: ir.Node, channels: int) -> bool:
+def is_box(node: ir.Node, channels: int) -> bool:
     """A depthwise conv of ones over ``channels`` channels (it may pad: zeros commute)."""
-    w = _weight(node)
+    w = conv_weight(node)
     groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
     if w is None or groups != channels or w.shape[:2] != (channels, 1) or not np.all(w == 1):
         return False
-    if any(v != 1 for v in _ints(node, "strides", [1, 1]) + _ints(node, "dilations", [1, 1])):
+    if any(v != 1 for v in conv_ints(node, "strides", [1, 1]) + conv_ints(node, "dilations", [1, 1])):
         return False
     return not (len(node.inputs) > 2 and node.inputs[2] is not None)
 
@@ -111,11 +111,11 @@ def find_channel_sums(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, ir
         if window is None:
             continue
         groups, _, c = window
-        nxt = _only_consumer(node.outputs[0])
+        nxt = only_consumer(node.outputs[0])
         box = None
-        if nxt is not None and _is_box(nxt, groups * c):
-            box, nxt = nxt, _only_consumer(nxt.outputs[0])
-        w = _weight(nxt) if nxt is not None else None
+        if nxt is not None and is_box(nxt, groups * c):
+            box, nxt = nxt, only_consumer(nxt.outputs[0])
+        w = conv_weight(nxt) if nxt is not None else None
         if w is None or w.shape[1] != c or \
                 (int(nxt.attributes["group"].value) if "group" in nxt.attributes else 1) != groups:
             continue
@@ -174,7 +174,7 @@ class RebaseChannelSumsPass(Pass):
         # of them, which then takes the name over once the others have their own
         for band_node, box, small, (groups, kc, c) in reversed(find_channel_sums(model.graph)):
             scale = math.sqrt(kc)
-            band, alpha = rebase(_weight(band_node), _weight(small), groups, c, scale)
+            band, alpha = rebase(conv_weight(band_node), conv_weight(small), groups, c, scale)
             layer = layer_name(small.inputs[1])
             owner = layer[:-len(".conv")] if layer.endswith(".conv") else layer
             _replace_weight(model.graph, band_node, band, f"{owner}.pool.band")

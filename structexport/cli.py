@@ -213,6 +213,10 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
               "difference from the float32 source allowed (default: not gated, only reported).")
 @click.option("--keep-fp32", multiple=True, metavar="GLOB",
               help="Keep these layers in float32 (layer or node names, as the SQNR table shows; repeatable).")
+@click.option("--int8-layers", type=click.Choice(["measure", "structured"]), default="measure", show_default=True,
+              help="measure: time each decomposed layer shape in INT8 on this machine, structured and "
+                   "dense (cached), and ship it dense where that is faster; structured: keep every "
+                   "layer decomposed.")
 @click.option("--passes", help="Comma-separated passes to run instead of the target's default.")
 @click.option("--skip-pass", "skip_passes", multiple=True, help="A pass not to run (repeatable).")
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=str),
@@ -250,7 +254,8 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
             tuning_cache, declare_structured, max_residual, trust_pickle, allow_torchscript,
             tvm_preset, tvm_target, tvm_structured, tune_per_task, tune_trials, tuning_db, rpc,
             tracker, key, rpc_timeout, preprocess, as_json, calibration, calibration_count,
-            calibration_method, int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32):
+            calibration_method, int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32,
+            int8_layers):
     """Rewrite CHECKPOINT's structured layers, export it to ONNX, verify it against the
     source model and write the package OUTDIR. CHECKPOINT is a zoo checkpoint, an ONNX
     model, a torch.export archive (.pt2), a state dict with --model, or TorchScript (with
@@ -272,7 +277,7 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
                                  f"{checkpoint} is converted through its ONNX graph, at fp32",
                                  "leave --precision out")
     int8 = _int8_options(ctx, precision, calibration, calibration_count, calibration_method,
-                         int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32)
+                         int8_gate_images, int8_min_agreement, int8_max_logit_diff, keep_fp32, int8_layers)
     options = ConvertOptions(
         target=target, input_shape=list(input_shape) or None, precision=precision,
         passes=only, skip_passes=list(skip_passes), inputs_file=inputs_file, atol=atol, rtol=rtol, force=force,
@@ -395,6 +400,10 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
               f"{'n/a (no MACs counted in the graphs)' if theory is None else f'{theory:.2f}x'}, realization efficiency "
               f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs, "
               f"{where})")
+    if result.get("structure_theoretical"):
+        st = result["structure_theoretical"]
+        out.print(f"against the structure's theory ({st['speedup']:.2f}x: every structured layer decomposed, "
+                  f"sum-pools as additions): efficiency {st['efficiency']:.2f}")
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
     if result.get("onnxruntime"):
@@ -418,11 +427,12 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
 
 _INT8_FLAGS = {"calibration_count": "--calibration-count", "calibration_method": "--calibration-method",
                "int8_gate_images": "--int8-gate-images", "int8_min_agreement": "--int8-min-agreement",
-               "int8_max_logit_diff": "--int8-max-logit-diff", "keep_fp32": "--keep-fp32"}
+               "int8_max_logit_diff": "--int8-max-logit-diff", "keep_fp32": "--keep-fp32",
+               "int8_layers": "--int8-layers"}
 
 
 def _int8_options(ctx, precision, calibration, count, method, gate_images, min_agreement, max_logit_diff,
-                  keep_fp32):
+                  keep_fp32, layer_choice):
     """The INT8 flags as one :class:`~structexport.quantize.Int8Options`, or None; flags
     that would do nothing without --calibration are refused."""
     from structexport.quantize import Int8Options
@@ -435,7 +445,8 @@ def _int8_options(ctx, precision, calibration, count, method, gate_images, min_a
                                      f"{'it' if len(orphans) == 1 else 'them'} out")
         return None
     return Int8Options(data=calibration, count=count, gate_count=gate_images, method=method,
-                       keep_fp32=list(keep_fp32), min_agreement=min_agreement, max_logit_diff=max_logit_diff)
+                       keep_fp32=list(keep_fp32), min_agreement=min_agreement, max_logit_diff=max_logit_diff,
+                       layer_choice=layer_choice)
 
 
 def _render_int8(q: dict) -> None:
@@ -444,10 +455,18 @@ def _render_int8(q: dict) -> None:
     out.print(f"INT8: calibrated on {cal['calibration_images']} images of {escape(cal['data'])} "
               f"({quant['calibration_method']}); weights {quant['weights']}, activations {quant['activations']}"
               + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant["kept_fp32"] else ""))
-    if q.get("rebased"):
-        n = sum(len(r["records"]) for r in q["rebased"])
-        if n:
-            out.print(f"  {n} channel sum(s) rebased for INT8 (one sum / sqrt(window), then differences)")
+    actions = [rec["action"] for run in q.get("passes", []) for rec in run["records"]]
+    choice = q.get("layer_choice") or {}
+    if choice.get("layers"):
+        rows = choice["layers"]
+        dense = [r["layer"] for r in rows if r["choice"] == "dense"]
+        out.print(f"  per-layer choice ({choice['policy']}, {choice.get('measured', 0)} layer shape(s) timed, "
+                  f"the rest from {escape(str(choice.get('cache')))}): {len(rows) - len(dense)} of {len(rows)} "
+                  f"decomposed layers stay structured"
+                  + (f"; dense where faster in INT8: {escape(', '.join(dense))}" if dense else ""))
+    if actions.count("rebased"):
+        out.print(f"  {actions.count('rebased')} channel sum(s) rebased for INT8 (one sum / sqrt(window), "
+                  "then differences)")
     mark = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
     out.print(f"  accuracy gate {mark} on {g['images']} held-out images: top-1 agreement with the float32 "
               f"source {100 * g['agreement']:.2f}% (at least {100 * g['min_agreement']:.2f}%), largest logit "

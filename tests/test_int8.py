@@ -23,6 +23,7 @@ from structexport.models.trained import trained_weights
 
 HERE = Path(__file__).resolve().parent
 SMALL = ["--calibration-count", "64", "--int8-gate-images", "200"]
+ALL_STRUCTURED = ["--int8-layers", "structured"]     # no per-layer timing: the same graph on every CPU
 
 
 def cli(*args):
@@ -121,7 +122,8 @@ def test_rebased_bands_quantize_far_better_than_plain_bands(tmp_path, cifar10_di
 def int8_package(tmp_path_factory, cifar10_dir):
     out = tmp_path_factory.mktemp("int8") / "pkg"
     r = cli("convert", structured_checkpoint(), "--target", "ort-cpu", "--precision", "int8",
-            "--calibration", cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", *SMALL, "-o", out)
+            "--calibration", cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", *SMALL, *ALL_STRUCTURED,
+            "-o", out)
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -133,7 +135,8 @@ def test_int8_package_manifest_and_files(int8_package):
     q = m["int8"]
     assert q["calibration"]["calibration_images"] == 64 and q["calibration"]["gate_images"] == 200
     assert q["quantization"]["calibration_method"] == "minmax" and q["quantization"]["format"] == "QDQ"
-    assert sum(len(r["records"]) for r in q["rebased"]) == 18
+    assert [rec["action"] for run in q["passes"] for rec in run["records"]] == ["rebased"] * 18
+    assert q["layer_choice"] == {"policy": "structured", "layers": []}
     g = q["gate"]
     assert g["passed"] and g["images"] == 200 and g["agreement"] >= 0.95 and g["max_logit_diff"] > 0
     assert g["reference_top1"] > 0.75 and abs(g["int8_top1"] - g["reference_top1"]) <= 0.03
@@ -170,7 +173,7 @@ def test_int8_package_checks_what_it_times(int8_package):
     package.check_timed(run, "model.onnx")
     package.check_timed(session_runner(ort_session(out / "reference.onnx", 1)), "reference.onnx", "fp32")
     with pytest.raises(VerificationError) as info:
-        package.check_timed(lambda x: [o + 1.0 for o in run(x)], "shifted")
+        package.check_timed(lambda x: [o + 3.0 for o in run(x)], "shifted")
     assert info.value.exit_code == 32
 
 
@@ -185,6 +188,14 @@ def test_bench_int8_package_against_the_dense_int8_baseline(int8_package):
     assert result["speedup_over_dense_fp32"] == pytest.approx(d / s)
     assert result["macs"]["structured"] < result["macs"]["dense"]
     assert "dense INT8" in r.output and "structured INT8" in r.output
+    # the structure's theory: convert's figure (sum-pools as additions), above the shipped
+    # graph's (rebased bands count as multiplies)
+    m = json.loads((out / "manifest.json").read_text())
+    st = result["structure_theoretical"]
+    assert st["speedup"] == pytest.approx(m["dense"]["macs"] / m["after"]["macs"]) and st["speedup"] > 4.0
+    assert st["speedup"] > result["speedup_theoretical"]
+    assert st["efficiency"] == pytest.approx(result["speedup_measured"] / st["speedup"])
+    assert "against the structure's theory" in r.output
     r = cli("bench", out, "--target", "tvm-llvm", "--repeat", "3")
     assert r.exit_code != 0 and "INT8 package" in r.output
     # per layer against the dense INT8 baseline: ONNX Runtime's fused QLinearConv nodes
@@ -202,7 +213,8 @@ def test_the_gate_refuses_and_writes_nothing(tmp_path, cifar10_dir):
     out = tmp_path / "gated"
     args = ["convert", structured_checkpoint(), "--target", "ort-cpu", "--precision", "int8",
             "--calibration", cifar10_dir / "train-25k.npz", "--preprocess", "cifar10",
-            "--calibration-count", "32", "--int8-gate-images", "50", "--int8-max-logit-diff", "1e-6", "-o", out]
+            "--calibration-count", "32", "--int8-gate-images", "50", "--int8-max-logit-diff", "1e-6", *ALL_STRUCTURED,
+            "-o", out]
     r = cli(*args)
     assert r.exit_code == 53, r.output
     assert "fails the accuracy gate on 50 held-out images" in r.output and "lowest SQNR" in r.output
@@ -218,7 +230,7 @@ def test_keep_fp32_keeps_a_layer_in_float(tmp_path, cifar10_dir):
     r = cli("convert", structured_checkpoint(), "--target", "ort-cpu", "--precision", "int8",
             "--calibration", cifar10_dir / "train-25k.npz", "--preprocess", "cifar10",
             "--calibration-count", "32", "--int8-gate-images", "50", "--int8-min-agreement", "0",
-            "--keep-fp32", "classifier", "-o", out)     # the gate is not this test's subject
+            "--keep-fp32", "classifier", *ALL_STRUCTURED, "-o", out)     # the gate is not this test's subject
     assert r.exit_code == 0, r.output
     q = json.loads((out / "manifest.json").read_text())["int8"]
     assert q["quantization"]["kept_fp32"] == ["node_linear"] or len(q["quantization"]["kept_fp32"]) == 1
@@ -227,6 +239,51 @@ def test_keep_fp32_keeps_a_layer_in_float(tmp_path, cifar10_dir):
     graph = onnx.load(str(out / "model.onnx")).graph
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     assert gemm.input[1] in {i.name for i in graph.initializer}     # a float weight, no DequantizeLinear
+
+
+def test_layers_slower_structured_ship_dense(tmp_path, cifar10_dir):
+    """The default per-layer choice, its timings read from the cache (this machine's key, so
+    the test does not depend on the CPU): the six 16-channel layers, timed slower structured
+    than dense, are shipped as composed 3x3 convs; the other twelve stay structured and
+    rebased; nothing is measured; the package is verified and gated as always."""
+    from structexport.passes.autotune import machine_key
+    from structexport.passes.compose_dense_layers_pass import find_decomposed
+    from structexport.quantize import layer_key
+    model = ir.from_proto(onnx.load(str(banded_graph(structured_checkpoint(), tmp_path))))
+    inferred = onnx.shape_inference.infer_shapes(ir.to_proto(model))
+    shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    entries = {}
+    for layer in find_decomposed(model.graph):
+        slow = layer.layer.startswith("stage_1.")
+        entries[layer_key(layer, shapes[layer.input.name])] = {"structured": 0.09 if slow else 0.03, "dense": 0.06}
+    assert len(entries) == 5
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "int8-layers.json").write_text(json.dumps({machine_key("ort-cpu int8 qdq", 1): entries}))
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "convert", structured_checkpoint(), "--target", "ort-cpu", "--precision", "int8", "--calibration",
+        cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", "--calibration-count", "32",
+        "--int8-gate-images", "50", "--int8-min-agreement", "0", "-o", out)],
+        env={"STRUCTEXPORT_CACHE": str(cache)}, terminal_width=250)
+    assert r.exit_code == 0, r.output
+    q = json.loads((out / "manifest.json").read_text())["int8"]
+    choice = q["layer_choice"]
+    assert choice["policy"] == "measure" and choice["measured"] == 0 and choice["from_cache"] == 18
+    dense = [row["layer"] for row in choice["layers"] if row["choice"] == "dense"]
+    assert dense == [f"stage_1.{b}.conv_{c}" for b in range(3) for c in "ab"]
+    actions = [(rec["action"], rec["layer"]) for run in q["passes"] for rec in run["records"]]
+    assert [layer for action, layer in actions if action == "composed"] == dense
+    assert sum(action == "rebased" for action, _ in actions) == 12
+    assert "12 of 18 decomposed layers stay structured" in r.output
+    fp32 = onnx.load(str(out / "model.fp32.onnx")).graph
+    inits = {i.name: i for i in fp32.initializer}
+    composed = [n for n in fp32.node if n.name.endswith("/dense")]
+    assert [n.input[1] for n in composed] == [f"{layer}.weight" for layer in dense]
+    assert all(list(inits[n.input[1]].dims) == [16, 16, 3, 3] for n in composed)
+    # the SQNR rows name the composed layers after their source layer
+    assert {row["layer"] for row in q["layers"]} >= set(dense)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -278,11 +335,11 @@ def test_int8_from_every_front_end(front_end, tmp_path, cifar10_dir):
     out = tmp_path / "out"
     r = cli("convert", *source, "--target", "ort-cpu", "--precision", "int8", "--calibration",
             cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", "--calibration-count", "32",
-            "--int8-gate-images", "50", "--int8-min-agreement", "0", "-o", out)
+            "--int8-gate-images", "50", "--int8-min-agreement", "0", *ALL_STRUCTURED, "-o", out)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "int8" and m["int8"]["gate"]["images"] == 50
-    rebased = [rec for run in m["int8"]["rebased"] for rec in run["records"]]
+    rebased = [rec for run in m["int8"]["passes"] for rec in run["records"] if rec["action"] == "rebased"]
     assert any(rec["details"]["groups"] == 4 for rec in rebased)      # the grouped conv
     assert all(d["passed"] for d in m["deployed_verification"])
 
