@@ -3,12 +3,14 @@ trained checkpoint of the project, converted with ``--precision int8`` (calibrat
 training images) and evaluated beside its float32 model and the dense model quantized the
 same way.
 
-    .venv/bin/python benchmarks/int8_accuracy.py [--limit N] [--json FILE] [--markdown FILE] [NAME ...]
+    .venv/bin/python benchmarks/int8_accuracy.py [--limit N] [--int8-layers measure|structured]
+        [--json FILE] [--markdown FILE] [NAME ...]
 
 Each row is what these two commands give:
 
     structexport convert CHECKPOINT [--arch ARCH] --target ort-cpu --precision int8 \
-        --calibration ../shared/data/cifar10/train-25k.npz --preprocess cifar10 -o OUT
+        --calibration ../shared/data/cifar10/train-25k.npz --preprocess cifar10 \
+        [--int8-layers structured] -o OUT
     structexport evaluate OUT --data ../shared/data/cifar10/test.npz \
         --artifact model.onnx --artifact model.fp32.onnx --artifact reference.int8.onnx
 
@@ -42,14 +44,15 @@ def checkpoints() -> dict[str, tuple[Path, str | None]]:
     return out
 
 
-def measure(name: str, path: Path, arch: str | None, workdir: Path, limit: int | None, say) -> dict:
+def measure(name: str, path: Path, arch: str | None, workdir: Path, limit: int | None, layer_choice: str,
+            say) -> dict:
     from structexport.convert import ConvertOptions, convert
     from structexport.datasets import Preprocess
     from structexport.evaluate import EvaluateOptions, evaluate
     from structexport.quantize import Int8GateError, Int8Options
     out = workdir / name
     opts = ConvertOptions(target="ort-cpu", precision="int8", preprocess=Preprocess.preset("cifar10").to_dict(),
-                          int8=Int8Options(str(DATA / "train-25k.npz")))
+                          int8=Int8Options(str(DATA / "train-25k.npz"), layer_choice=layer_choice))
     t = time.perf_counter()
     forced = None
     try:
@@ -65,6 +68,7 @@ def measure(name: str, path: Path, arch: str | None, workdir: Path, limit: int |
     report = evaluate(out, DATA / "test.npz", EvaluateOptions(artifacts=ARTIFACTS, limit=limit))
     a = report["artifacts"]
     row = {"checkpoint": name, "arch": result.manifest["source"]["arch"], "images": report["images"],
+           "int8_layers": layer_choice,
            "source_top1": 100 * report["source"]["top1"],
            "fp32_top1": 100 * a["model.fp32.onnx"]["top1"],
            "int8_top1": 100 * a["model.onnx"]["top1"], "int8_agreement": 100 * a["model.onnx"]["agreement"],
@@ -99,6 +103,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="checkpoint file names (default: all)")
     p.add_argument("--limit", type=int, help="evaluate the first N test images only")
+    p.add_argument("--int8-layers", choices=["measure", "structured"], default="measure",
+                   help="convert's per-layer choice (structured: every layer decomposed)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="int8-accuracy-") as tmp:
         for name in names:
             path, arch = table[name]
-            rows.append(measure(name, path, arch, Path(tmp), args.limit, say))
+            rows.append(measure(name, path, arch, Path(tmp), args.limit, args.int8_layers, say))
             say(json.dumps(rows[-1]))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
