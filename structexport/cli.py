@@ -455,6 +455,11 @@ def _render_int8(q: dict) -> None:
     out.print(f"INT8: calibrated on {cal['calibration_images']} images of {escape(cal['data'])} "
               f"({quant['calibration_method']}); weights {quant['weights']}, activations {quant['activations']}"
               + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant["kept_fp32"] else ""))
+    islands = quant.get("kept_fp32_always") or {}
+    if islands:
+        kinds = sorted(set(islands.values()))
+        out.print(f"  {len(islands)} node(s) kept in float32 around the quantized convs: " + "; ".join(
+            f"{sum(v == k for v in islands.values())} x {k}" for k in kinds))
     actions = [rec["action"] for run in q.get("passes", []) for rec in run["records"]]
     choice = q.get("layer_choice") or {}
     if choice.get("layers"):

@@ -117,6 +117,54 @@ def test_rebased_bands_quantize_far_better_than_plain_bands(tmp_path, cifar10_di
     assert min(r["sqnr_db"] for r in rows) > 15.0
 
 
+class PreActivation(torch.nn.Module):
+    """A DenseNet's pattern: two conv outputs of very different ranges concatenated, then a
+    batch norm no conv absorbs (it scales the small channels up), ReLU, conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.big, self.small = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8).eval()
+        self.out = torch.nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.big.weight.mul_(100.0)
+            self.small.weight.mul_(0.01)
+            self.bn.weight.copy_(torch.tensor([0.01] * 4 + [100.0] * 4))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(torch.cat([self.big(x), self.small(x)], 1))))
+
+
+def test_batch_norms_no_conv_absorbs_stay_in_float(tmp_path):
+    """The batch norm and the concatenation it reads are kept in float32, so each conv's
+    output is quantized with its own scale and the batch norm's gain meets no rounding: the
+    INT8 output stays close to float32 although the two branches differ 10^4 in range."""
+    from structexport.export import export_onnx
+    from structexport.ortsession import ort_session, session_runner
+    from structexport.quantize import float_islands, quantize_qdq
+    net = PreActivation().eval()
+    x = torch.randn(16, 3, 8, 8)
+    fp32 = tmp_path / "pre.onnx"
+    export_onnx(net, x[:1], fp32)
+    islands = float_islands(fp32)
+    ops = {n.name: n.op_type for n in onnx.load(str(fp32)).graph.node}
+    assert sorted(ops[n] for n in islands) == ["BatchNormalization", "Concat"]
+    q = tmp_path / "pre.int8.onnx"
+    record = quantize_qdq(fp32, q, x.numpy(), "minmax", [])
+    assert record["kept_fp32_always"] == islands and record["kept_fp32"] == []
+    graph = onnx.load(str(q)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    assert producer[bn.input[0]] == "Concat"                   # no QuantizeLinear in between
+    cat = next(n for n in graph.node if n.op_type == "Concat")
+    assert all(producer[i] == "DequantizeLinear" for i in cat.input)   # each branch its own scale
+    ref, got = session_runner(ort_session(fp32, 1)), session_runner(ort_session(q, 1))
+    for i in range(4):
+        r, g = ref(x[i:i + 1].numpy())[0], got(x[i:i + 1].numpy())[0]
+        assert np.abs(g - r).max() < 0.05 * np.abs(r).max()
+
+
 # --------------------------------------------------------------------------- convert
 
 @pytest.fixture(scope="module")
