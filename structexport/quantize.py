@@ -218,8 +218,9 @@ def float_islands(path: Path) -> dict[str, str]:
     input would be quantized, so the rounding of a small-range channel is multiplied by that
     channel's gain; and a concatenation it reads would give channels of very different ranges
     one shared scale. Kept in float, the quantization point moves to the conv after them.
-    Measured: DenseNet-BC-40 (k=48) 44.4% top-1 in INT8 against 93.4% float32, 93.4% with
-    these kept in float (500 test images)."""
+    Measured on DenseNet-BC-40 (k=48): 44.4% top-1 in INT8 against 94.15% float32 (2,000
+    test images); 45.8% with only the batch norms in float, 93.4% = float32 with the
+    concatenations too (500 images); on the whole test set 94.59% against 94.60%."""
     import onnx
     graph = onnx.load(str(path), load_external_data=False).graph
     consumers: dict[str, list] = {}
