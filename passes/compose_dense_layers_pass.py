@@ -134,7 +134,8 @@ def _compose(graph: ir.Graph, layer: DecomposedLayer) -> tuple[int, int]:
         name, i = f"{layer.layer}.weight_{i}", i + 1
     w = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(weight)))
     graph.register_initializer(w)
-    inputs = [layer.input, w] + ([layer.small.inputs[2]] if len(layer.small.inputs) > 2 else [])
+    bias = layer.small.inputs[2] if len(layer.small.inputs) > 2 else None
+    inputs = [layer.input, w] + ([bias] if bias is not None else [])
     conv = ir.node("Conv", inputs, attributes=dense_conv_attributes(layer, weight.shape[2:]),
                    name=f"{layer.layer}/dense", num_outputs=1)
     old = layer.small.outputs[0]
