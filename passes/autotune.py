@@ -56,6 +56,8 @@ class AutotuneCache:
             self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         except (OSError, ValueError):
             self.data = {}  # a damaged cache is rebuilt, never trusted
+        if not isinstance(self.data, dict) or not all(isinstance(v, dict) for v in self.data.values()):
+            self.data = {}
 
     def get(self, machine: str, layer: str) -> dict | None:
         return self.data.get(machine, {}).get(layer)

@@ -139,7 +139,6 @@ def _compose(graph: ir.Graph, layer: DecomposedLayer) -> tuple[int, int]:
     conv = ir.node("Conv", inputs, attributes=dense_conv_attributes(layer, weight.shape[2:]),
                    name=f"{layer.layer}/dense", num_outputs=1)
     old = layer.small.outputs[0]
-    conv.outputs[0].name = f"{layer.layer}/dense:0"
     conv.outputs[0].shape, conv.outputs[0].type = old.shape, old.type
     ir.convenience.replace_nodes_and_values(graph, layer.small, layer.nodes, [conv], [old], [conv.outputs[0]])
     return tuple(weight.shape)

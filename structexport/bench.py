@@ -206,10 +206,10 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         result["dense_int8_over_dense_fp32"] = stats["dense"]["median"] / stats["dense-int8"]["median"]
         # The shipped graph's MACs count the rebased bands and any layer kept dense (the
         # per-layer choice); the structure's own theory is every structured layer decomposed,
-        # its sum-pools as additions, as convert reports it
-        after, dense = package.manifest.get("after") or {}, package.manifest.get("dense") or {}
-        if after.get("macs") and dense.get("macs"):
-            structure = dense["macs"] / after["macs"]
+        # its sum-pools as additions (counted by convert before the INT8 passes)
+        structure_macs = (package.manifest.get("int8") or {}).get("structure_macs")
+        if structure_macs and cost_d["macs"]:
+            structure = cost_d["macs"] / structure_macs
             result["structure_theoretical"] = {"speedup": structure, "efficiency": measured / structure}
     if opts.extra_workloads:
         result["extra_latency_ms"] = {n: stats[n] for n in opts.extra_workloads}

@@ -465,9 +465,10 @@ def _render_int8(q: dict) -> None:
     if choice.get("layers"):
         rows = choice["layers"]
         dense = [r["layer"] for r in rows if r["choice"] == "dense"]
-        out.print(f"  per-layer choice ({choice['policy']}, {choice.get('measured', 0)} layer shape(s) timed, "
-                  f"the rest from {escape(str(choice.get('cache')))}): {len(rows) - len(dense)} of {len(rows)} "
-                  f"decomposed layers stay structured"
+        unmeasured = (f", {choice['unmeasured']} not timed (shape unknown)" if choice.get("unmeasured") else "")
+        out.print(f"  per-layer choice ({choice['policy']}: {choice.get('measured', 0)} layer shape(s) timed now, "
+                  f"{choice.get('from_cache', 0)} layer(s) from {escape(str(choice.get('cache')))}{unmeasured}): "
+                  f"{len(rows) - len(dense)} of {len(rows)} decomposed layers stay structured"
                   + (f"; dense where faster in INT8: {escape(', '.join(dense))}" if dense else ""))
     if actions.count("rebased"):
         out.print(f"  {actions.count('rebased')} channel sum(s) rebased for INT8 (one sum / sqrt(window), "

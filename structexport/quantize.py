@@ -229,6 +229,8 @@ def float_islands(path: Path) -> dict[str, str]:
             consumers.setdefault(i, []).append(node)
     out = {}
     for node in graph.node:
+        if not node.name:       # nodes_to_exclude matches by name: "" would match every unnamed node
+            continue
         if node.op_type == "BatchNormalization":
             out[node.name] = "a batch norm no conv absorbs: it would amplify the rounding of its input per channel"
         elif node.op_type == "Concat" and any(c.op_type == "BatchNormalization"
@@ -473,13 +475,14 @@ def layer_models(layer, in_shape: tuple[int, ...]) -> dict[str, bytes]:
 def layer_key(layer, in_shape: tuple[int, ...]) -> str:
     """What a layer's INT8 timing depends on: its input and every conv's shape and attributes."""
     from structexport.passes.rebase_channel_sums_pass import conv_ints, conv_weight
-    parts = [f"in {'x'.join(map(str, in_shape[1:]))}"]
+    parts = [f"in {'x'.join(map(str, in_shape))}"]
     for role, node in (("band", layer.band), ("box", layer.box), ("small", layer.small)):
         if node is None:
             continue
         group = int(node.attributes["group"].value) if "group" in node.attributes else 1
         parts.append(f"{role} {'x'.join(map(str, conv_weight(node).shape))}/g{group}"
-                     f"/s{conv_ints(node, 'strides', [1, 1])[0]}/p{''.join(map(str, conv_ints(node, 'pads', [0] * 4)))}")
+                     f"/s{''.join(map(str, conv_ints(node, 'strides', [1, 1])))}"
+                     f"/p{''.join(map(str, conv_ints(node, 'pads', [0] * 4)))}")
     return " ".join(parts)
 
 
@@ -493,7 +496,7 @@ def time_layer_int8(layer, in_shape: tuple[int, ...], threads: int = 1,
     from structexport.ortsession import ort_session
     from structexport.timing import time_interleaved
     rng = np.random.default_rng(0)
-    calibration = rng.standard_normal((4, *in_shape[1:])).astype(np.float32)
+    calibration = rng.standard_normal((4 * in_shape[0], *in_shape[1:])).astype(np.float32)  # 4 batches
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="structexport-int8-layer-") as tmp:
         for kind, model in layer_models(layer, in_shape).items():
@@ -527,16 +530,18 @@ def choose_dense_layers(model, policy: str, cache_path: Path | None, say,
     cache = AutotuneCache(cache_path or layer_cache_path())
     machine = machine_key("ort-cpu int8 qdq", threads)
     record.update({"cache": str(cache.path), "machine": machine})
-    dense, measured = {}, 0
+    dense, measured, from_cache, unmeasured = {}, 0, 0, 0
     for layer in layers:
         in_shape = shapes.get(layer.input.name)
         if not in_shape or not all(in_shape):
             record["layers"].append({"layer": layer.layer, "choice": "structured",
                                      "why": "input shape unknown: not measured"})
+            unmeasured += 1
             continue
         key = layer_key(layer, in_shape)
         ms = cache.get(machine, key)
-        cached = ms is not None
+        cached = _valid_timing(ms)
+        from_cache += cached
         if not cached:
             say(f"int8: time {layer.layer} structured and dense ({key})")
             ms = time_layer_int8(layer, in_shape, threads)
@@ -553,8 +558,14 @@ def choose_dense_layers(model, policy: str, cache_path: Path | None, say,
             dense[layer.layer] = why
     if measured:
         cache.save()
-    record.update({"measured": measured, "from_cache": len(record["layers"]) - measured})
+    record.update({"measured": measured, "from_cache": from_cache, "unmeasured": unmeasured})
     return dense, record
+
+
+def _valid_timing(entry) -> bool:
+    """A cached entry to trust: both times, positive numbers (anything else is measured again)."""
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and entry[k] > 0
+                                           for k in ("structured", "dense"))
 
 
 # --------------------------------------------------------------------------- the convert stage
@@ -602,7 +613,11 @@ def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: Calib
     from structexport.passes import INT8_PASS_CLASSES, ONNX, PassContext, PassManager
     from structexport.export import TOLERANCES
     from structexport.ortsession import ort_session, session_runner
+    from structexport.costmodel import node_costs, totals
     model_path, fp32_path = staging / "model.onnx", staging / FP32_MODEL
+    # The structure's MACs, every structured layer decomposed and its sum-pools additions:
+    # the theory bench judges the INT8 model by (composing and rebasing change the count)
+    structure_macs = totals(node_costs(model_path))["macs"]
     model = ir.from_proto(onnx.load(str(model_path)))
     dense_layers, layer_choice = choose_dense_layers(model, opts.layer_choice,
                                                      Path(opts.layer_cache) if opts.layer_cache else None, say)
@@ -655,6 +670,7 @@ def int8_stage(staging: Path, source, inputs: dict[str, np.ndarray], sets: Calib
                             "--calibration-method, lower --int8-min-agreement, or pass --force")
     record = {"calibration": sets.description, "quantization": quantization,
               "layer_choice": layer_choice, "passes": [r.to_dict() for r in runs],
+              "structure_macs": structure_macs,
               "tolerance": {"atol": atol, "rtol": 0.0, "output_steps": OUTPUT_STEPS,
                             "note": "model.onnx with ONNX Runtime's optimizations (integer kernels) "
                                     "against the same QDQ graph run as written (fake-quantized)"},

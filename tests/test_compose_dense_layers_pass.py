@@ -102,13 +102,13 @@ def test_choice_from_the_cache_keeps_a_layer_structured_only_where_faster(tmp_pa
     layers = find_decomposed(model.graph)
     shapes = shapes_of(model)
     keys = [layer_key(d, shapes[d.input.name]) for d in layers]
-    assert len(set(keys)) == 3 and keys[0].startswith("in 16x12x12 band 8x16x1x1/g1")
+    assert len(set(keys)) == 3 and keys[0].startswith("in 1x16x12x12 band 8x16x1x1/g1/s11")
     times = [{"structured": 0.010, "dense": 0.030}, {"structured": 0.050, "dense": 0.020},
              {"structured": 0.020, "dense": 0.020}]           # a tie goes dense: it quantizes better
     cache = tmp_path / "int8-layers.json"
     cache.write_text(json.dumps({machine_key("ort-cpu int8 qdq", 1): dict(zip(keys, times))}))
     dense, record = choose_dense_layers(model, "measure", cache, lambda _m: None)
-    assert record["measured"] == 0 and record["from_cache"] == 3
+    assert record["measured"] == 0 and record["from_cache"] == 3 and record["unmeasured"] == 0
     assert [r["choice"] for r in record["layers"]] == ["structured", "dense", "dense"]
     assert set(dense) == {layers[1].layer, layers[2].layer}
     assert dense[layers[1].layer] == "INT8 0.0500 ms structured, 0.0200 ms dense (cached)"
@@ -116,6 +116,13 @@ def test_choice_from_the_cache_keeps_a_layer_structured_only_where_faster(tmp_pa
     # "structured" measures nothing and keeps every layer
     assert choose_dense_layers(model, "structured", cache, lambda _m: None) == ({}, {"policy": "structured",
                                                                                    "layers": []})
+    # an entry that is not two positive times is measured again, never trusted
+    data = json.loads(cache.read_text())
+    data[machine_key("ort-cpu int8 qdq", 1)][keys[0]] = {"structured": 0}
+    cache.write_text(json.dumps(data))
+    said = []
+    _, record = choose_dense_layers(model, "measure", cache, said.append)
+    assert record["measured"] == 1 and record["from_cache"] == 2 and len(said) == 1
 
 
 def test_choice_by_measurement_is_cached(tmp_path):

@@ -241,7 +241,8 @@ def test_bench_int8_package_against_the_dense_int8_baseline(int8_package):
     # graph's (rebased bands count as multiplies)
     m = json.loads((out / "manifest.json").read_text())
     st = result["structure_theoretical"]
-    assert st["speedup"] == pytest.approx(m["dense"]["macs"] / m["after"]["macs"]) and st["speedup"] > 4.0
+    assert st["speedup"] == pytest.approx(result["macs"]["dense"] / m["int8"]["structure_macs"])
+    assert st["speedup"] == pytest.approx(m["dense"]["macs"] / m["after"]["macs"], rel=1e-3) and st["speedup"] > 4.0
     assert st["speedup"] > result["speedup_theoretical"]
     assert st["efficiency"] == pytest.approx(result["speedup_measured"] / st["speedup"])
     assert "against the structure's theory" in r.output
@@ -325,7 +326,9 @@ def test_layers_slower_structured_ship_dense(tmp_path, cifar10_dir):
     actions = [(rec["action"], rec["layer"]) for run in q["passes"] for rec in run["records"]]
     assert [layer for action, layer in actions if action == "composed"] == dense
     assert sum(action == "rebased" for action, _ in actions) == 12
-    assert "12 of 18 decomposed layers stay structured" in r.output
+    said = " ".join(r.output.split())        # however the terminal wraps it
+    assert "0 layer shape(s) timed now, 18 layer(s) from" in said
+    assert "12 of 18 decomposed layers stay structured" in said
     fp32 = onnx.load(str(out / "model.fp32.onnx")).graph
     inits = {i.name: i for i in fp32.initializer}
     composed = [n for n in fp32.node if n.name.endswith("/dense")]
