@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from .decompose_structured_conv_pass import layer_name
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
-from .rebase_channel_sums_pass import band_window, conv_ints, conv_weight, is_box, only_consumer
+from .rebase_channel_sums_pass import (band_window, conv_group, conv_ints, conv_weight, is_box,
+                                       only_consumer)
 
 
 @dataclass
@@ -44,10 +45,6 @@ class DecomposedLayer:
         return self.nodes[0].inputs[0]
 
 
-def _group(node: ir.Node) -> int:
-    return int(node.attributes["group"].value) if "group" in node.attributes else 1
-
-
 def source_layer(small: ir.Node) -> str:
     """The source layer a small conv belongs to: ``stage_1.0.conv_a`` for the zoo's
     ``stage_1.0.conv_a.conv.weight`` and for ``decompose_structured_conv``'s
@@ -63,7 +60,7 @@ def _small_conv(node: ir.Node | None, channels: int) -> bool:
     """A conv with a constant, non-binary weight reading ``channels`` channels (the
     layer's ``alpha``), no padding of its own when it follows a box."""
     w = conv_weight(node) if node is not None else None
-    return w is not None and w.ndim == 4 and w.shape[1] * _group(node) == channels \
+    return w is not None and w.ndim == 4 and w.shape[1] * conv_group(node) == channels \
         and not np.all((w == 0) | (w == 1)) and conv_ints(node, "dilations", [1, 1]) == [1, 1]
 
 
@@ -78,7 +75,7 @@ def find_decomposed(graph: ir.Graph) -> list[DecomposedLayer]:
         box, nxt = None, only_consumer(node.outputs[0])
         if nxt is not None and is_box(nxt, groups * c):
             box, nxt = nxt, only_consumer(nxt.outputs[0])
-        if _small_conv(nxt, groups * c) and _group(nxt) == groups and \
+        if _small_conv(nxt, groups * c) and conv_group(nxt) == groups and \
                 (box is None or not any(conv_ints(nxt, "pads", [0, 0, 0, 0]))):
             found.append(DecomposedLayer(source_layer(nxt), node, box, nxt))
             if box is not None:
@@ -96,7 +93,7 @@ def find_decomposed(graph: ir.Graph) -> list[DecomposedLayer]:
 def composed_weight(layer: DecomposedLayer) -> np.ndarray:
     """The dense kernel of ``layer`` (float64 math, ``alpha``'s dtype back)."""
     alpha = conv_weight(layer.small)
-    groups = _group(layer.small)
+    groups = conv_group(layer.small)
     out, c, n1, n2 = alpha.shape
     a = alpha.astype(np.float64)
     if layer.box is not None:
@@ -122,7 +119,7 @@ def dense_conv_attributes(layer: DecomposedLayer, kernel: tuple[int, int]) -> di
     """The dense conv's attributes: the box's padding (the small conv's when there is no
     box), the small conv's stride and groups."""
     padded = layer.box if layer.box is not None else layer.small
-    return {"group": _group(layer.small), "kernel_shape": list(kernel),
+    return {"group": conv_group(layer.small), "kernel_shape": list(kernel),
             "strides": conv_ints(layer.small, "strides", [1, 1]),
             "pads": conv_ints(padded, "pads", [0, 0, 0, 0])}
 

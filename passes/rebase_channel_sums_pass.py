@@ -42,6 +42,10 @@ def conv_ints(node: ir.Node, key: str, default):
     return list(attr.value) if attr is not None else list(default)
 
 
+def conv_group(node: ir.Node) -> int:
+    return int(node.attributes["group"].value) if "group" in node.attributes else 1
+
+
 def conv_weight(node: ir.Node) -> np.ndarray | None:
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
@@ -70,7 +74,7 @@ def band_window(node: ir.Node) -> tuple[int, int, int] | None:
     w = conv_weight(node)
     if w is None or w.ndim != 4 or w.shape[2:] != (1, 1) or not _plain(node):
         return None
-    groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
+    groups = conv_group(node)
     out, cg = w.shape[:2]
     if out % groups:
         return None
@@ -95,7 +99,7 @@ def only_consumer(value: ir.Value) -> ir.Node | None:
 def is_box(node: ir.Node, channels: int) -> bool:
     """A depthwise conv of ones over ``channels`` channels (it may pad: zeros commute)."""
     w = conv_weight(node)
-    groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
+    groups = conv_group(node)
     if w is None or groups != channels or w.shape[:2] != (channels, 1) or not np.all(w == 1):
         return False
     if any(v != 1 for v in conv_ints(node, "strides", [1, 1]) + conv_ints(node, "dilations", [1, 1])):
@@ -117,7 +121,7 @@ def find_channel_sums(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, ir
             box, nxt = nxt, only_consumer(nxt.outputs[0])
         w = conv_weight(nxt) if nxt is not None else None
         if w is None or w.shape[1] != c or \
-                (int(nxt.attributes["group"].value) if "group" in nxt.attributes else 1) != groups:
+                conv_group(nxt) != groups:
             continue
         found.append((node, box, nxt, window))
     return found

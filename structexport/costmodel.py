@@ -40,7 +40,7 @@ class NodeCost:
         return asdict(self)
 
 
-def _shapes(model) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(model) -> dict[str, tuple[int, ...]]:
     import onnx
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {}
@@ -150,7 +150,7 @@ def _pool_adds(node, out: tuple, shapes: dict, graph: _Graph) -> int:
 def node_costs(path: str | Path) -> list[NodeCost]:
     import onnx
     model = onnx.load(str(path))
-    shapes = _shapes(model)
+    shapes = tensor_shapes(model)
     inits = {i.name: i for i in model.graph.initializer}
     graph = _Graph(model)
     costs = []

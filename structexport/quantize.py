@@ -138,6 +138,15 @@ def _quiet_ort_quantization():
         root.setLevel(level)
 
 
+def _consumers(graph) -> dict[str, list]:
+    """tensor name -> the nodes that read it."""
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            out.setdefault(i, []).append(node)
+    return out
+
+
 def _batched(x: np.ndarray, batch: int):
     for i in range(0, len(x) - batch + 1, batch):
         yield x[i:i + batch]
@@ -159,10 +168,7 @@ def layer_nodes(path: Path) -> list[tuple[str, str, str]]:
     import onnx
     graph = onnx.load(str(path)).graph
     inits = {i.name for i in graph.initializer}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            users.setdefault(i, []).append(node)
+    users = _consumers(graph)
 
     def weight_of(node):
         return next((i for i in node.input[1:2] if i in inits), None)
@@ -223,10 +229,7 @@ def float_islands(path: Path) -> dict[str, str]:
     concatenations too (500 images); on the whole test set 94.59% against 94.60%."""
     import onnx
     graph = onnx.load(str(path), load_external_data=False).graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
     out = {}
     for node in graph.node:
         if not node.name:       # nodes_to_exclude matches by name: "" would match every unnamed node
@@ -308,10 +311,7 @@ def output_tolerance(qdq_path: Path, expected: list[np.ndarray]) -> float:
 
 def _dequantized_names(graph) -> dict[str, str]:
     """tensor -> the DequantizeLinear output that carries it quantized (Q then DQ)."""
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
     out = {}
     for node in graph.node:
         if node.op_type != "QuantizeLinear":
@@ -441,10 +441,10 @@ def layer_models(layer, in_shape: tuple[int, ...]) -> dict[str, bytes]:
     from onnx import TensorProto, helper
 
     from structexport.passes.compose_dense_layers_pass import composed_weight, dense_conv_attributes
-    from structexport.passes.rebase_channel_sums_pass import conv_ints, conv_weight
+    from structexport.passes.rebase_channel_sums_pass import conv_group, conv_ints, conv_weight
 
     def attrs(node) -> dict:
-        return {"group": int(node.attributes["group"].value) if "group" in node.attributes else 1,
+        return {"group": conv_group(node),
                 "strides": conv_ints(node, "strides", [1, 1]), "pads": conv_ints(node, "pads", [0, 0, 0, 0])}
 
     channels = in_shape[1]
@@ -474,12 +474,12 @@ def layer_models(layer, in_shape: tuple[int, ...]) -> dict[str, bytes]:
 
 def layer_key(layer, in_shape: tuple[int, ...]) -> str:
     """What a layer's INT8 timing depends on: its input and every conv's shape and attributes."""
-    from structexport.passes.rebase_channel_sums_pass import conv_ints, conv_weight
+    from structexport.passes.rebase_channel_sums_pass import conv_group, conv_ints, conv_weight
     parts = [f"in {'x'.join(map(str, in_shape))}"]
     for role, node in (("band", layer.band), ("box", layer.box), ("small", layer.small)):
         if node is None:
             continue
-        group = int(node.attributes["group"].value) if "group" in node.attributes else 1
+        group = conv_group(node)
         parts.append(f"{role} {'x'.join(map(str, conv_weight(node).shape))}/g{group}"
                      f"/s{''.join(map(str, conv_ints(node, 'strides', [1, 1])))}"
                      f"/p{''.join(map(str, conv_ints(node, 'pads', [0] * 4)))}")
@@ -515,25 +515,23 @@ def choose_dense_layers(model, policy: str, cache_path: Path | None, say,
     ``{layer: why}``, and the manifest's record of the choice. ``measure`` times each layer
     shape structured and dense, quantized, on this machine (cached per machine and shape);
     a layer stays structured only where that is faster. ``structured`` keeps every layer."""
-    import onnx
     import onnx_ir as ir
 
+    from structexport.costmodel import tensor_shapes
     from structexport.passes.autotune import AutotuneCache, machine_key
     from structexport.passes.compose_dense_layers_pass import find_decomposed
     layers = find_decomposed(model.graph)
     record = {"policy": policy, "layers": []}
     if policy == "structured" or not layers:
         return {}, record
-    inferred = onnx.shape_inference.infer_shapes(ir.to_proto(model))
-    shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    shapes = tensor_shapes(ir.to_proto(model))          # fully known shapes only
     cache = AutotuneCache(cache_path or layer_cache_path())
     machine = machine_key("ort-cpu int8 qdq", threads)
     record.update({"cache": str(cache.path), "machine": machine})
     dense, measured, from_cache, unmeasured = {}, 0, 0, 0
     for layer in layers:
         in_shape = shapes.get(layer.input.name)
-        if not in_shape or not all(in_shape):
+        if not in_shape:
             record["layers"].append({"layer": layer.layer, "choice": "structured",
                                      "why": "input shape unknown: not measured"})
             unmeasured += 1

@@ -89,9 +89,8 @@ def test_compose_dense_layers_refuses_an_unknown_layer():
 
 
 def shapes_of(model: ir.Model) -> dict:
-    inferred = onnx.shape_inference.infer_shapes(ir.to_proto(model))
-    return {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    from structexport.costmodel import tensor_shapes
+    return tensor_shapes(ir.to_proto(model))
 
 
 def test_choice_from_the_cache_keeps_a_layer_structured_only_where_faster(tmp_path):

@@ -296,13 +296,12 @@ def test_layers_slower_structured_ship_dense(tmp_path, cifar10_dir):
     the test does not depend on the CPU): the six 16-channel layers, timed slower structured
     than dense, are shipped as composed 3x3 convs; the other twelve stay structured and
     rebased; nothing is measured; the package is verified and gated as always."""
+    from structexport.costmodel import tensor_shapes
     from structexport.passes.autotune import machine_key
     from structexport.passes.compose_dense_layers_pass import find_decomposed
     from structexport.quantize import layer_key
     model = ir.from_proto(onnx.load(str(banded_graph(structured_checkpoint(), tmp_path))))
-    inferred = onnx.shape_inference.infer_shapes(ir.to_proto(model))
-    shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    shapes = tensor_shapes(ir.to_proto(model))
     entries = {}
     for layer in find_decomposed(model.graph):
         slow = layer.layer.startswith("stage_1.")
