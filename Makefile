@@ -7,7 +7,7 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-EXTRAS  ?= test,tvm
+EXTRAS  ?= test,tvm,executorch
 VPY     := $(VENV)/bin/python
 
 # The install is redone only when pyproject.toml (or the extras) change: the stamp's name

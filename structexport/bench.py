@@ -26,7 +26,8 @@ from structexport.package import Package, is_package
 from structexport.profiling.layermap import ORT_FUSED_SUFFIX, onnx_node_layers
 from structexport.profiling.ort import node_times
 from structexport.quantize import DENSE_INT8, FP32_MODEL
-from structexport.timedcheck import checked_int8_baseline, checked_libraries, checked_sessions
+from structexport.timedcheck import (checked_int8_baseline, checked_libraries, checked_programs,
+                                     checked_sessions)
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
 
@@ -59,7 +60,7 @@ class BenchOptions:
     allow_torchscript: bool = False
 
 
-BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
+BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch")
 
 
 def _by(events, key) -> dict[str, float]:
@@ -147,6 +148,9 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
                                      opts.threads, say)
         if int8:
             workloads["dense-int8"] = checked_int8_baseline(package, opts.threads, say)
+    elif opts.target == "executorch":
+        workloads = checked_programs(package, {"structured": package.program, "dense": package.dense_program},
+                                     feed, opts.threads, say)
     else:
         workloads, device, dense_build = _tvm_workloads(opts, package, package.library, dense_path,
                                                         feed, workdir, say)
@@ -187,6 +191,9 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         # target and tuning budget as the structured one.
         "dense_target_build": dense_build,
     }
+    if opts.target == "executorch":
+        result["runtime"] = (f"ExecuTorch {(package.target_build or {}).get('executorch', '')}, XNNPACK delegate, "
+                             f"{opts.threads} thread{'s' * (opts.threads > 1)}")
     if device is not None and device.emulated:
         result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
                           "prove the library runs; they are not ARM latency")

@@ -571,12 +571,30 @@ def _render_convert(m: dict, outdir) -> None:
                               "-" if t["best_ms"] is None else f"{t['best_ms']:.4f}",
                               "yes" if t["from_database"] else "no")
             out.print(tasks)
+    if build.get("delegation"):
+        _render_delegation(build["delegation"], build.get("delegate", "the delegate"))
     if (m.get("device") or {}).get("emulated"):
         out.print("device: emulated aarch64 (qemu user mode) -- it proves the library runs and is "
                   "correct; its timings are not ARM latency")
     for name, art in m["artifacts"].items():
         out.print(f"  {outdir}/{name}  {art['bytes']:,} bytes  {art['description']}")
     out.print(f"  {outdir}/manifest.json")
+
+
+def _render_delegation(d: dict, delegate: str) -> None:
+    """What the runtime's delegate runs, and a warning for structured layers it does not."""
+    share = d.get("macs_delegated_share")
+    out.print(f"{delegate} delegate: {d['delegated_ops']} of {d['delegated_ops'] + d['portable_ops']} ops "
+              f"in {d['delegate_calls']} delegate calls"
+              + (f", {100 * share:.1f}% of multiply-accumulates" if share is not None else ""))
+    if d["portable"]:
+        out.print("  left to portable kernels: " + ", ".join(f"{e['op']} x{e['count']}" for e in d["portable"]))
+    falling = d.get("structured_layers_not_delegated") or []
+    if falling:
+        more = f" and {len(falling) - 4} more" if len(falling) > 4 else ""
+        err.print(f"[yellow]warning:[/] {len(falling)} structured layer{'s' * (len(falling) > 1)} run partly "
+                  f"outside {delegate}, on slow portable kernels: {', '.join(falling[:4])}{more} "
+                  f"(the manifest lists each op under target_build.delegation)")
 
 
 # Commands that live in their own modules; they import structexport.cli_common, never this

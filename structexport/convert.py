@@ -36,7 +36,7 @@ from structexport.package import (COMPOSED, MANIFEST, MANIFEST_VERSION, REFERENC
                                   save_verification_arrays)
 from structexport.quantize import (DENSE_INT8, FP32_MODEL, Int8OptionError, calibration_sets,
                                    dense_int8_baseline, int8_stage)
-from structexport.reference import export_reference
+from structexport.reference import dense_reference_module, export_reference
 from structexport.targets import get_target
 from structexport.targets.base import TargetOptionError
 
@@ -262,7 +262,8 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
                                  allow_torchscript=opts.allow_torchscript)
         return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
     bare, named = parse_input_shapes(opts.input_shape)
-    get_target(opts.target, dict(opts.target_options, progress=say))   # usage errors first
+    _refuse_torch_target(get_target(opts.target, dict(opts.target_options, progress=say)),   # usage errors first
+                         checkpoint)
     _check_outdir(Path(outdir))
     say("load")
     # --inputs arrays named after the model's inputs fix their shapes (and integer values)
@@ -373,7 +374,7 @@ def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: 
                     note="the portable check: the graph exactly as written")
     records = [_deployed_record(portable_file, portable, verification.to_dict())]
     for deployment in target.deployments():
-        say(f"verify {deployment.file} ({deployment.options['graph_optimization_level']})")
+        say(f"verify {deployment.file} ({deployment.options.get('graph_optimization_level') or deployment.options['runtime']})")
         run = deployment.open(staging / deployment.file)
         result = verify_arrays(run, arrays, expected, opts.precision, opts.atol, opts.rtol,
                                runtime=f"{deployment.options['runtime']}, "
@@ -397,6 +398,40 @@ def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: 
 def _wants_composed(target) -> bool:
     wants = getattr(target, "wants_composed_graph", None)
     return bool(wants and wants())
+
+
+def _target_realization(target, opts: ConvertOptions) -> ConvertOptions:
+    """A target with one sum-pool form its runtime delegates (ExecuTorch: bands) gets it,
+    unless --sumpool-realization chose another; --autotune times ONNX Runtime's forms, which
+    such a target does not run."""
+    realization = getattr(target, "sumpool_realization", None)
+    if realization is None:
+        return opts
+    if opts.pass_options.get("autotune"):
+        raise TargetOptionError(f"--autotune times sum-pool forms under ONNX Runtime; {target.name} realizes "
+                                f"them as {realization} convs, the form its delegate runs fastest",
+                                "leave --autotune out; --sumpool-realization forces another form")
+    if opts.pass_options.get("sumpool_realization"):
+        return opts
+    return dataclasses.replace(opts, pass_options=dict(opts.pass_options, sumpool_realization=realization))
+
+
+def _wants_torch_modules(target) -> bool:
+    return bool(getattr(target, "wants_torch_modules", False))
+
+
+def _refuse_torch_target(target, what) -> None:
+    """A target that lowers the zoo's rewritten torch modules cannot take a model whose
+    structure is found in its ONNX graph (yet): refused before any work (exit 2)."""
+    if not _wants_torch_modules(target):
+        return
+    from structexport.targets import TARGETS
+    others = ", ".join(n for n, t in TARGETS.items() if not _wants_torch_modules(t))
+    raise TargetOptionError(f"--target {target.name} lowers zoo checkpoints (structured layers declared by "
+                            f"the zoo's classes); {what} is not one, and its structure would be found in "
+                            f"its ONNX graph, which {target.name} does not lower",
+                            f"convert it for one of {others}, or load its weights into a zoo "
+                            f"architecture (--arch)")
 
 
 def _drop_composed(target, staging: Path, artifacts: dict | None = None) -> None:
@@ -457,6 +492,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
              timings: dict[str, float]) -> ConvertResult:
     from structexport.passes import PassContext, PassManager
     target, steps, outdir = plan.target, plan.steps, plan.outdir
+    opts = _target_realization(target, opts)
     source = loaded.model.eval()
     shape = parse_input_shape(opts.input_shape) if opts.input_shape else default_input_shape(loaded.arch)
     _check_shape(source, shape, loaded.arch)
@@ -515,6 +551,12 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             export_onnx(recompose(export_model), example, composed_path,
                         fold_constants=not ctx.option("keep_csg_codes", False))
             target.options["composed_onnx"] = composed_path
+        first_input = next(iter(inputs.values()))
+        dense, dense_passes = dense_reference_module(source, first_input, loaded.arch,
+                                                     [s.name for s in steps], opts.target)
+        if _wants_torch_modules(target):
+            # a target that lowers torch programs: the same rewritten model as model.onnx
+            target.options.update(torch_module=rewritten, dense_module=dense, example=example)
         artifacts, target_check, device, device_lost, deployed = _target_stage(
             target, staging, onnx_path, source, inputs, deploy_opts, say, timings, deploy_expected,
             verification, portable_file)
@@ -522,9 +564,8 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
 
         say("export the dense reference")
         t = time.perf_counter()
-        first_input = next(iter(inputs.values()))
-        reference_info = export_reference(source, first_input, loaded.arch, [s.name for s in steps],
-                                          opts.target, staging / REFERENCE)
+        reference_info = export_reference(source, first_input, loaded.arch, dense_passes,
+                                          opts.target, staging / REFERENCE, dense=dense)
         reference_check = verify_arrays(onnx_runner(staging / REFERENCE),
                                         {k: v.numpy() for k, v in inputs.items()}, expected, "fp32")
         if not reference_check.passed:
@@ -822,6 +863,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
         raise InputShapeError(f"--precision {opts.precision} is for zoo checkpoints",
                               "convert ONNX models at fp32 (or int8)")
     target = get_target(opts.target, dict(opts.target_options, progress=say))
+    _refuse_torch_target(target, source.get("path") or "the model")
     plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
     target.preflight()
     timings: dict[str, float] = {}

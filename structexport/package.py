@@ -161,6 +161,20 @@ class Package:
         path = self.root / "model.so"
         return path if "model.so" in self.manifest["artifacts"] and path.is_file() else None
 
+    def _artifact(self, name: str) -> Path | None:
+        path = self.root / name
+        return path if name in self.manifest["artifacts"] and path.is_file() else None
+
+    @property
+    def program(self) -> Path | None:
+        """The ExecuTorch program, for the executorch target."""
+        return self._artifact("model.pte")
+
+    @property
+    def dense_program(self) -> Path | None:
+        """The dense counterpart as an ExecuTorch program (bench's baseline on ExecuTorch)."""
+        return self._artifact("reference.pte")
+
     @property
     def composed_onnx(self) -> Path | None:
         """The graph a fused TVM library was compiled from (structured convs as plain convs

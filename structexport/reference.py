@@ -49,17 +49,27 @@ def checked_dense_counterpart(source: nn.Module, example: torch.Tensor, arch: st
     return dense
 
 
-def export_reference(source: nn.Module, example: torch.Tensor, arch: str, passes: list[str],
-                     target: str, path: Path) -> dict:
-    """Export the checked dense counterpart of ``source`` to ``path``, with those of
-    ``passes`` that are not structural; returns the export's info."""
-    from structexport.export import export_onnx
+def dense_reference_module(source: nn.Module, example: torch.Tensor, arch: str, passes: list[str],
+                           target: str) -> tuple[nn.Module, list[str]]:
+    """The checked dense counterpart of ``source`` with those of ``passes`` that are not
+    structural (batch norm folded as the structured model's is); (module, passes applied)."""
     from structexport.passes import PassContext, PassManager, select_passes
     dense = checked_dense_counterpart(source, example, arch)
     applied = [p for p in passes if p in NON_STRUCTURAL_PASSES]
     if applied:
         manager = PassManager(select_passes(applied), check_inputs=example)
         dense, _runs = manager.run(dense, PassContext(target, tuple(example.shape), {}))
+    return dense.eval(), applied
+
+
+def export_reference(source: nn.Module, example: torch.Tensor, arch: str, passes: list[str],
+                     target: str, path: Path, dense: nn.Module | None = None) -> dict:
+    """Export the checked dense counterpart of ``source`` to ``path`` (``dense``: one made
+    already by :func:`dense_reference_module`), returns the export's info."""
+    from structexport.export import export_onnx
+    applied = [p for p in passes if p in NON_STRUCTURAL_PASSES]
+    if dense is None:
+        dense, applied = dense_reference_module(source, example, arch, passes, target)
     info = export_onnx(dense, example, path)
     info["passes"] = applied
     return info

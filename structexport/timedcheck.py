@@ -25,6 +25,19 @@ def checked_sessions(package, paths: dict[str, Path], threads: int, say) -> dict
     return sessions
 
 
+def checked_programs(package, paths: dict[str, Path], feed, threads: int, say) -> dict:
+    """ExecuTorch programs as they will be timed (XNNPACK, ``threads``), each checked against
+    ``package``'s stored outputs first; timers for :func:`structexport.timing.time_interleaved`."""
+    from structexport.executorch_runtime import runner, timer
+    timers = {}
+    for name, path in paths.items():
+        what = f"{path} under ExecuTorch (XNNPACK, {threads} thread{'s' * (threads > 1)})"
+        say(f"check {what}")
+        package.check_timed(runner(path, threads), what, None if name == "structured" else "fp32")
+        timers[name] = timer(path, feed, threads)
+    return timers
+
+
 def checked_libraries(package, libs: dict, where: str, say) -> None:
     """TVM libraries loaded on their device (``structexport.rpc.LoadedLibrary``), each
     checked once against ``package``'s stored outputs before it is timed; the one called

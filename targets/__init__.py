@@ -1,16 +1,18 @@
 """Target backends (installed as ``structexport.targets``): one interface for all.
 
 ``onnx``, ``ort-cpu``, ``tvm-llvm`` (this host), ``tvm-arm`` (64-bit ARM, cross-compiled,
-verified over RPC) and ``tvm-cuda`` (compiles anywhere, verifies where a GPU is).
+verified over RPC), ``tvm-cuda`` (compiles anywhere, verifies where a GPU is) and
+``executorch`` (an ExecuTorch program with the XNNPACK delegate).
 """
 from structexport.errors import StructExportError
 
 from .base import Target
+from .executorch_target import ExecuTorchTarget
 from .onnx_targets import OnnxTarget, OrtCpuTarget
 from .tvm_targets import ARM_PRESETS, TvmArmTarget, TvmCudaTarget, TvmLlvmTarget
 
 TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), OrtCpuTarget(), TvmLlvmTarget(),
-                                                  TvmArmTarget(), TvmCudaTarget())}
+                                                  TvmArmTarget(), TvmCudaTarget(), ExecuTorchTarget())}
 
 
 class UnknownTargetError(StructExportError):
