@@ -26,8 +26,8 @@ from structexport.package import Package, is_package
 from structexport.profiling.layermap import ORT_FUSED_SUFFIX, onnx_node_layers
 from structexport.profiling.ort import node_times
 from structexport.quantize import DENSE_INT8, FP32_MODEL
-from structexport.timedcheck import (checked_int8_baseline, checked_libraries, checked_programs,
-                                     checked_sessions)
+from structexport.timedcheck import (checked_int8_baseline, checked_int8_program, checked_libraries,
+                                     checked_programs, checked_sessions)
 from structexport.timing import time_interleaved
 from structexport.workload import Workload, WorkloadOptions, resolve_workload
 
@@ -140,9 +140,9 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     feed = package.feed()
     device, dense_build = None, None
     int8 = package.precision == "int8"
-    if int8 and opts.target != "ort-cpu":
-        raise BenchError(f"{package.root} is an INT8 package for ort-cpu; {opts.target} cannot time it",
-                         "bench it with --target ort-cpu")
+    if int8 and opts.target != package.target:
+        raise BenchError(f"{package.root} is an INT8 package for {package.target}; {opts.target} cannot time it",
+                         f"bench it with --target {package.target}")
     if opts.target == "ort-cpu":
         workloads = checked_sessions(package, {"structured": structured_onnx, "dense": dense_path},
                                      opts.threads, say)
@@ -151,6 +151,9 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     elif opts.target == "executorch":
         workloads = checked_programs(package, {"structured": package.program, "dense": package.dense_program},
                                      feed, opts.threads, say)
+        if int8:
+            workloads["dense-int8"] = checked_int8_program(package, package.root / "reference.int8.pte",
+                                                           feed, opts.threads, say)
     else:
         workloads, device, dense_build = _tvm_workloads(opts, package, package.library, dense_path,
                                                         feed, workdir, say)
@@ -165,7 +168,7 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     say(f"timing ({opts.repeat} interleaved runs{where})")
     stats = time_interleaved(workloads, feed, opts.repeat, opts.warmup)
     # An INT8 graph's convs read dequantized weights: its MACs are the float32 model's
-    costs_of = package.root / FP32_MODEL if int8 else structured_onnx
+    costs_of = package.root / FP32_MODEL if int8 and (package.root / FP32_MODEL).is_file() else structured_onnx
     cost_s, cost_d = totals(node_costs(costs_of)), totals(node_costs(dense_path))
     # INT8: judged against the dense model quantized the same way (what an INT8 user ships)
     baseline = "dense-int8" if int8 else "dense"
@@ -207,7 +210,8 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
             "tvm_over_ort_dense": stats["dense"]["median"] / ort_d}
     if int8:
         result["precision"] = "int8"
-        result["baseline"] = "the dense model quantized the same way, with the same calibration (reference.int8.onnx)"
+        result["baseline"] = ("the dense model quantized the same way, with the same calibration "
+                              f"({'reference.int8.pte' if opts.target == 'executorch' else 'reference.int8.onnx'})")
         result["dense_int8_latency_ms"] = stats["dense-int8"]
         result["speedup_over_dense_fp32"] = stats["dense"]["median"] / stats["structured"]["median"]
         result["dense_int8_over_dense_fp32"] = stats["dense"]["median"] / stats["dense-int8"]["median"]

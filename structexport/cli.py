@@ -452,9 +452,10 @@ def _int8_options(ctx, precision, calibration, count, method, gate_images, min_a
 def _render_int8(q: dict) -> None:
     g, cal = q["gate"], q["calibration"]
     quant = q["quantization"]
+    how = quant.get("calibration_method") or quant.get("tool")
     out.print(f"INT8: calibrated on {cal['calibration_images']} images of {escape(cal['data'])} "
-              f"({quant['calibration_method']}); weights {quant['weights']}, activations {quant['activations']}"
-              + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant["kept_fp32"] else ""))
+              f"({how}); weights {quant['weights']}, activations {quant['activations']}"
+              + (f"; kept in float32: {', '.join(quant['kept_fp32'])}" if quant.get("kept_fp32") else ""))
     islands = quant.get("kept_fp32_always") or {}
     if islands:
         kinds = sorted(set(islands.values()))
@@ -470,8 +471,9 @@ def _render_int8(q: dict) -> None:
                   f"{choice.get('from_cache', 0)} layer(s) from {escape(str(choice.get('cache')))}{unmeasured}): "
                   f"{len(rows) - len(dense)} of {len(rows)} decomposed layers stay structured"
                   + (f"; dense where faster in INT8: {escape(', '.join(dense))}" if dense else ""))
-    if actions.count("rebased"):
-        out.print(f"  {actions.count('rebased')} channel sum(s) rebased for INT8 (one sum / sqrt(window), "
+    rebased = actions.count("rebased") or len(q.get("rebased") or [])
+    if rebased:
+        out.print(f"  {rebased} channel sum(s) rebased for INT8 (one sum / sqrt(window), "
                   "then differences)")
     mark = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
     out.print(f"  accuracy gate {mark} on {g['images']} held-out images: top-1 agreement with the float32 "
@@ -485,7 +487,7 @@ def _render_int8(q: dict) -> None:
         d = dense["gate"]
         out.print(f"  the dense model quantized the same way ({dense['file']}): agreement "
                   f"{100 * d['agreement']:.2f}%, top-1 {100 * d['int8_top1']:.2f}%")
-    rows = sorted((r for r in q["layers"] if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])[:5]
+    rows = sorted((r for r in q.get("layers") or [] if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])[:5]
     if rows:
         out.print("  lowest per-layer SQNR (calibration images, errors of earlier layers included): "
                   + ", ".join(f"{escape(r['layer'])} {r['sqnr_db']:.1f} dB" for r in rows))
@@ -535,14 +537,19 @@ def _render_convert(m: dict, outdir) -> None:
               f"(optimizations off), max abs diff {v['max_abs_diff']:.3g}, max rel diff "
               f"{v['max_rel_diff']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
     if m.get("int8"):
-        out.print(f"  ({v.get('file', 'model.fp32.onnx')}: the float32 model that was quantized to INT8)")
+        if m["target"] == "ort-cpu":
+            out.print(f"  ({v.get('file', 'model.fp32.onnx')}: the float32 model that was quantized to INT8)")
+        else:
+            out.print("  (model.onnx: the float32 graph of the same structure plan; the target quantized its own)")
         _render_int8(m["int8"])
     for d in (m.get("deployed_verification") or [])[1:]:   # the first is the check above
         if "graph_optimization_level" not in d["options"]:
             continue    # the TVM library: shown below as the target's own check
         mark = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]"
         o = d["options"]
-        against = (f" against its fake-quantized graph (atol {d['atol']:.3g})" if m.get("int8") else "")
+        # INT8 files are held to their fake-quantized graph (older manifests: every file of an INT8 package)
+        int8_check = d.get("precision", "int8" if m.get("int8") else None) == "int8"
+        against = f" against its fake-quantized graph (atol {d['atol']:.3g})" if int8_check else ""
         out.print(f"  {d['file']} as deployed ({o['graph_optimization_level']}"
                   f"{', ORT format' if o.get('model_format') == 'ORT' else ''}){against} {mark}: "
                   f"max abs diff {d['max_abs_diff']:.3g}, max rel diff {d['max_rel_diff']:.3g}")

@@ -182,6 +182,11 @@ class _Plan:
     missing_parents: list[Path]
 
 
+# The targets that take --precision int8: ONNX Runtime (QDQ, its own quantization tool) and
+# ExecuTorch (PT2E with XNNPACK's quantizer)
+INT8_TARGETS = ("ort-cpu", "executorch")
+
+
 def prepare_int8(opts: ConvertOptions) -> ConvertOptions:
     """``--precision int8`` checked before any work (its calibration, its preprocessing, a
     target that runs and checks INT8), with the sum-pools realized as bands: 1x1 and
@@ -195,12 +200,12 @@ def prepare_int8(opts: ConvertOptions) -> ConvertOptions:
         raise Int8OptionError("--precision int8 needs calibration images",
                               "add --calibration DATA (an .npz of images and labels, or a folder of class "
                               "subfolders) and the model's --preprocess")
-    if opts.target != "ort-cpu":
+    if opts.target not in INT8_TARGETS:
         why = ("TVM's Relax frontend has no INT8 conv: it runs float convs between QuantizeLinear and "
                "DequantizeLinear, 2.3x slower than float32 (docs/int8.md)" if opts.target.startswith("tvm")
                else "the INT8 model is checked and gated as ONNX Runtime runs it")
-        raise Int8OptionError(f"--precision int8 is built for ort-cpu, not {opts.target}: {why}",
-                              "use --target ort-cpu (its model.onnx is the portable QDQ model)")
+        raise Int8OptionError(f"--precision int8 is built for {' and '.join(INT8_TARGETS)}, not {opts.target}: {why}",
+                              "use --target ort-cpu (its model.onnx is the portable QDQ model) or executorch")
     if opts.preprocess is None:
         raise Int8OptionError("--precision int8 calibrates on images preprocessed as the model expects, "
                               "and no preprocessing was given",
@@ -356,7 +361,7 @@ def _target_stage(target, staging: Path, onnx_path: Path, reference, inputs: dic
 def _deployed_record(file: str, options: dict, result) -> dict:
     return {"file": file, "options": options, "passed": result["passed"], "checks": len(result["checks"]),
             "max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"],
-            "atol": result["atol"], "rtol": result["rtol"]}
+            "atol": result["atol"], "rtol": result["rtol"], "precision": result.get("precision")}
 
 
 def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: ConvertOptions,
@@ -376,7 +381,10 @@ def _verify_deployed(target, staging: Path, inputs: dict, expected: dict, opts: 
     for deployment in target.deployments():
         say(f"verify {deployment.file} ({deployment.options.get('graph_optimization_level') or deployment.options['runtime']})")
         run = deployment.open(staging / deployment.file)
-        result = verify_arrays(run, arrays, expected, opts.precision, opts.atol, opts.rtol,
+        own = deployment.expected is not None
+        result = verify_arrays(run, arrays, deployment.expected if own else expected,
+                               deployment.precision or opts.precision,
+                               deployment.atol if own else opts.atol, deployment.rtol if own else opts.rtol,
                                runtime=f"{deployment.options['runtime']}, "
                                        f"{deployment.options['graph_optimization_level']}")
         records.append(_deployed_record(deployment.file, deployment.options, result.to_dict()))
@@ -540,7 +548,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                     "nothing was written; loosen --atol/--rtol if the differences "
                                     "are expected, or pass --force to keep the artifact")
         int8, deploy_opts, deploy_expected, portable_file = None, opts, expected, "model.onnx"
-        if sets is not None:
+        if sets is not None and not _wants_torch_modules(target):
             int8, deploy_opts, deploy_expected, portable_file = _quantize(
                 staging, source, {k: v.numpy() for k, v in inputs.items()}, sets, opts, say, timings)
 
@@ -556,7 +564,10 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                                      [s.name for s in steps], opts.target)
         if _wants_torch_modules(target):
             # a target that lowers torch programs: the same rewritten model as model.onnx
-            target.options.update(torch_module=rewritten, dense_module=dense, example=example)
+            # (INT8: it quantizes them itself, with its runtime's quantizer)
+            target.options.update(torch_module=rewritten, dense_module=dense, example=example, source=source,
+                                  inputs={k: v.numpy() for k, v in inputs.items()}, force=opts.force,
+                                  int8=(sets, opts.int8) if sets is not None else None)
         artifacts, target_check, device, device_lost, deployed = _target_stage(
             target, staging, onnx_path, source, inputs, deploy_opts, say, timings, deploy_expected,
             verification, portable_file)
@@ -573,10 +584,13 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                                     "nothing was written; report this (the dense export is wrong)")
         if int8 is not None:
             _dense_int8(staging, source, sets, opts, say, int8, artifacts)
+        target_int8 = getattr(target, "int8", None)   # a target that quantized by itself
         save_verification_arrays(staging / VERIFICATION_DATA,
                                  {k: v.numpy() for k, v in inputs.items()},
                                  {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()},
-                                 int8.expected if int8 is not None else None)
+                                 int8.expected if int8 is not None else
+                                 target_int8.expected if target_int8 is not None else None,
+                                 getattr(target_int8, "dense_expected", None))
         artifacts[REFERENCE] = ("the source model as exported, structured layers as dense kernels: "
                                 "what the artifact was verified against, and bench's dense counterpart")
         artifacts[VERIFICATION_DATA] = "verification inputs and the source model's outputs on them"
@@ -613,8 +627,8 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
-        if int8 is not None:
-            manifest["int8"] = int8.record
+        if int8 is not None or target_int8 is not None:
+            manifest["int8"] = (int8 or target_int8).record
         _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)
@@ -952,7 +966,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
                                     "nothing was written; loosen --atol/--rtol or --max-residual, or pass "
                                     "--force to keep the artifact")
         int8, deploy_opts, deploy_expected, portable_file = None, opts, expected, "model.onnx"
-        if sets is not None:
+        if sets is not None and not _wants_torch_modules(target):
             int8, deploy_opts, deploy_expected, portable_file = _quantize(staging, given, arrays, sets, opts,
                                                                           say, timings)
         if _wants_composed(target):
@@ -1024,8 +1038,8 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": tool_versions(),
         }
-        if int8 is not None:
-            manifest["int8"] = int8.record
+        if int8 is not None or target_int8 is not None:
+            manifest["int8"] = (int8 or target_int8).record
         _publish(staging, outdir, manifest, device_lost)
     finally:
         _clean_up(staging, plan)

@@ -259,6 +259,7 @@ class Package:
         except Exception as exc:
             raise _corrupt(self.root, f"{VERIFICATION_DATA} cannot be read ({type(exc).__name__})") from None
         inputs, expected, int8 = {}, {}, {}
+        self._dense_int8 = {}
         for key, arr in arrays.items():
             kind, _, rest = key.partition("/")
             if kind == "input":
@@ -266,12 +267,18 @@ class Package:
             elif kind == "inputs":   # several inputs, by name, in the model's order
                 label, _, name = rest.rpartition("/")
                 inputs.setdefault(label, {})[name] = arr
-            elif kind in ("output", "int8"):
+            elif kind in ("output", "int8", "dense-int8"):
                 label, _, index = rest.rpartition("/")
-                (expected if kind == "output" else int8).setdefault(label, []).append((int(index), arr))
+                table = {"output": expected, "int8": int8, "dense-int8": self._dense_int8}[kind]
+                table.setdefault(label, []).append((int(index), arr))
         if not inputs or set(inputs) != set(expected) or (int8 and set(int8) != set(inputs)):
             raise _corrupt(self.root, f"{VERIFICATION_DATA} does not pair inputs with outputs")
         return inputs, *({k: [a for _, a in sorted(v)] for k, v in table.items()} for table in (expected, int8))
+
+    def dense_int8_expected(self) -> dict[str, list[np.ndarray]]:
+        """The dense INT8 baseline's fake-quantized outputs, where the package stores them."""
+        self.verification_arrays()
+        return {k: [a for _, a in sorted(v)] for k, v in self._dense_int8.items()}
 
     def check_timed(self, run, what: str, precision: str | None = None) -> None:
         """The very session or library a command is about to time, ``run(x) -> outputs``,
@@ -310,16 +317,20 @@ class Package:
 
 def save_verification_arrays(path: Path, inputs: dict[str, np.ndarray],
                              expected: dict[str, list[np.ndarray]],
-                             int8_expected: dict[str, list[np.ndarray]] | None = None) -> None:
+                             int8_expected: dict[str, list[np.ndarray]] | None = None,
+                             dense_int8_expected: dict[str, list[np.ndarray]] | None = None) -> None:
     """``int8_expected``: an INT8 package's fake-quantized outputs, what its integer kernels
-    are checked against (``int8/<label>/<index>``)."""
+    are checked against (``int8/<label>/<index>``); ``dense_int8_expected``: the same for its
+    dense INT8 baseline where that cannot be run as written at check time (an ExecuTorch
+    program; ``dense-int8/<label>/<index>``)."""
     arrays = {}
     for label, x in inputs.items():
         if isinstance(x, dict):      # several inputs: one array per input name
             arrays.update({f"inputs/{label}/{name}": np.array(v, order="C") for name, v in x.items()})
         else:
             arrays[f"input/{label}"] = np.array(x, order="C")
-    for prefix, table in (("output", expected), ("int8", int8_expected or {})):
+    for prefix, table in (("output", expected), ("int8", int8_expected or {}),
+                          ("dense-int8", dense_int8_expected or {})):
         for label, outs in table.items():
             for i, arr in enumerate(outs):
                 arrays[f"{prefix}/{label}/{i}"] = np.array(arr, order="C")

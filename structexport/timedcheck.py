@@ -38,6 +38,27 @@ def checked_programs(package, paths: dict[str, Path], feed, threads: int, say) -
     return timers
 
 
+def checked_int8_program(package, path: Path, feed, threads: int, say):
+    """The dense INT8 ExecuTorch program as it is timed, checked first against its
+    fake-quantized graph's outputs stored at conversion."""
+    from structexport.executorch_runtime import runner, timer
+    from structexport.export import VerificationError, verify_arrays
+    inputs, _ = package.verification_arrays()
+    expected = package.dense_int8_expected()
+    tolerance = ((package.manifest.get("int8") or {}).get("dense_int8") or {}).get("tolerance") or {}
+    if not expected or tolerance.get("atol") is None:
+        from structexport.package import PackageIncompatibleError
+        raise PackageIncompatibleError(f"{package.root} does not store the outputs its dense INT8 program "
+                                       f"is checked against", "convert the model again with this structexport")
+    what = f"{path} under ExecuTorch (XNNPACK, {threads} thread{'s' * (threads > 1)})"
+    say(f"check {what}")
+    result = verify_arrays(runner(path, threads), inputs, expected, "int8", tolerance["atol"], 0.0, runtime=what)
+    if not result.passed:
+        raise VerificationError(f"{what} does not compute what its quantized graph did: {result.summary()}",
+                                "nothing was timed; convert the model again on this machine")
+    return timer(path, feed, threads)
+
+
 def checked_libraries(package, libs: dict, where: str, say) -> None:
     """TVM libraries loaded on their device (``structexport.rpc.LoadedLibrary``), each
     checked once against ``package``'s stored outputs before it is timed; the one called

@@ -30,6 +30,12 @@ class Deployment:
     file: str
     options: dict
     open: Callable[[Path], Callable]   # the file's path -> run(x) -> list of outputs
+    # What it is checked against when not the source's outputs at the run's tolerances (an
+    # INT8 program: its fake-quantized graph's outputs, a few output steps)
+    expected: dict | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    precision: str | None = None
 
 
 class Target:

@@ -9,142 +9,15 @@ such op, the layers it belongs to and the share of multiply-accumulates delegate
 """
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
-from structexport.errors import StructExportError
+from structexport.executorch_lower import ExecuTorchExportError, lower_to_pte, structured_layer_names
 
 from .base import Deployment, Target
 
 PROGRAM = "model.pte"
 DENSE_PROGRAM = "reference.pte"
-# Lowered-graph nodes that are plumbing, not compute.
-_PLUMBING = ("executorch_call_delegate", "getitem", "alloc")
-
-
-class ExecuTorchExportError(StructExportError):
-    exit_code, kind = 31, "export-failed"
-
-
-def _contiguous(module):
-    """XNNPACK's lowering needs contiguous constants (some weights are built as views)."""
-    import torch
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if not tensor.is_contiguous():
-                tensor.data = tensor.data.contiguous()
-    return module
-
-
-def _macs(node) -> int:
-    """Multiply-accumulates of a conv or matmul node (0 for anything else)."""
-    name = str(node.target)
-    out = node.meta.get("val")
-    if out is None or not hasattr(out, "shape"):
-        return 0
-    numel = 1
-    for d in out.shape:
-        numel *= int(d)
-    if "convolution" in name or "conv2d" in name:
-        weight = node.args[1].meta.get("val")
-        if weight is None:
-            return 0
-        per_output = 1
-        for d in weight.shape[1:]:
-            per_output *= int(d)
-        return numel * per_output
-    if any(k in name for k in ("addmm", ".mm.", "linear", "bmm")):
-        inputs = node.args[1] if "addmm" in name else node.args[0]
-        val = inputs.meta.get("val") if hasattr(inputs, "meta") else None
-        return numel * int(val.shape[-1]) if val is not None else 0
-    return 0
-
-
-def _layer_of(node) -> str:
-    """The innermost source module a node came from ('' when torch.export kept none)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # torch.export names submodules L['self'].layer1[0].conv1 or layer1.0.conv1
-    return path.replace("L['self'].", "").replace("[", ".").replace("]", "").strip(".")
-
-
-def delegation_report(exported, lowered_gm, structured_layers: list[str]) -> dict:
-    """What XNNPACK runs and what falls back to portable kernels, from the exported program
-    (before partitioning) and the lowered graph."""
-    total_macs = sum(_macs(n) for n in exported.graph_module.graph.nodes if n.op == "call_function")
-    delegate_calls, portable = 0, collections.OrderedDict()
-    portable_macs = 0
-    for node in lowered_gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = str(node.target)
-        if "executorch_call_delegate" in name:
-            delegate_calls += 1
-            continue
-        if any(p in name for p in _PLUMBING):
-            continue
-        op = getattr(node.target, "__name__", name)
-        entry = portable.setdefault(op, {"op": op, "count": 0, "layers": []})
-        entry["count"] += 1
-        layer = _layer_of(node)
-        if layer and layer not in entry["layers"]:
-            entry["layers"].append(layer)
-        portable_macs += _macs(node)
-    delegated_ops = 0
-    for node in lowered_gm.graph.nodes:
-        if node.op == "get_attr" and str(node.target).startswith("lowered_module"):
-            inner = getattr(lowered_gm, node.target).original_module.graph_module
-            delegated_ops += sum(1 for m in inner.graph.nodes if m.op == "call_function")
-    portable_ops = sum(e["count"] for e in portable.values())
-    falling_back = sorted({layer for e in portable.values() for layer in e["layers"]
-                           if any(layer == s or layer.startswith(s + ".") for s in structured_layers)})
-    return {
-        "backend": "XnnpackBackend",
-        "delegate_calls": delegate_calls,
-        "delegated_ops": delegated_ops,
-        "portable_ops": portable_ops,
-        "ops_delegated_share": delegated_ops / (delegated_ops + portable_ops) if delegated_ops + portable_ops else None,
-        "macs_total": total_macs,
-        "macs_delegated_share": (total_macs - portable_macs) / total_macs if total_macs else None,
-        "portable": list(portable.values()),
-        "structured_layers_not_delegated": falling_back,
-    }
-
-
-def lower_to_pte(module, example, path: Path, structured_layers: list[str] | None = None) -> dict:
-    """``module`` exported and lowered to XNNPACK, written to ``path``; its delegation report."""
-    import torch
-
-    from structexport.executorch_runtime import quiet_executorch
-    with quiet_executorch():
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-    module = _contiguous(module.eval())
-    try:
-        with torch.no_grad(), quiet_executorch():
-            exported = torch.export.export(module, (example,))
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-            report = delegation_report(exported, edge.exported_program().graph_module,
-                                       structured_layers or [])
-            program = edge.to_executorch()
-    except StructExportError:
-        raise
-    except Exception as exc:
-        raise ExecuTorchExportError(f"ExecuTorch could not lower the model: "
-                                    f"{(str(exc).splitlines() or [''])[0][:240]}",
-                                    "report this with the model; --target ort-cpu takes it meanwhile") from None
-    Path(path).write_bytes(program.buffer)
-    return report
-
-
-def structured_layer_names(module) -> list[str]:
-    """The rewritten layers that carry structure (decomposed, lowered SSC, sum-pools)."""
-    from structexport.layers.decomposed import DecomposedStructuredConv, DecomposedStructuredLinear
-    from structexport.layers.lowered_ssc import GatheredConv, LoweredSSCConv
-    kinds = (DecomposedStructuredConv, DecomposedStructuredLinear, LoweredSSCConv, GatheredConv)
-    return [name for name, m in module.named_modules() if isinstance(m, kinds)]
+DENSE_INT8_PROGRAM = "reference.int8.pte"
 
 
 class ExecuTorchTarget(Target):
@@ -161,6 +34,7 @@ class ExecuTorchTarget(Target):
     def __init__(self, options: dict | None = None):
         self.options = dict(options or {})
         self.build_info = {}
+        self.int8 = None          # an INT8 conversion's check data and manifest record
 
     def configure(self, options: dict) -> "ExecuTorchTarget":
         super().configure(options)
@@ -177,23 +51,88 @@ class ExecuTorchTarget(Target):
         if module is None or dense is None:
             raise ExecuTorchExportError("the executorch target lowers torch modules, and none was given",
                                         "convert a PyTorch model (zoo checkpoint) for --target executorch")
-        say("lower to ExecuTorch (XNNPACK)")
-        report = lower_to_pte(module, example, outdir / PROGRAM, structured_layer_names(module))
+        self.int8 = None
+        self.build_info = {"runtime": "executorch", "executorch": require_executorch(), "delegate": "XNNPACK"}
         say("lower the dense counterpart to ExecuTorch (XNNPACK)")
         dense_report = lower_to_pte(dense, example, outdir / DENSE_PROGRAM)
-        self.build_info = {"runtime": "executorch", "executorch": require_executorch(),
-                           "delegate": "XNNPACK", "delegation": report,
-                           "dense_delegation": {k: dense_report[k] for k in
-                                                ("delegated_ops", "portable_ops", "macs_delegated_share",
-                                                 "portable")}}
-        return {PROGRAM: "ExecuTorch program, XNNPACK delegate (structured layers as delegated convs)",
-                DENSE_PROGRAM: "the dense counterpart as an ExecuTorch program, XNNPACK delegate: "
-                               "bench's baseline on this runtime"}
+        self.build_info["dense_delegation"] = _brief(dense_report)
+        written = {DENSE_PROGRAM: "the dense counterpart as an ExecuTorch program, XNNPACK delegate: "
+                                  "bench's baseline on this runtime"}
+        if self.options.get("int8") is not None:
+            written.update(self._write_int8(module, dense, example, outdir, say))
+            return written
+        say("lower to ExecuTorch (XNNPACK)")
+        self.build_info["delegation"] = lower_to_pte(module, example, outdir / PROGRAM,
+                                                     structured_layer_names(module))
+        written[PROGRAM] = "ExecuTorch program, XNNPACK delegate (structured layers as delegated convs)"
+        return written
+
+    def _write_int8(self, module, dense, example, outdir: Path, say) -> dict[str, str]:
+        """PT2E with XNNPACK's quantizer: the per-layer choice, the rebase, calibration, the
+        integer program against its fake-quantized graph (by deployments()), the gate, and
+        the dense model quantized the same way."""
+        import tempfile
+
+        from structexport.executorch_int8 import (choose_dense_layers, gate, int8_module,
+                                                  quantized_program)
+        from structexport.quantize import OUTPUT_STEPS, Int8GateError, Int8Result
+        sets, opts = self.options["int8"]
+        inputs, source = self.options["inputs"], self.options["source"]
+        with tempfile.TemporaryDirectory(prefix="structexport-et-layers-") as tmp:
+            dense_layers, choice = choose_dense_layers(module, example, opts.layer_choice, Path(tmp), say,
+                                                       Path(opts.layer_cache) if opts.layer_cache else None)
+        quantizable, rebased = int8_module(module, dense_layers)
+        if choice["layers"]:
+            kept = sum(r["choice"] == "structured" for r in choice["layers"])
+            say(f"int8: {kept} of {len(choice['layers'])} decomposed layers stay structured ({opts.layer_choice})")
+        say(f"int8: calibrate ({len(sets.calibration)} images) and quantize with XNNPACK's quantizer (PT2E)")
+        program, report = quantized_program(quantizable, example, sets.calibration, inputs, outdir / PROGRAM,
+                                            structured_layer_names(quantizable))
+        self.build_info["delegation"] = report
+        say("int8: quantize the dense counterpart the same way")
+        dense_program, dense_int8_report = quantized_program(dense, example, sets.calibration, inputs,
+                                                             outdir / DENSE_INT8_PROGRAM)
+        self.build_info["dense_int8_delegation"] = _brief(dense_int8_report)
+        say(f"int8: accuracy gate on {len(sets.gate)} held-out images")
+        result = gate(source, outdir / PROGRAM, sets, opts, f"{PROGRAM} under ExecuTorch, XNNPACK")
+        dense_gate = gate(source, outdir / DENSE_INT8_PROGRAM, sets, opts, f"{DENSE_INT8_PROGRAM} under ExecuTorch")
+        if result["failures"] and not self.options.get("force"):
+            raise Int8GateError(f"the INT8 program fails the accuracy gate on {result['images']} held-out images: "
+                                + "; ".join(result["failures"]),
+                                "nothing was written. Calibrate on more images, keep every layer structured or "
+                                "dense (--int8-layers), lower --int8-min-agreement, or pass --force")
+        self._int8_checks = {PROGRAM: program, DENSE_INT8_PROGRAM: dense_program}
+        record = {"calibration": sets.description,
+                  "quantization": {"tool": "PT2E (torchao) with XNNPACK's quantizer",
+                                   "weights": "int8, symmetric, per output channel",
+                                   "activations": "int8, per tensor, calibrated (min/max observers)"},
+                  "layer_choice": choice, "rebased": rebased, "composed_dense": sorted(dense_layers),
+                  "tolerance": {"atol": program.atol, "rtol": 0.0, "output_steps": OUTPUT_STEPS,
+                                "note": f"{PROGRAM} under ExecuTorch against its fake-quantized graph in torch"},
+                  "gate": result, "options": opts.to_dict(),
+                  "dense_int8": {"file": DENSE_INT8_PROGRAM, "gate": dense_gate,
+                                 "tolerance": {"atol": dense_program.atol, "rtol": 0.0}}}
+        self.int8 = Int8Result(program.expected, program.atol, record)
+        self.int8.dense_expected = dense_program.expected    # bench checks reference.int8.pte with it
+        return {PROGRAM: "INT8 ExecuTorch program, XNNPACK delegate (PT2E, XNNPACK's quantizer), checked "
+                         "against its fake-quantized graph and gated on held-out images",
+                DENSE_INT8_PROGRAM: "the dense counterpart quantized the same way, same calibration: the INT8 "
+                                    "baseline on this runtime"}
 
     def deployments(self) -> list[Deployment]:
         from structexport.executorch_runtime import require_executorch, runner
         options = {"runtime": f"ExecuTorch {require_executorch()}, XNNPACK", "threads": 1,
                    "graph_optimization_level": "XNNPACK delegate"}
-        return [Deployment(PROGRAM, options, lambda path: runner(path, 1)),
-                Deployment(DENSE_PROGRAM, dict(options, note="the dense counterpart, bench's baseline"),
-                           lambda path: runner(path, 1))]
+        dense = Deployment(DENSE_PROGRAM, dict(options, note="the dense counterpart, bench's baseline"),
+                           lambda path: runner(path, 1), precision="fp32")
+        if self.int8 is None:
+            return [Deployment(PROGRAM, options, lambda path: runner(path, 1)), dense]
+        checks = self._int8_checks
+        return [Deployment(name, dict(options, note="integer kernels against the fake-quantized graph"),
+                           lambda path: runner(path, 1), expected=checks[name].expected, atol=checks[name].atol,
+                           rtol=0.0, precision="int8")
+                for name in (PROGRAM, DENSE_INT8_PROGRAM)] + [dense]
+
+
+def _brief(report: dict) -> dict:
+    return {k: report[k] for k in ("delegated_ops", "portable_ops", "macs_delegated_share", "portable")}

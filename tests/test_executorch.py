@@ -79,7 +79,7 @@ def test_bench_times_the_program_against_its_dense_counterpart(package):
 
 
 def test_a_structured_layer_left_to_portable_kernels_is_reported():
-    from structexport.targets.executorch_target import delegation_report, structured_layer_names
+    from structexport.executorch_lower import delegation_report, structured_layer_names
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

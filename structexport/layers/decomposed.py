@@ -2,6 +2,8 @@
 explicit sum-pool followed by the small ``c x n x n`` conv (DESIGN.md section 1.1)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -32,6 +34,35 @@ class DecomposedStructuredConv(nn.Module):
         with torch.no_grad():
             w.copy_((w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
         self.conv.bias = nn.Parameter(bias.to(w.dtype))
+
+
+    def rebase_channel_sums(self) -> bool:
+        """For INT8: the banded channel sums as one sum scaled by ``1 / sqrt(kc)`` and
+        differences of two channels (exact in int8), the small conv's columns changed to match,
+        as the ONNX pass ``rebase_channel_sums`` does (its docstring gives the algebra and the
+        measurements). Outputs are unchanged in exact arithmetic. False when there is nothing
+        to rebase (no channel window, or not the banded realization)."""
+        pool, conv = self.pool, self.conv
+        kc = pool.window[0]
+        if pool.realization != "banded" or kc == 1 or getattr(pool, "rebased", False):
+            return False
+        groups, per_group = pool.groups, pool.out_channels // pool.groups
+        s = math.sqrt(kc)
+        with torch.no_grad():
+            band = pool.band.double().clone()           # rows: group g's sum a at g * per_group + a
+            new_band = band.clone()
+            for g in range(groups):
+                rows = slice(g * per_group, (g + 1) * per_group)
+                b = band[rows]
+                new_band[rows.start] = b[0] / s
+                new_band[rows.start + 1:rows.stop] = b[1:] - b[:-1]
+            w = conv.weight.double()                    # (out, per_group, n, n), one group per output block
+            suffix = w.flip(1).cumsum(1).flip(1)        # alpha'[:, j] = sum_(a >= j) alpha[:, a]
+            suffix[:, 0] *= s
+            conv.weight.copy_(suffix.to(conv.weight.dtype))
+            pool.band = new_band.to(pool.band.dtype)
+        pool.rebased = True
+        return True
 
 
 def decompose(in_channels: int, alpha: torch.Tensor, bias, kernel_size: int, stride: int,

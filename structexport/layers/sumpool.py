@@ -73,6 +73,8 @@ class SumPool(nn.Module):
     def realization(self, value: str) -> None:
         if value not in REALIZATIONS:
             raise ValueError(f"unknown sum-pool realization {value!r}; expected one of {REALIZATIONS}")
+        if getattr(self, "rebased", False):   # its small conv was changed to match the rebased band
+            raise ValueError("a sum-pool rebased for INT8 keeps its banded form")
         self._realization = value
         self._buffers.pop("band", None)
         self._buffers.pop("ones", None)
