@@ -37,8 +37,9 @@ TOPK = 5
 # Artifacts evaluate runs, in this order (reference.onnx and composed.onnx are not deployed).
 # An INT8 package also ships the float32 model it quantized and the dense INT8 baseline:
 # evaluated beside it, they show what INT8 costs and what the dense model would have lost.
-ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so", "model.fp32.onnx",
-             "reference.int8.onnx")
+ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so", "model.pte", "model.fp32.onnx",
+             "reference.int8.onnx", "reference.int8.pte")
+PROGRAMS = ("model.pte", "reference.int8.pte")     # ExecuTorch programs (XNNPACK)
 # How each ONNX Runtime file is deployed (as targets/onnx_targets.py's deployments()).
 ORT_CONFIG = {"model.onnx": ("ORT_ENABLE_ALL", False),
               "model.optimized.onnx": ("ORT_DISABLE_ALL", False),
@@ -281,6 +282,19 @@ def _tvm_runner(package: Package, opts: EvaluateOptions, say) -> tuple[_Runner |
     return _Runner("model.so", f"TVM VM on {where}", run, {"device": where}), None
 
 
+def _program_runner(package: Package, name: str, opts: EvaluateOptions, say) -> tuple[_Runner | None, str | None]:
+    """An ExecuTorch program under the runtime's Python bindings, XNNPACK delegate."""
+    from structexport.executorch_runtime import require_executorch, runner
+    try:
+        version = require_executorch()
+    except StructExportError as exc:     # ExecuTorch is an optional extra
+        return None, exc.message
+    say(f"open {name} under ExecuTorch {version} (XNNPACK, {opts.threads} thread(s))")
+    run = runner(package.root / name, opts.threads)
+    fixed = _fixed_batches(lambda x: _logits(run(x)), package.input_shape[0], np.float32)
+    return _Runner(name, f"ExecuTorch {version}, XNNPACK", fixed, {"threads": opts.threads}), None
+
+
 def _select_artifacts(package: Package, opts: EvaluateOptions) -> list[str]:
     """The artifacts a run evaluates (checked before anything is loaded)."""
     shipped = [name for name in ARTIFACTS if name in package.manifest["artifacts"]]
@@ -303,6 +317,8 @@ def _artifact_runners(package: Package, names: list[str], opts: EvaluateOptions,
     for name in names:
         if name == "model.so":
             runner, why = _tvm_runner(package, opts, say)
+        elif name in PROGRAMS:
+            runner, why = _program_runner(package, name, opts, say)
         else:
             level, ort_format = ORT_CONFIG[name]
             say(f"open {name} under ONNX Runtime ({level})")

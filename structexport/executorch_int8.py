@@ -161,7 +161,8 @@ def choose_dense_layers(module, example, policy: str, workdir: Path, say,
     modules = dict(module.named_modules())
     shapes = _layer_inputs(module, names, example)
     cache = AutotuneCache(cache_path or layer_cache_path())
-    machine = machine_key("executorch int8 xnnpack", threads)
+    from structexport.executorch_runtime import require_executorch
+    machine = machine_key(f"executorch {require_executorch()} int8 xnnpack", threads)
     record.update({"cache": str(cache.path), "machine": machine})
     dense, measured, from_cache = {}, 0, 0
     for name in names:

@@ -78,6 +78,34 @@ def test_bench_times_the_program_against_its_dense_counterpart(package):
     assert result["latency_ms"]["median"] > 0 and result["dense_latency_ms"]["median"] > 0
 
 
+def test_evaluate_runs_the_program_on_real_images(package, repo_root, cifar10_dir):
+    """evaluate takes model.pte as a shipped artifact: its top-1 on real CIFAR-10 images agrees
+    with the source's (float32 XNNPACK against float32 torch)."""
+    out, _manifest = package
+    json_path = out.parent / "eval.json"
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--data", str(cifar10_dir / "test.npz"),
+                                  "--preprocess", "cifar10", "--limit", "200", "--json", str(json_path)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(json_path.read_text())
+    assert {"model.onnx", "model.pte"} <= set(report["artifacts"])
+    pte, source = report["artifacts"]["model.pte"], report["source"]
+    assert pte["runtime"].startswith("ExecuTorch 1.5") and pte["images"] == source["images"] == 200
+    assert pte["agreement"] >= 0.995 and pte["max_logit_diff"] < 1e-3
+    assert abs(pte["top1"] - source["top1"]) <= 0.005
+
+
+def test_regress_against_times_two_programs(package, tmp_path):
+    """regress --against on two executorch packages times their model.pte files interleaved
+    (the same package twice: a ratio near 1, a pass)."""
+    out, _manifest = package
+    md = tmp_path / "ab.md"
+    r = CliRunner().invoke(main, ["regress", "--against", str(out), str(out), "--repeat", "20", "--warmup", "2",
+                                  "--tolerance", "50%", "--markdown", str(md)])
+    assert r.exit_code == 0, r.output
+    text = md.read_text()
+    assert "executorch" in text and "PASS" in text
+
+
 def test_a_structured_layer_left_to_portable_kernels_is_reported():
     from structexport.executorch_lower import delegation_report, structured_layer_names
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -151,3 +179,110 @@ def test_missing_executorch_names_the_extra(monkeypatch):
         executorch_runtime.require_executorch()
     assert info.value.exit_code == 2
     assert "pip install 'structexport[executorch]'" in info.value.hint
+
+
+# --------------------------------------------------------------------------- INT8
+
+def test_rebase_channel_sums_keeps_outputs_and_the_band_form():
+    """The torch rebase (one scaled sum, then differences of two channels) changes no output,
+    with one channel group and with several; a layer without a channel window is left alone,
+    and a rebased sum-pool refuses another realization (its small conv was changed)."""
+    torch.manual_seed(0)
+    for in_channels, groups, c in ((16, 1, 8), (16, 2, 4)):
+        alpha = torch.randn(8, c, 2, 2)
+        layer = decompose(in_channels, alpha, torch.randn(8), 3, 1, 1, groups, "banded").eval()
+        x = torch.randn(2, in_channels, 9, 9)
+        with torch.no_grad():
+            before = layer(x)
+            assert layer.rebase_channel_sums() is True
+            after = layer(x)
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)   # float32 sums of 8-16 terms
+        kc = layer.pool.window[0]
+        assert kc == in_channels // groups - c + 1
+        band = layer.pool.band[:, :, 0, 0]
+        assert torch.allclose(band[0, :kc], torch.full((kc,), kc ** -0.5))   # channel 0: sum / sqrt(kc)
+        assert sorted(band[1].unique().tolist()) == [-1.0, 0.0, 1.0]          # the others: differences
+        assert layer.rebase_channel_sums() is False                           # once only
+        with pytest.raises(ValueError, match="rebased for INT8 keeps its banded form"):
+            layer.pool.realization = "cumsum"
+    spatial_only = decompose(4, torch.randn(4, 4, 2, 2), None, 3, 1, 1, 1, "banded")
+    assert spatial_only.pool.window[0] == 1 and spatial_only.rebase_channel_sums() is False
+
+
+@pytest.fixture(scope="module")
+def int8_package(tmp_path_factory, repo_root, cifar10_dir):
+    """The trained ResNet-20 C/2x2x2 in INT8 for ExecuTorch, the per-layer timings read from
+    a cache written here under this machine's key (stage 1 slower structured): the test does
+    not depend on the CPU and times nothing."""
+    from structexport.executorch_int8 import layer_key
+    from structexport.executorch_runtime import require_executorch
+    from structexport.layers.decomposed import DecomposedStructuredConv
+    from structexport.passes import PIPELINE, PassContext, PassManager, select_passes
+    from structexport.passes.autotune import machine_key
+    tmp = tmp_path_factory.mktemp("et-int8")
+    source = load_checkpoint(str(repo_root / TRAINED)).model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    rewritten, _ = PassManager(select_passes(PIPELINE), check_inputs=x).run(
+        source, PassContext("executorch", (1, 3, 32, 32), {"sumpool_realization": "banded"}))
+    shapes, entries = {}, {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, (m, tuple(a[0].shape))))
+             for n, m in rewritten.named_modules() if isinstance(m, DecomposedStructuredConv)]
+    with torch.no_grad():
+        rewritten(x)
+    for h in hooks:
+        h.remove()
+    for name, (module, shape) in shapes.items():
+        slow = name.startswith("stage_1.")
+        entries[layer_key(module, shape)] = {"structured": 0.09 if slow else 0.03, "dense": 0.06}
+    cache = tmp / "cache"
+    cache.mkdir()
+    key = machine_key(f"executorch {require_executorch()} int8 xnnpack", 1)
+    (cache / "executorch-int8-layers.json").write_text(json.dumps({key: entries}))
+    out = tmp / "pkg"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "convert", repo_root / TRAINED, "--target", "executorch", "--precision", "int8", "--calibration",
+        cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", "--calibration-count", "32",
+        "--int8-gate-images", "100", "-o", out)], env={"STRUCTEXPORT_CACHE": str(cache)}, terminal_width=250)
+    assert r.exit_code == 0, r.output
+    return out, json.loads((out / "manifest.json").read_text()), " ".join(r.output.split())
+
+
+@pytest.mark.slow   # the INT8 conversion takes a minute here: ExecuTorch lowers each quantized graph slowly
+def test_int8_program_is_checked_gated_and_chosen_per_layer(int8_package):
+    out, manifest, said = int8_package
+    assert manifest["precision"] == "int8" and manifest["target"] == "executorch"
+    q = manifest["int8"]
+    choice = q["layer_choice"]
+    assert choice["measured"] == 0 and choice["from_cache"] == 18
+    dense = [row["layer"] for row in choice["layers"] if row["choice"] == "dense"]
+    assert dense == [f"stage_1.{b}.conv_{c}" for b in range(3) for c in "ab"] == q["composed_dense"]
+    assert len(q["rebased"]) == 12 and not set(q["rebased"]) & set(dense)
+    assert "12 of 18 decomposed layers stay structured" in said
+    checks = {d["file"]: d for d in manifest["deployed_verification"]}
+    for name in ("model.pte", "reference.int8.pte"):
+        assert checks[name]["passed"] and checks[name]["precision"] == "int8"
+        assert checks[name]["rtol"] == 0.0 and 0 < checks[name]["atol"] < 2.0   # 8 output steps
+        assert checks[name]["max_abs_diff"] <= checks[name]["atol"]
+    assert checks["reference.pte"]["precision"] == "fp32" and checks["reference.pte"]["max_abs_diff"] < 1e-4
+    gate = q["gate"]
+    assert gate["images"] == 100 and gate["passed"] and gate["agreement"] >= 0.97
+    assert q["dense_int8"]["gate"]["images"] == 100
+    # All of it in XNNPACK: the quantized convs, bands and boxes; only the shortcut padding outside
+    d = manifest["target_build"]["delegation"]
+    assert d["structured_layers_not_delegated"] == [] and d["macs_delegated_share"] == 1.0
+
+
+@pytest.mark.slow
+def test_int8_program_is_integer_and_bench_compares_it_with_dense_int8(int8_package):
+    from structexport.bench import BenchOptions, run_bench
+    from structexport.package import Package
+    out, manifest, _said = int8_package
+    # an integer program: several times smaller than the float32 dense one for 4.33x fewer MACs
+    assert (out / "model.pte").stat().st_size * 4 < (out / "reference.pte").stat().st_size
+    stored = Package.load(out).dense_int8_expected()
+    assert set(stored) == {"random:0", "random:1", "random:2"} and stored["random:0"][0].shape == (1, 10)
+    result = run_bench(str(out), None, BenchOptions(target=None, repeat=3, warmup=1))
+    assert result["precision"] == "int8" and "reference.int8.pte" in result["baseline"]
+    assert result["dense_int8_latency_ms"]["median"] > 0
+    assert result["speedup_measured"] == pytest.approx(
+        result["dense_int8_latency_ms"]["median"] / result["latency_ms"]["median"])

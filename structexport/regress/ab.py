@@ -35,7 +35,7 @@ DEFAULT_WARMUP = 30
 DEFAULT_LAYER_TOLERANCE = 0.30
 DEFAULT_MIN_LAYER_SHARE = 0.03
 PROFILED_RUNS = 100
-AB_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda")
+AB_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch")
 
 
 @dataclass
@@ -217,6 +217,12 @@ def _timers(base, candidate, target: str, opts: ABOptions, feed, say=lambda _m: 
         for side, w in sides:
             timers.update(checked_sessions(w.package, {side: w.package.model_onnx}, opts.threads, say))
         return timers, None
+    if target == "executorch":
+        from structexport.timedcheck import checked_programs
+        timers = {}
+        for side, w in sides:
+            timers.update(checked_programs(w.package, {side: w.package.program}, feed, opts.threads, say))
+        return timers, None
     from structexport.rpc import DeviceSpec, LoadedLibrary, open_session, set_threads
     from structexport.targets import get_target
     spec = opts.target_options.get("device") or DeviceSpec()
@@ -339,7 +345,9 @@ def _run_ab(base: str, candidate: str, opts: ABOptions, say) -> ABReport:
         if target not in AB_TARGETS:
             raise RegressUsageError(f"regress --against times {', '.join(AB_TARGETS)}, not {target!r}",
                                     "pass --target ort-cpu")
-        if target != "ort-cpu" and (b.package.library is None or c.package.library is None):
+        if target == "executorch" and (b.package.program is None or c.package.program is None):
+            raise RegressUsageError("an executorch package without its model.pte", "convert it for the target again")
+        if target.startswith("tvm") and (b.package.library is None or c.package.library is None):
             raise RegressUsageError(f"a {target} package without its library", "convert it for the target again")
         try:
             first = _measure(b, c, target, opts, work, say)
