@@ -140,6 +140,8 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     feed = package.feed()
     device, dense_build = None, None
     int8 = package.precision == "int8"
+    from structexport.targets import get_target, is_program_target
+    program_target = is_program_target(opts.target)
     if int8 and opts.target != package.target:
         raise BenchError(f"{package.root} is an INT8 package for {package.target}; {opts.target} cannot time it",
                          f"bench it with --target {package.target}")
@@ -148,11 +150,11 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
                                      opts.threads, say)
         if int8:
             workloads["dense-int8"] = checked_int8_baseline(package, opts.threads, say)
-    elif opts.target == "executorch":
+    elif program_target:
         workloads = checked_programs(package, {"structured": package.program, "dense": package.dense_program},
                                      feed, opts.threads, say)
         if int8:
-            workloads["dense-int8"] = checked_int8_program(package, package.root / "reference.int8.pte",
+            workloads["dense-int8"] = checked_int8_program(package, package.dense_int8_program,
                                                            feed, opts.threads, say)
     else:
         workloads, device, dense_build = _tvm_workloads(opts, package, package.library, dense_path,
@@ -194,9 +196,8 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         # target and tuning budget as the structured one.
         "dense_target_build": dense_build,
     }
-    if opts.target == "executorch":
-        result["runtime"] = (f"ExecuTorch {(package.target_build or {}).get('executorch', '')}, XNNPACK delegate, "
-                             f"{opts.threads} thread{'s' * (opts.threads > 1)}")
+    if program_target:
+        result["runtime"] = get_target(opts.target, {}).runtime(opts.threads)
     if device is not None and device.emulated:
         result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
                           "prove the library runs; they are not ARM latency")
@@ -211,7 +212,7 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
     if int8:
         result["precision"] = "int8"
         result["baseline"] = ("the dense model quantized the same way, with the same calibration "
-                              f"({'reference.int8.pte' if opts.target == 'executorch' else 'reference.int8.onnx'})")
+                              f"({(package.dense_int8_program or package.root / DENSE_INT8).name})")
         result["dense_int8_latency_ms"] = stats["dense-int8"]
         result["speedup_over_dense_fp32"] = stats["dense"]["median"] / stats["structured"]["median"]
         result["dense_int8_over_dense_fp32"] = stats["dense"]["median"] / stats["dense-int8"]["median"]

@@ -37,9 +37,13 @@ TOPK = 5
 # Artifacts evaluate runs, in this order (reference.onnx and composed.onnx are not deployed).
 # An INT8 package also ships the float32 model it quantized and the dense INT8 baseline:
 # evaluated beside it, they show what INT8 costs and what the dense model would have lost.
-ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so", "model.pte", "model.fp32.onnx",
-             "reference.int8.onnx", "reference.int8.pte")
-PROGRAMS = ("model.pte", "reference.int8.pte")     # ExecuTorch programs (XNNPACK)
+ARTIFACTS = ("model.onnx", "model.optimized.onnx", "model.ort", "model.so", "model.fp32.onnx",
+             "reference.int8.onnx")
+
+
+def _programs(package: Package) -> list[str]:
+    """A program target's files worth evaluating (ExecuTorch's model.pte, its INT8 baseline)."""
+    return [p.name for p in (package.program, package.dense_int8_program) if p is not None]
 # How each ONNX Runtime file is deployed (as targets/onnx_targets.py's deployments()).
 ORT_CONFIG = {"model.onnx": ("ORT_ENABLE_ALL", False),
               "model.optimized.onnx": ("ORT_DISABLE_ALL", False),
@@ -283,21 +287,23 @@ def _tvm_runner(package: Package, opts: EvaluateOptions, say) -> tuple[_Runner |
 
 
 def _program_runner(package: Package, name: str, opts: EvaluateOptions, say) -> tuple[_Runner | None, str | None]:
-    """An ExecuTorch program under the runtime's Python bindings, XNNPACK delegate."""
-    from structexport.executorch_runtime import require_executorch, runner
+    """A program target's file under its runtime's Python bindings (ExecuTorch with XNNPACK)."""
+    from structexport.targets import get_target
+    target = get_target(package.target, {})
     try:
-        version = require_executorch()
-    except StructExportError as exc:     # ExecuTorch is an optional extra
+        target.preflight()           # the runtime is an optional extra
+        runtime = target.runtime(opts.threads)
+    except StructExportError as exc:
         return None, exc.message
-    say(f"open {name} under ExecuTorch {version} (XNNPACK, {opts.threads} thread(s))")
-    run = runner(package.root / name, opts.threads)
+    say(f"open {name} under {runtime}")
+    run = target.runner(package.root / name, opts.threads)
     fixed = _fixed_batches(lambda x: _logits(run(x)), package.input_shape[0], np.float32)
-    return _Runner(name, f"ExecuTorch {version}, XNNPACK", fixed, {"threads": opts.threads}), None
+    return _Runner(name, runtime, fixed, {"threads": opts.threads}), None
 
 
 def _select_artifacts(package: Package, opts: EvaluateOptions) -> list[str]:
     """The artifacts a run evaluates (checked before anything is loaded)."""
-    shipped = [name for name in ARTIFACTS if name in package.manifest["artifacts"]]
+    shipped = [name for name in ARTIFACTS if name in package.manifest["artifacts"]] + _programs(package)
     wanted = opts.artifacts
     if wanted:
         unknown = [w for w in wanted if w not in shipped]
@@ -317,7 +323,7 @@ def _artifact_runners(package: Package, names: list[str], opts: EvaluateOptions,
     for name in names:
         if name == "model.so":
             runner, why = _tvm_runner(package, opts, say)
-        elif name in PROGRAMS:
+        elif name in _programs(package):
             runner, why = _program_runner(package, name, opts, say)
         else:
             level, ort_format = ORT_CONFIG[name]

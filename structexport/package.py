@@ -165,15 +165,24 @@ class Package:
         path = self.root / name
         return path if name in self.manifest["artifacts"] and path.is_file() else None
 
+    def _program(self, role: str) -> Path | None:
+        name = ((self.target_build or {}).get("programs") or {}).get(role)
+        return self._artifact(name) if name else None
+
     @property
     def program(self) -> Path | None:
-        """The ExecuTorch program, for the executorch target."""
-        return self._artifact("model.pte")
+        """The runtime's program, for targets that lower torch (ExecuTorch's model.pte)."""
+        return self._program("structured")
 
     @property
     def dense_program(self) -> Path | None:
-        """The dense counterpart as an ExecuTorch program (bench's baseline on ExecuTorch)."""
-        return self._artifact("reference.pte")
+        """The dense counterpart as the runtime's program (bench's baseline there)."""
+        return self._program("dense")
+
+    @property
+    def dense_int8_program(self) -> Path | None:
+        """An INT8 package's dense INT8 baseline as the runtime's program."""
+        return self._program("dense_int8")
 
     @property
     def composed_onnx(self) -> Path | None:

@@ -26,23 +26,28 @@ def checked_sessions(package, paths: dict[str, Path], threads: int, say) -> dict
 
 
 def checked_programs(package, paths: dict[str, Path], feed, threads: int, say) -> dict:
-    """ExecuTorch programs as they will be timed (XNNPACK, ``threads``), each checked against
-    ``package``'s stored outputs first; timers for :func:`structexport.timing.time_interleaved`."""
-    from structexport.executorch_runtime import runner, timer
+    """The package's runtime programs (ExecuTorch) as they will be timed (``threads``), each
+    checked against ``package``'s stored outputs first (the one called ``structured``, or a
+    base/candidate side, is the package's own; others are float32 dense counterparts);
+    timers for :func:`structexport.timing.time_interleaved`."""
+    from structexport.targets import get_target
+    target = get_target(package.target, {})
     timers = {}
     for name, path in paths.items():
-        what = f"{path} under ExecuTorch (XNNPACK, {threads} thread{'s' * (threads > 1)})"
+        what = f"{path} under {target.runtime(threads)}"
         say(f"check {what}")
-        package.check_timed(runner(path, threads), what, None if name == "structured" else "fp32")
-        timers[name] = timer(path, feed, threads)
+        own = name in ("structured", "base", "candidate")
+        package.check_timed(target.runner(path, threads), what, None if own else "fp32")
+        timers[name] = target.timer(path, feed, threads)
     return timers
 
 
 def checked_int8_program(package, path: Path, feed, threads: int, say):
-    """The dense INT8 ExecuTorch program as it is timed, checked first against its
+    """The dense INT8 program (ExecuTorch) as it is timed, checked first against its
     fake-quantized graph's outputs stored at conversion."""
-    from structexport.executorch_runtime import runner, timer
     from structexport.export import VerificationError, verify_arrays
+    from structexport.targets import get_target
+    target = get_target(package.target, {})
     inputs, _ = package.verification_arrays()
     expected = package.dense_int8_expected()
     tolerance = ((package.manifest.get("int8") or {}).get("dense_int8") or {}).get("tolerance") or {}
@@ -50,13 +55,14 @@ def checked_int8_program(package, path: Path, feed, threads: int, say):
         from structexport.package import PackageIncompatibleError
         raise PackageIncompatibleError(f"{package.root} does not store the outputs its dense INT8 program "
                                        f"is checked against", "convert the model again with this structexport")
-    what = f"{path} under ExecuTorch (XNNPACK, {threads} thread{'s' * (threads > 1)})"
+    what = f"{path} under {target.runtime(threads)}"
     say(f"check {what}")
-    result = verify_arrays(runner(path, threads), inputs, expected, "int8", tolerance["atol"], 0.0, runtime=what)
+    result = verify_arrays(target.runner(path, threads), inputs, expected, "int8", tolerance["atol"], 0.0,
+                           runtime=what)
     if not result.passed:
         raise VerificationError(f"{what} does not compute what its quantized graph did: {result.summary()}",
                                 "nothing was timed; convert the model again on this machine")
-    return timer(path, feed, threads)
+    return target.timer(path, feed, threads)
 
 
 def checked_libraries(package, libs: dict, where: str, say) -> None:

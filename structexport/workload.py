@@ -109,9 +109,10 @@ def _differences(package: Package, target: str, shape, opts: WorkloadOptions) ->
     for key in GRAPH_OPTIONS:
         if opts.pass_options.get(key) and opts.pass_options.get(key) != recorded.get(key):
             why.append(f"--{key.replace('_', '-')} {opts.pass_options[key]}")
-    if target == "executorch" and opts.need == "artifact" and (package.program is None
-                                                             or package.dense_program is None):
-        why.append("an ExecuTorch program and its dense counterpart (model.pte, reference.pte)")
+    from structexport.targets import is_program_target
+    if is_program_target(target) and opts.need == "artifact" and (package.program is None
+                                                                  or package.dense_program is None):
+        why.append(f"a {target} program and its dense counterpart")
     if target.startswith("tvm") and opts.need == "artifact":
         if package.library is None:
             why.append(f"a {target} library (it has none)")

@@ -6,7 +6,7 @@ verified over RPC), ``tvm-cuda`` (compiles anywhere, verifies where a GPU is) an
 """
 from structexport.errors import StructExportError
 
-from .base import Target
+from .base import ProgramTarget, Target
 from .executorch_target import ExecuTorchTarget
 from .onnx_targets import OnnxTarget, OrtCpuTarget
 from .tvm_targets import ARM_PRESETS, TvmArmTarget, TvmCudaTarget, TvmLlvmTarget
@@ -19,6 +19,11 @@ class UnknownTargetError(StructExportError):
     exit_code, kind = 35, "unknown-target"
 
 
+def is_program_target(name: str) -> bool:
+    """Whether ``name`` is a target whose runtime loads a program lowered from torch (ExecuTorch)."""
+    return isinstance(TARGETS.get(name), ProgramTarget)
+
+
 def get_target(name: str, options: dict | None = None) -> Target:
     """The target called ``name``, configured with per-run ``options`` (TVM: tvm_target,
     tvm_preset, device, tune_trials, tuning_db, progress)."""
@@ -27,4 +32,5 @@ def get_target(name: str, options: dict | None = None) -> Target:
     return TARGETS[name].configure(dict(options or {}))
 
 
-__all__ = ["TARGETS", "ARM_PRESETS", "Target", "get_target", "UnknownTargetError"]
+__all__ = ["TARGETS", "ARM_PRESETS", "Target", "ProgramTarget", "get_target", "is_program_target",
+           "UnknownTargetError"]

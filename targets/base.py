@@ -80,3 +80,40 @@ class Target:
         string says why it could not run here (no such device); None when the ONNX
         verification already covers what the target runs."""
         return None
+
+
+class ProgramTarget(Target):
+    """A target whose runtime loads a program lowered from the rewritten torch module (an
+    ExecuTorch ``.pte``, a LiteRT ``.tflite``). ``convert`` hands it, in ``options``, the
+    rewritten module (``torch_module``), its dense counterpart (``dense_module``), the
+    ``example`` input, the ``source`` module, the verification ``inputs`` and, for INT8,
+    ``int8`` = (calibration sets, Int8Options); it sets ``self.int8`` (an ``Int8Result`` with
+    ``dense_expected``) when it quantized. ``bench``, ``evaluate`` and ``regress`` run its
+    files through :meth:`runner` and :meth:`timer`; the manifest's ``target_build.programs``
+    names them."""
+    wants_torch_modules = True
+    # The sum-pool form the runtime's delegate runs fastest (None: the cost model chooses)
+    sumpool_realization: str | None = None
+    # File names: the structured program, its dense counterpart (float32), the dense INT8 baseline
+    programs = {"structured": "", "dense": "", "dense_int8": ""}
+
+    def __init__(self, options: dict | None = None):
+        self.options = dict(options or {})
+        self.build_info = {}
+        self.int8 = None
+
+    def configure(self, options: dict) -> "ProgramTarget":
+        super().configure(options)
+        return type(self)({k: v for k, v in options.items() if k == "progress"})
+
+    def runtime(self, threads: int = 1) -> str:
+        """The runtime and its settings, as reports name them."""
+        raise NotImplementedError
+
+    def runner(self, path: Path, threads: int = 1) -> Callable:
+        """``run(x) -> list of outputs`` of the program at ``path``."""
+        raise NotImplementedError
+
+    def timer(self, path: Path, feed, threads: int = 1) -> Callable[[], float]:
+        """Seconds per run of the program at ``path`` on ``feed`` (for ``time_interleaved``)."""
+        raise NotImplementedError

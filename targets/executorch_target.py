@@ -13,14 +13,14 @@ from pathlib import Path
 
 from structexport.executorch_lower import ExecuTorchExportError, lower_to_pte, structured_layer_names
 
-from .base import Deployment, Target
+from .base import Deployment, ProgramTarget
 
 PROGRAM = "model.pte"
 DENSE_PROGRAM = "reference.pte"
 DENSE_INT8_PROGRAM = "reference.int8.pte"
 
 
-class ExecuTorchTarget(Target):
+class ExecuTorchTarget(ProgramTarget):
     name = "executorch"
     description = ("ExecuTorch program (model.pte) with the XNNPACK delegate, for phones and boards; "
                    "reference.pte is its dense counterpart")
@@ -28,17 +28,19 @@ class ExecuTorchTarget(Target):
     # The sum-pool form XNNPACK delegates and runs fastest (DESIGN.md section 6): a banded
     # 1x1 conv over channels, a depthwise conv of ones over pixels.
     sumpool_realization = "banded"
-    # convert hands over the rewritten torch module and its dense counterpart
-    wants_torch_modules = True
+    programs = {"structured": PROGRAM, "dense": DENSE_PROGRAM, "dense_int8": DENSE_INT8_PROGRAM}
 
-    def __init__(self, options: dict | None = None):
-        self.options = dict(options or {})
-        self.build_info = {}
-        self.int8 = None          # an INT8 conversion's check data and manifest record
+    def runtime(self, threads: int = 1) -> str:
+        from structexport.executorch_runtime import require_executorch
+        return f"ExecuTorch {require_executorch()}, XNNPACK, {threads} thread{'s' * (threads > 1)}"
 
-    def configure(self, options: dict) -> "ExecuTorchTarget":
-        super().configure(options)
-        return ExecuTorchTarget({k: v for k, v in options.items() if k == "progress"})
+    def runner(self, path: Path, threads: int = 1):
+        from structexport.executorch_runtime import runner
+        return runner(path, threads)
+
+    def timer(self, path: Path, feed, threads: int = 1):
+        from structexport.executorch_runtime import timer
+        return timer(path, feed, threads)
 
     def preflight(self) -> None:
         from structexport.executorch_runtime import require_executorch
@@ -52,7 +54,8 @@ class ExecuTorchTarget(Target):
             raise ExecuTorchExportError("the executorch target lowers torch modules, and none was given",
                                         "convert a PyTorch model (zoo checkpoint) for --target executorch")
         self.int8 = None
-        self.build_info = {"runtime": "executorch", "executorch": require_executorch(), "delegate": "XNNPACK"}
+        self.build_info = {"runtime": "executorch", "executorch": require_executorch(), "delegate": "XNNPACK",
+                           "programs": dict(self.programs)}
         say("lower the dense counterpart to ExecuTorch (XNNPACK)")
         dense_report = lower_to_pte(dense, example, outdir / DENSE_PROGRAM)
         self.build_info["dense_delegation"] = _brief(dense_report)
@@ -61,6 +64,7 @@ class ExecuTorchTarget(Target):
         if self.options.get("int8") is not None:
             written.update(self._write_int8(module, dense, example, outdir, say))
             return written
+        self.build_info["programs"].pop("dense_int8")
         say("lower to ExecuTorch (XNNPACK)")
         self.build_info["delegation"] = lower_to_pte(module, example, outdir / PROGRAM,
                                                      structured_layer_names(module))

@@ -217,7 +217,8 @@ def _timers(base, candidate, target: str, opts: ABOptions, feed, say=lambda _m: 
         for side, w in sides:
             timers.update(checked_sessions(w.package, {side: w.package.model_onnx}, opts.threads, say))
         return timers, None
-    if target == "executorch":
+    from structexport.targets import is_program_target
+    if is_program_target(target):
         from structexport.timedcheck import checked_programs
         timers = {}
         for side, w in sides:
@@ -345,8 +346,9 @@ def _run_ab(base: str, candidate: str, opts: ABOptions, say) -> ABReport:
         if target not in AB_TARGETS:
             raise RegressUsageError(f"regress --against times {', '.join(AB_TARGETS)}, not {target!r}",
                                     "pass --target ort-cpu")
-        if target == "executorch" and (b.package.program is None or c.package.program is None):
-            raise RegressUsageError("an executorch package without its model.pte", "convert it for the target again")
+        from structexport.targets import is_program_target
+        if is_program_target(target) and (b.package.program is None or c.package.program is None):
+            raise RegressUsageError(f"a {target} package without its program", "convert it for the target again")
         if target.startswith("tvm") and (b.package.library is None or c.package.library is None):
             raise RegressUsageError(f"a {target} package without its library", "convert it for the target again")
         try:
