@@ -7,12 +7,16 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-EXTRAS  ?= test,tvm,executorch
+EXTRAS  ?= test,tvm,executorch,litert
+# The litert extra's converter, installed without its declared dependencies: they pull xdsl,
+# which pins typing_extensions<4.13 and breaks `import tvm` (docs/litert.md). Nothing they
+# leave out is imported on the convert/run path.
+LITERT_NODEPS ?= litert-torch==0.10.0 litert-converter==0.5.0
 VPY     := $(VENV)/bin/python
 
-# The install is redone only when pyproject.toml (or the extras) change: the stamp's name
-# carries a hash of both, so a re-run with an up-to-date .venv skips pip entirely.
-INSTALL_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read() + b'$(EXTRAS)').hexdigest()[:16])" 2>/dev/null)
+# The install is redone only when pyproject.toml (or the extras, or the no-deps pins) change:
+# the stamp's name carries a hash of them, so a re-run with an up-to-date .venv skips pip entirely.
+INSTALL_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read() + b'$(EXTRAS) $(LITERT_NODEPS)').hexdigest()[:16])" 2>/dev/null)
 STAMP   := $(VENV)/.installed-$(INSTALL_HASH)
 
 # The main job on the bundled default model: convert it for ONNX Runtime on CPU, verified.
@@ -38,6 +42,10 @@ $(STAMP):
 	@test -n "$(INSTALL_HASH)" || { echo "error: '$(PYTHON)' cannot run (need Python >= 3.10 on PATH as $(PYTHON))" >&2; exit 1; }
 	@test -x $(VPY) || { echo "creating $(VENV) with $$($(PYTHON) --version 2>&1)"; $(PYTHON) -m venv $(VENV); }
 	$(VPY) -m pip install --disable-pip-version-check --progress-bar off -e '.[$(EXTRAS)]'
+	@case ',$(EXTRAS),' in *,litert,*) \
+	  echo "$(VPY) -m pip install --no-deps $(LITERT_NODEPS)"; \
+	  $(VPY) -m pip install --disable-pip-version-check --progress-bar off --no-deps $(LITERT_NODEPS) || exit 1;; \
+	esac
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

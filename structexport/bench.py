@@ -60,7 +60,7 @@ class BenchOptions:
     allow_torchscript: bool = False
 
 
-BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch")
+BENCH_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch", "litert")
 
 
 def _by(events, key) -> dict[str, float]:

@@ -35,7 +35,7 @@ DEFAULT_WARMUP = 30
 DEFAULT_LAYER_TOLERANCE = 0.30
 DEFAULT_MIN_LAYER_SHARE = 0.03
 PROFILED_RUNS = 100
-AB_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch")
+AB_TARGETS = ("ort-cpu", "tvm-llvm", "tvm-arm", "tvm-cuda", "executorch", "litert")
 
 
 @dataclass
