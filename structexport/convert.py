@@ -184,7 +184,7 @@ class _Plan:
 
 # The targets that take --precision int8: ONNX Runtime (QDQ, its own quantization tool) and
 # ExecuTorch (PT2E with XNNPACK's quantizer)
-INT8_TARGETS = ("ort-cpu", "executorch")
+INT8_TARGETS = ("ort-cpu", "executorch", "litert")
 
 
 def prepare_int8(opts: ConvertOptions) -> ConvertOptions:
