@@ -157,9 +157,12 @@ def check_package_outputs(package: Package, progress: Callable[[str], None] | No
     from structexport.export import VerificationError, onnx_runner, verify_arrays
     say = progress or (lambda _m: None)
     say("check the package against its verification data")
-    if package.precision == "int8":   # against its fake-quantized outputs
+    if package.precision == "int8":
+        # ONNX Runtime's QDQ model.onnx against its fake-quantized outputs; a program target's
+        # model.onnx is the float32 graph of the same plan (its program holds the INT8 model)
         package.check_timed(onnx_runner(package.model_onnx),
-                            f"{package.model_onnx} (ONNX Runtime, optimizations off)")
+                            f"{package.model_onnx} (ONNX Runtime, optimizations off)",
+                            "fp32" if package.program is not None else None)
         return
     inputs, expected = package.verification_arrays()
     precision = package.precision
