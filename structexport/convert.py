@@ -267,8 +267,7 @@ def convert(checkpoint: str, outdir: str | Path, arch: str | None = None,
                                  allow_torchscript=opts.allow_torchscript)
         return _convert(loaded, plan, opts, say, {"load": time.perf_counter() - t})
     bare, named = parse_input_shapes(opts.input_shape)
-    _refuse_torch_target(get_target(opts.target, dict(opts.target_options, progress=say)),   # usage errors first
-                         checkpoint)
+    get_target(opts.target, dict(opts.target_options, progress=say))   # usage errors first
     _check_outdir(Path(outdir))
     say("load")
     # --inputs arrays named after the model's inputs fix their shapes (and integer values)
@@ -428,18 +427,34 @@ def _wants_torch_modules(target) -> bool:
     return bool(getattr(target, "wants_torch_modules", False))
 
 
-def _refuse_torch_target(target, what) -> None:
-    """A target that lowers the zoo's rewritten torch modules cannot take a model whose
-    structure is found in its ONNX graph (yet): refused before any work (exit 2)."""
+def _refuse_torch_target(target, what, torch_source=None) -> None:
+    """A target that lowers torch programs takes a torch source (zoo checkpoint, state dict
+    with --model, .pt2); an ONNX file or a TorchScript archive is refused (exit 2)."""
     if not _wants_torch_modules(target):
+        return
+    if isinstance(torch_source, nn.Module) and not isinstance(torch_source, torch.jit.ScriptModule):
         return
     from structexport.targets import TARGETS
     others = ", ".join(n for n, t in TARGETS.items() if not _wants_torch_modules(t))
-    raise TargetOptionError(f"--target {target.name} lowers zoo checkpoints (structured layers declared by "
-                            f"the zoo's classes); {what} is not one, and its structure would be found in "
-                            f"its ONNX graph, which {target.name} does not lower",
-                            f"convert it for one of {others}, or load its weights into a zoo "
-                            f"architecture (--arch)")
+    kind = "a TorchScript archive" if isinstance(torch_source, torch.jit.ScriptModule) else "an ONNX model"
+    raise TargetOptionError(f"--target {target.name} lowers torch programs (torch.export); {what} is {kind}, "
+                            f"which torch.export cannot take",
+                            f"convert it for one of {others}; or give the PyTorch model itself (a zoo "
+                            f"checkpoint, a state dict with --model, or a torch.export .pt2)")
+
+
+def _emit_torch_plan(target, true_source, runs, inputs: dict, arrays: dict, given, sets, opts, say) -> None:
+    """The structure the ONNX passes found, written into the torch source for a target that
+    lowers torch programs; hands it the rewritten module and the source's dense form."""
+    from structexport.plan_torch import dense_program_module, emit_torch
+    say("write the structure plan into the torch model")
+    example = next(iter(inputs.values()))
+    realization = opts.pass_options.get("sumpool_realization") or "banded"
+    rewritten, written = emit_torch(true_source, example, runs, realization)
+    say(f"{len(written)} layer(s) decomposed in the torch model")
+    target.options.update(torch_module=rewritten, dense_module=dense_program_module(true_source, example),
+                          example=example, source=given, inputs=arrays, force=opts.force,
+                          int8=(sets, opts.int8) if sets is not None else None)
 
 
 def _drop_composed(target, staging: Path, artifacts: dict | None = None) -> None:
@@ -877,7 +892,8 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
         raise InputShapeError(f"--precision {opts.precision} is for zoo checkpoints",
                               "convert ONNX models at fp32 (or int8)")
     target = get_target(opts.target, dict(opts.target_options, progress=say))
-    _refuse_torch_target(target, source.get("path") or "the model")
+    _refuse_torch_target(target, source.get("path") or "the model", true_source)
+    opts = _target_realization(target, opts)
     plan = _Plan(target, select_onnx_passes(opts.passes, opts.skip_passes), outdir, _check_outdir(outdir))
     target.preflight()
     timings: dict[str, float] = {}
@@ -887,7 +903,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     several = _several(specs)
     input_notes: list[str] = []
     if several:
-        if target.name.startswith("tvm"):
+        if target.name.startswith("tvm") or _wants_torch_modules(target):
             raise TargetOptionError(f"{target.name} converts models with one float input; this one takes "
                                     + ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in specs),
                                     "convert it for --target ort-cpu or --target onnx")
@@ -977,15 +993,20 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             composed, _ = onnx_passes(steps).run(ir.from_proto(proto), ctx)
             (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
             target.options["composed_onnx"] = staging / COMPOSED
+        if _wants_torch_modules(target):
+            _emit_torch_plan(target, true_source, runs, inputs, arrays, given, sets, opts, say)
         artifacts, target_check, device, device_lost, deployed = _target_stage(
             target, staging, onnx_path, run_reference, inputs, deploy_opts, say, timings, deploy_expected,
             verification, portable_file)
         _drop_composed(target, staging, artifacts)
         if int8 is not None:
             _dense_int8(staging, given, sets, opts, say, int8, artifacts)
+        target_int8 = getattr(target, "int8", None)   # a target that quantized by itself
         save_verification_arrays(staging / VERIFICATION_DATA, arrays,
                                  {k: [o.astype(np.float32) for o in outs] for k, outs in expected.items()},
-                                 int8.expected if int8 is not None else None)
+                                 int8.expected if int8 is not None else
+                                 target_int8.expected if target_int8 is not None else None,
+                                 getattr(target_int8, "dense_expected", None))
         artifacts[REFERENCE] = ("bench's dense counterpart: the source with its constants folded (onnxsim) "
                                 "and its shapes fixed, checked against the source as given"
                                 if not projected else

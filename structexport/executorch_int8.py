@@ -50,8 +50,10 @@ def quantize_pt2e(module, example, calibration: np.ndarray):
             XNNPACKQuantizer, get_symmetric_quantization_config)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     batch = example.shape[0]
+    if not isinstance(module, torch.fx.GraphModule):   # an exported program's module has no eval()
+        module = module.eval()
     with torch.no_grad(), quiet_executorch():
-        graph = torch.export.export(module.eval(), (example,)).module()
+        graph = torch.export.export(module, (example,)).module()
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         prepared = prepare_pt2e(graph, quantizer)
         for start in range(0, len(calibration) - batch + 1, batch):

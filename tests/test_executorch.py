@@ -146,6 +146,80 @@ def test_convert_warns_when_structured_layers_fall_back(monkeypatch, tmp_path):
     assert "a.pool, b.pool" in captured.get()
 
 
+USER_MODEL = """
+import torch, torch.nn as nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+    def forward(self, x):
+        return self.head(self.body(torch.relu(self.stem(x))).mean((2, 3)))
+def build():
+    return Net()
+"""
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """A user's own module whose two body convs are exactly structured (C/2x2x2 and C/4x2x2,
+    8 and 16 coefficient channels), as a state dict with its --model file and as a .pt2."""
+    import importlib.util
+
+    from structexport.layers.structured import compose_kernel
+    tmp = tmp_path_factory.mktemp("user")
+    (tmp / "net.py").write_text(USER_MODEL)
+    spec = importlib.util.spec_from_file_location("user_net", tmp / "net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    net = mod.build().eval()
+    with torch.no_grad():
+        for conv, c in ((net.body[0], 8), (net.body[2], 16)):
+            conv.weight.copy_(compose_kernel(torch.randn(conv.out_channels, c, 2, 2) * 0.1, conv.in_channels, 3))
+    torch.save(net.state_dict(), tmp / "net_sd.pt")
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 32, 32),)), tmp / "net.pt2")
+    return tmp, net
+
+
+@pytest.mark.parametrize("front_end", ["state dict with --model", ".pt2"])
+def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp_path, front_end):
+    """The structure found on the ONNX graph is written into the torch program: the same
+    convs in both IRs (shapes of every conv kernel), both verified against the source."""
+    import onnx
+
+    from structexport.executorch_runtime import runner
+    tmp, net = user_model
+    args = ([str(tmp / "net_sd.pt"), "--model", f"{tmp / 'net.py'}:build", "--input-shape", "1,3,32,32"]
+            if front_end.startswith("state") else [str(tmp / "net.pt2")])
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, ["convert", *args, "--target", "executorch", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    decomposed = [rec["layer"] for p in m["passes"] for rec in p["records"] if rec["action"] == "decomposed"]
+    assert decomposed == ["body.0", "body.2"]
+    assert m["dense"]["macs"] / m["after"]["macs"] == pytest.approx(3.73, abs=0.01)
+    checks = {d["file"]: d for d in m["deployed_verification"]}
+    assert checks["model.pte"]["passed"] and checks["model.pte"]["max_abs_diff"] < 1e-4
+    d = m["target_build"]["delegation"]
+    assert d["structured_layers_not_delegated"] == [] and d["macs_delegated_share"] == 1.0
+    # The same plan in both IRs: the kernels of model.onnx's convs are the torch program's
+    onnx_shapes = sorted(tuple(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer
+                         if len(i.dims) == 4)
+    from structexport.plan_torch import emit_torch
+    gm, written = emit_torch(net, torch.randn(1, 3, 32, 32), m["passes"], "banded")
+    assert written == ["body.0", "body.2"]
+    torch_shapes = sorted(tuple(p.shape) for p in list(gm.parameters()) + list(gm.buffers()) if p.ndim == 4)
+    assert torch_shapes == onnx_shapes
+    x = torch.randn(1, 3, 32, 32)           # the exported program's batch
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x), atol=1e-4, rtol=1e-4)
+        want = net(x).numpy()
+    np.testing.assert_allclose(runner(out / "model.pte")(x.numpy())[0], want, atol=1e-4, rtol=1e-4)
+
+
 def test_autotune_and_onnx_sources_are_refused(repo_root, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["convert", str(repo_root / TRAINED), "--target", "executorch", "--autotune",
@@ -159,7 +233,7 @@ def test_autotune_and_onnx_sources_are_refused(repo_root, tmp_path):
                       dynamo=False)
     res = runner.invoke(main, ["convert", str(onnx_path), "--target", "executorch", "-o", str(tmp_path / "b")])
     assert res.exit_code == 2, res.output
-    assert "--target executorch lowers zoo checkpoints" in res.output
+    assert "--target executorch lowers torch programs" in res.output and "an ONNX model" in res.output
     assert "ort-cpu" in res.output and "tvm-llvm" in res.output
     assert not (tmp_path / "b").exists()
 
