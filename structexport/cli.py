@@ -595,12 +595,12 @@ def _render_delegation(d: dict, delegate: str) -> None:
               f"in {d['delegate_calls']} delegate calls"
               + (f", {100 * share:.1f}% of multiply-accumulates" if share is not None else ""))
     if d["portable"]:
-        out.print("  left to portable kernels: " + ", ".join(f"{e['op']} x{e['count']}" for e in d["portable"]))
+        out.print(f"  left to the runtime's own kernels: " + ", ".join(f"{e['op']} x{e['count']}" for e in d["portable"]))
     falling = d.get("structured_layers_not_delegated") or []
     if falling:
         more = f" and {len(falling) - 4} more" if len(falling) > 4 else ""
         err.print(f"[yellow]warning:[/] {len(falling)} structured layer{'s' * (len(falling) > 1)} run partly "
-                  f"outside {delegate}, on slow portable kernels: {', '.join(falling[:4])}{more} "
+                  f"outside {delegate}, on the runtime's slow reference kernels: {', '.join(falling[:4])}{more} "
                   f"(the manifest lists each op under target_build.delegation)")
 
 

@@ -141,7 +141,7 @@ def test_convert_warns_when_structured_layers_fall_back(monkeypatch, tmp_path):
     with err.capture() as captured, cli.out.capture() as shown:
         cli._render_delegation(report, "XNNPACK")
     assert "10 of 14 ops in 2 delegate calls, 100.0% of multiply-accumulates" in shown.get()
-    assert "aten.cumsum.default x4" in shown.get()
+    assert "left to the runtime's own kernels: aten.cumsum.default x4" in shown.get()
     assert "warning: 2 structured layers run partly outside XNNPACK" in captured.get()
     assert "a.pool, b.pool" in captured.get()
 
