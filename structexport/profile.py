@@ -54,6 +54,11 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         if spec is not None and target not in REMOTE_TARGETS:
             raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
                                f"not {target!r}", "pass --target tvm-llvm or --target tvm-arm")
+        from structexport.targets import is_program_target
+        if spec is None and is_program_target(target):
+            raise ProfileError(f"profile does not read {target}'s per-op profiler yet (docs/{target}.md says "
+                               "what it gives)", "pass --target ort-cpu to profile the same model converted for ONNX "
+                               "Runtime; bench times the program itself")
         if spec is None and target not in TARGETS:
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
                                f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
