@@ -184,25 +184,30 @@ def user_model(tmp_path_factory):
     return tmp, net
 
 
-@pytest.mark.parametrize("front_end", ["state dict with --model", ".pt2"])
-def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp_path, front_end):
+@pytest.mark.parametrize("target,front_end", [("executorch", "state dict with --model"), ("executorch", ".pt2"),
+                                              ("litert", ".pt2")])
+def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp_path, target, front_end):
     """The structure found on the ONNX graph is written into the torch program: the same
     convs in both IRs (shapes of every conv kernel), both verified against the source."""
     import onnx
 
-    from structexport.executorch_runtime import runner
+    from structexport.targets import get_target
+    if target == "litert":
+        pytest.importorskip("litert_torch", reason="the litert extra is part of make setup")
+    program = get_target(target, {}).programs["structured"]
+    runner = get_target(target, {}).runner
     tmp, net = user_model
     args = ([str(tmp / "net_sd.pt"), "--model", f"{tmp / 'net.py'}:build", "--input-shape", "1,3,32,32"]
             if front_end.startswith("state") else [str(tmp / "net.pt2")])
     out = tmp_path / "pkg"
-    r = CliRunner().invoke(main, ["convert", *args, "--target", "executorch", "-o", str(out)])
+    r = CliRunner().invoke(main, ["convert", *args, "--target", target, "-o", str(out)])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     decomposed = [rec["layer"] for p in m["passes"] for rec in p["records"] if rec["action"] == "decomposed"]
     assert decomposed == ["body.0", "body.2"]
     assert m["dense"]["macs"] / m["after"]["macs"] == pytest.approx(3.73, abs=0.01)
     checks = {d["file"]: d for d in m["deployed_verification"]}
-    assert checks["model.pte"]["passed"] and checks["model.pte"]["max_abs_diff"] < 1e-4
+    assert checks[program]["passed"] and checks[program]["max_abs_diff"] < 1e-4
     d = m["target_build"]["delegation"]
     assert d["structured_layers_not_delegated"] == [] and d["macs_delegated_share"] == 1.0
     # The same plan in both IRs: the kernels of model.onnx's convs are the torch program's
@@ -217,7 +222,7 @@ def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp
     with torch.no_grad():
         torch.testing.assert_close(gm(x), net(x), atol=1e-4, rtol=1e-4)
         want = net(x).numpy()
-    np.testing.assert_allclose(runner(out / "model.pte")(x.numpy())[0], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(runner(out / program)(x.numpy())[0], want, atol=1e-4, rtol=1e-4)
 
 
 def test_autotune_and_onnx_sources_are_refused(repo_root, tmp_path):
