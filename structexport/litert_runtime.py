@@ -83,6 +83,22 @@ def native_output_muted():
             os.close(fd)
 
 
+def _tame_absl() -> None:
+    """absl (imported by jax and LiteRT) puts its handler on the root logger, bound to whatever
+    ``sys.stderr`` was at import time (here a redirected stream), and closes that stream when
+    logging's handlers are shut down (``logging.config.dictConfig`` does, TVM's MetaSchedule
+    calls it): the caller's stream would be closed under it. Bind the handler to the real
+    stderr, which absl never closes, and take it off the root logger: structexport's own
+    logging stays as Python configures it."""
+    import sys
+    absl = sys.modules.get("absl.logging")
+    if absl is None:
+        return
+    handler = absl.get_absl_handler()
+    handler.python_handler.stream = sys.__stderr__
+    logging.root.removeHandler(handler)
+
+
 @contextlib.contextmanager
 def quiet_litert():
     """LiteRT, jax, absl and litert-torch log, warn and print on import and conversion; keep
@@ -99,6 +115,7 @@ def quiet_litert():
         with quiet(), native_output_muted():
             yield
     finally:
+        _tame_absl()
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         for k, v in saved_env.items():
