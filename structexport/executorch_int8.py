@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from structexport.executorch_lower import lower_to_pte
-from structexport.quantize import OUTPUT_STEPS, agreement, gate_failures, logits_function
+from structexport.quantize import OUTPUT_STEPS, agreement, gate_failures, logits_function, valid_timing
 
 LAYER_TIMING_REPEAT = 30
 CALIBRATION_FOR_TIMING = 4     # random inputs: a layer's speed does not depend on its ranges
@@ -98,7 +98,8 @@ def quantized_program(module, example, calibration: np.ndarray, inputs: dict[str
 
 # ------------------------------------------------------------------ per-layer choice
 
-def _layer_inputs(module, names: list[str], example) -> dict[str, tuple[int, ...]]:
+def layer_inputs(module, names: list[str], example) -> dict[str, tuple[int, ...]]:
+    """The input shape of each named submodule on ``example``."""
     import torch
     shapes, hooks = {}, []
     modules = dict(module.named_modules())
@@ -128,12 +129,12 @@ def layer_key(layer, in_shape) -> str:
             f"out{conv.out_channels} n{conv.kernel_size[0]} stride{conv.stride[0]}")
 
 
-def time_layer_int8(layer, in_shape, workdir: Path, threads: int = 1) -> dict[str, float]:
-    """One layer alone, structured (rebased) and as its dense conv, each quantized and
-    lowered to XNNPACK, timed interleaved: medians in ms."""
+def time_layer_forms(layer, in_shape, workdir: Path, build, suffix: str, timer, threads: int = 1) -> dict[str, float]:
+    """One layer alone, structured (rebased) and as its dense conv, each quantized and built
+    for a runtime (``build(module, example, calibration, path)``; the runtime's ``timer``),
+    timed interleaved: medians in ms."""
     import torch
 
-    from structexport.executorch_runtime import timer
     from structexport.timing import time_interleaved
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(in_shape, generator=gen)
@@ -142,18 +143,28 @@ def time_layer_int8(layer, in_shape, workdir: Path, threads: int = 1) -> dict[st
     structured.rebase_channel_sums()
     timers = {}
     for form, module in (("structured", structured), ("dense", composed(layer))):
-        path = workdir / f"layer-{form}.pte"
-        lower_to_pte(quantize_pt2e(module, example, calibration), example, path)
+        path = workdir / f"layer-{form}{suffix}"
+        build(module, example, calibration, path)
         timers[form] = timer(path, example.numpy(), threads)
     stats = time_interleaved(timers, None, LAYER_TIMING_REPEAT, 3)
     return {form: stats[form]["median"] for form in timers}
 
 
-def choose_dense_layers(module, example, policy: str, workdir: Path, say,
-                        cache_path: Path | None = None, threads: int = 1) -> tuple[dict[str, str], dict]:
-    """Which decomposed layers of ``module`` to ship dense in INT8 on ExecuTorch: ``{name: why}``
-    and the manifest's record (as :func:`structexport.quantize.choose_dense_layers` for ONNX
-    Runtime, timed under ExecuTorch/XNNPACK instead)."""
+def time_layer_int8(layer, in_shape, workdir: Path, threads: int = 1) -> dict[str, float]:
+    """:func:`time_layer_forms` under ExecuTorch/XNNPACK."""
+    from structexport.executorch_runtime import timer
+    return time_layer_forms(layer, in_shape, workdir,
+                            lambda m, x, cal, path: lower_to_pte(quantize_pt2e(m, x, cal), x, path),
+                            ".pte", timer, threads)
+
+
+def choose_dense_layers(module, example, policy: str, say, *, time_layer, machine_label: str,
+                        cache_path: Path, runtime: str, threads: int = 1) -> tuple[dict[str, str], dict]:
+    """Which decomposed layers of ``module`` to ship dense in INT8 on a program target's
+    runtime: ``{name: why}`` and the manifest's record (as
+    :func:`structexport.quantize.choose_dense_layers` for ONNX Runtime). ``time_layer(layer,
+    input shape)`` times one layer structured and dense on ``runtime``; its medians are cached
+    in ``cache_path`` per machine (``machine_label`` and this CPU) and layer shape."""
     from structexport.layers.decomposed import DecomposedStructuredConv
     from structexport.passes.autotune import AutotuneCache, machine_key
     names = [n for n, m in module.named_modules() if isinstance(m, DecomposedStructuredConv)]
@@ -161,21 +172,19 @@ def choose_dense_layers(module, example, policy: str, workdir: Path, say,
     if policy == "structured" or not names:
         return {}, record
     modules = dict(module.named_modules())
-    shapes = _layer_inputs(module, names, example)
-    cache = AutotuneCache(cache_path or layer_cache_path())
-    from structexport.executorch_runtime import require_executorch
-    machine = machine_key(f"executorch {require_executorch()} int8 xnnpack", threads)
+    shapes = layer_inputs(module, names, example)
+    cache = AutotuneCache(cache_path)
+    machine = machine_key(machine_label, threads)
     record.update({"cache": str(cache.path), "machine": machine})
     dense, measured, from_cache = {}, 0, 0
     for name in names:
         key = layer_key(modules[name], shapes[name])
         ms = cache.get(machine, key)
-        cached = isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) and ms[k] > 0
-                                              for k in ("structured", "dense"))
+        cached = valid_timing(ms)
         from_cache += cached
         if not cached:
-            say(f"int8: time {name} structured and dense under ExecuTorch ({key})")
-            ms = time_layer_int8(modules[name], shapes[name], workdir, threads)
+            say(f"int8: time {name} structured and dense under {runtime} ({key})")
+            ms = time_layer(modules[name], shapes[name])
             cache.put(machine, key, ms)
             measured += 1
         faster = ms["structured"] < ms["dense"]
@@ -204,10 +213,9 @@ def int8_module(module, dense_layers: dict[str, str]):
                  if isinstance(m, DecomposedStructuredConv) and m.rebase_channel_sums()]
 
 
-def gate(source, program_path: Path, sets, opts, shipped: str) -> dict:
-    """Top-1 agreement of the INT8 program with the float32 source on the held-out images."""
-    from structexport.executorch_runtime import runner
-    run = runner(program_path)
+def gate(run, source, sets, opts, shipped: str) -> dict:
+    """Top-1 agreement of an INT8 program (``run(x) -> outputs``) with the float32 source on
+    the held-out images."""
     result = agreement(logits_function(source), lambda x: run(x)[0], sets.gate, sets.gate_labels, 1)
     failures = gate_failures(result, opts)
     result.update({"against": "the float32 source", "shipped": shipped,

@@ -17,15 +17,12 @@ dequantize node given its own copy (:func:`duplicate_shared_dq`).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 
-from structexport.executorch_int8 import (CALIBRATION_FOR_TIMING, LAYER_TIMING_REPEAT, ProgramInt8, composed,
-                                          fake_outputs, layer_key, output_atol)
+from structexport.executorch_int8 import ProgramInt8, fake_outputs, output_atol, time_layer_forms
 from structexport.litert_lower import convert_to_tflite
-from structexport.quantize import agreement, gate_failures, logits_function
 
 
 def layer_cache_path() -> Path:
@@ -87,94 +84,11 @@ def quantized_program(module, example, calibration: np.ndarray, inputs: dict[str
 
 # ------------------------------------------------------------------ per-layer choice
 
-def layer_input_shapes(module, names: list[str], example) -> dict[str, tuple[int, ...]]:
-    """The input shape of each named submodule on ``example``."""
-    import torch
-    shapes, hooks = {}, []
-    modules = dict(module.named_modules())
-    for name in names:
-        hooks.append(modules[name].register_forward_pre_hook(
-            lambda _m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape))))
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
 def time_layer_int8(layer, in_shape, workdir: Path, threads: int = 1) -> dict[str, float]:
-    """One layer alone, structured (rebased) and as its dense conv, each quantized and
-    converted to LiteRT, timed interleaved under XNNPACK: medians in ms."""
-    import torch
-
+    """:func:`structexport.executorch_int8.time_layer_forms` under LiteRT/XNNPACK."""
     from structexport.litert_runtime import timer
-    from structexport.timing import time_interleaved
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(in_shape, generator=gen)
-    calibration = torch.randn((CALIBRATION_FOR_TIMING, *in_shape[1:]), generator=gen).numpy()
-    structured = copy.deepcopy(layer)
-    structured.rebase_channel_sums()
-    timers = {}
-    for form, module in (("structured", structured), ("dense", composed(layer))):
-        path = workdir / f"layer-{form}.tflite"
+
+    def build(module, example, calibration, path):
         fake, quantizer = quantize_pt2e(module, example, calibration)
         convert_to_tflite(fake, example, path, quantizer=quantizer)
-        timers[form] = timer(path, example.numpy(), threads)
-    stats = time_interleaved(timers, None, LAYER_TIMING_REPEAT, 3)
-    return {form: stats[form]["median"] for form in timers}
-
-
-def choose_dense_layers(module, example, policy: str, workdir: Path, say,
-                        cache_path: Path | None = None, threads: int = 1) -> tuple[dict[str, str], dict]:
-    """Which decomposed layers of ``module`` to ship dense in INT8 on LiteRT: ``{name: why}``
-    and the manifest's record (as the executorch target's choice, timed under LiteRT)."""
-    from structexport.layers.decomposed import DecomposedStructuredConv
-    from structexport.litert_runtime import require_litert_converter
-    from structexport.passes.autotune import AutotuneCache, machine_key
-    names = [n for n, m in module.named_modules() if isinstance(m, DecomposedStructuredConv)]
-    record = {"policy": policy, "layers": []}
-    if policy == "structured" or not names:
-        return {}, record
-    modules = dict(module.named_modules())
-    shapes = layer_input_shapes(module, names, example)
-    cache = AutotuneCache(cache_path or layer_cache_path())
-    machine = machine_key(f"litert-torch {require_litert_converter()} int8 xnnpack", threads)
-    record.update({"cache": str(cache.path), "machine": machine})
-    dense, measured, from_cache = {}, 0, 0
-    for name in names:
-        key = layer_key(modules[name], shapes[name])
-        ms = cache.get(machine, key)
-        cached = isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) and ms[k] > 0
-                                              for k in ("structured", "dense"))
-        from_cache += cached
-        if not cached:
-            say(f"int8: time {name} structured and dense under LiteRT ({key})")
-            ms = time_layer_int8(modules[name], shapes[name], workdir, threads)
-            cache.put(machine, key, ms)
-            measured += 1
-        faster = ms["structured"] < ms["dense"]
-        record["layers"].append({"layer": name, "choice": "structured" if faster else "dense",
-                                 "structured_ms": ms["structured"], "dense_ms": ms["dense"],
-                                 "speedup": round(ms["dense"] / ms["structured"], 3), "cached": cached,
-                                 "key": key})
-        if not faster:
-            dense[name] = (f"INT8 {ms['structured']:.4f} ms structured, {ms['dense']:.4f} ms dense"
-                           + (" (cached)" if cached else ""))
-    if measured:
-        cache.save()
-    record.update({"measured": measured, "from_cache": from_cache})
-    return dense, record
-
-
-def gate(source, program_path: Path, sets, opts, shipped: str) -> dict:
-    """Top-1 agreement of the INT8 model with the float32 source on the held-out images."""
-    from structexport.litert_runtime import runner
-    run = runner(program_path)
-    result = agreement(logits_function(source), lambda x: run(x)[0], sets.gate, sets.gate_labels, 1)
-    failures = gate_failures(result, opts)
-    result.update({"against": "the float32 source", "shipped": shipped,
-                   "min_agreement": opts.min_agreement, "max_logit_diff_allowed": opts.max_logit_diff,
-                   "passed": not failures, "failures": failures})
-    return result
+    return time_layer_forms(layer, in_shape, workdir, build, ".tflite", timer, threads)

@@ -538,7 +538,7 @@ def choose_dense_layers(model, policy: str, cache_path: Path | None, say,
             continue
         key = layer_key(layer, in_shape)
         ms = cache.get(machine, key)
-        cached = _valid_timing(ms)
+        cached = valid_timing(ms)
         from_cache += cached
         if not cached:
             say(f"int8: time {layer.layer} structured and dense ({key})")
@@ -560,7 +560,7 @@ def choose_dense_layers(model, policy: str, cache_path: Path | None, say,
     return dense, record
 
 
-def _valid_timing(entry) -> bool:
+def valid_timing(entry) -> bool:
     """A cached entry to trust: both times, positive numbers (anything else is measured again)."""
     return isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and entry[k] > 0
                                            for k in ("structured", "dense"))
