@@ -63,7 +63,9 @@ def quantize_pt2e(module, example, calibration: np.ndarray):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     batch = example.shape[0]
     with torch.no_grad(), quiet_litert():
-        graph = torch.export.export(module.eval(), (example,)).module()
+        if not isinstance(module, torch.fx.GraphModule):   # an exported program's module has no eval()
+            module = module.eval()
+        graph = torch.export.export(module, (example,)).module()
         quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
         prepared = prepare_pt2e(graph, quantizer)
