@@ -1,15 +1,15 @@
-"""LiteRT speed: on LiteRT (TFLite) with the XNNPACK delegate, 1 thread, batch 1,
-structured against dense, float32 and INT8, all four programs timed interleaved in one loop
-(weights drawn from a seed: latency does not depend on trained values).
+"""The phone runtimes' speed (issue 21): on ExecuTorch or LiteRT with the XNNPACK delegate,
+1 thread, batch 1, structured against dense, float32 and INT8, all four programs timed
+interleaved in one loop (weights drawn from a seed: latency does not depend on trained values).
 
-    .venv/bin/python benchmarks/litert_speed.py [--repeat 100] [NAME ...]
+    .venv/bin/python benchmarks/program_speed.py [--target executorch|litert] [--repeat 100] [NAME ...]
 
-Each model is converted twice, as a user would: ``convert --target litert`` (float32:
-model.tflite and its dense counterpart reference.tflite) and ``--precision int8`` (PT2E with
-litert-torch's PT2EQuantizer, calibrated on 64 CIFAR-10 training images, upsampled to 224 for
-ImageNet-sized models; the per-layer choice timed on this machine). The weights are random,
-so the accuracy gate is off (``--force``). Then ``bench`` on the INT8 package with the float32
-package's model.tflite in the same loop. Prints a Markdown table with the machine and command.
+Each model is converted twice, as a user would: ``convert --target T`` (float32: the program
+and its dense counterpart) and ``--precision int8`` (PT2E with the runtime's quantizer,
+calibrated on 64 CIFAR-10 training images, upsampled to 224 for ImageNet-sized models; the
+per-layer choice timed on this machine). The weights are random, so the accuracy gate is off
+(``--force``). Then ``bench`` on the INT8 package with the float32 package's program in the
+same loop. Prints a Markdown table with the machine and command.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cifar10" / "train-25k.npz"
-DEFAULT = ["resnet20-struct-c2n2", "resnet18-struct-c2n2"]
+DEFAULT = ["resnet18-struct-c2n2", "resnet20-struct-c2n2", "vgg19-ssc-10"]
 
 
-def convert_both(name: str, work: Path, say) -> dict[str, Path]:
+def convert_both(name: str, target: str, work: Path, say) -> dict[str, Path]:
     import torch
 
     from structexport.convert import ConvertOptions, convert
@@ -38,20 +38,20 @@ def convert_both(name: str, work: Path, say) -> dict[str, Path]:
     preprocess = Preprocess.preset("cifar10" if cifar else "imagenet").to_dict()
     out = {"fp32": work / f"{name}-fp32", "int8": work / f"{name}-int8"}
     say(f"{name}: convert float32")
-    convert(str(ckpt), out["fp32"], name, ConvertOptions(target="litert"), progress=say)
+    convert(str(ckpt), out["fp32"], name, ConvertOptions(target=target), progress=say)
     say(f"{name}: convert INT8")
     convert(str(ckpt), out["int8"], name, ConvertOptions(
-        target="litert", precision="int8", preprocess=preprocess, force=True,
+        target=target, precision="int8", preprocess=preprocess, force=True,
         int8=Int8Options(str(DATA), count=64, gate_count=100, min_agreement=0.0)), progress=say)
     return out
 
 
-def measure(name: str, repeat: int, say) -> dict:
+def measure(name: str, target: str, repeat: int, say) -> dict:
     from structexport.bench import BenchOptions, run_bench
     from structexport.package import Package
     from structexport.timedcheck import checked_programs
-    with tempfile.TemporaryDirectory(prefix="litert-speed-") as tmp:
-        pkgs = convert_both(name, Path(tmp), say)
+    with tempfile.TemporaryDirectory(prefix=f"{target}-speed-") as tmp:
+        pkgs = convert_both(name, target, Path(tmp), say)
         fp32 = Package.load(pkgs["fp32"])
         extra = checked_programs(fp32, {"structured": fp32.program}, fp32.feed(), 1, say)
         say(f"{name}: timing ({repeat} interleaved runs)")
@@ -76,7 +76,7 @@ def measure(name: str, repeat: int, say) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | input | struct fp32 ms | dense fp32 ms | fp32 speedup | of theory | struct INT8 ms | "
-            "dense INT8 ms | INT8 speedup | of theory | INT8 layers structured | MACs delegated | builtin-kernel ops (fp32) |")
+            "dense INT8 ms | INT8 speedup | of theory | INT8 layers structured | MACs delegated | ops outside XNNPACK (fp32) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms, t = r["ms"], r["theory"]
@@ -92,20 +92,21 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", default=DEFAULT)
+    p.add_argument("--target", choices=["executorch", "litert"], default="executorch")
     p.add_argument("--repeat", type=int, default=100)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    from structexport.litert_runtime import require_litert
     from structexport.machine import machine
+    from structexport.targets import get_target
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     m = machine()
     print(f"Machine: {m['cpu']['model']} ({m['cpu']['machine']}, {m['cpu']['cores']} cores, "
-          f"{' '.join(m['cpu']['simd'])}); LiteRT {require_litert()} with XNNPACK; 1 thread, batch 1, "
+          f"{' '.join(m['cpu']['simd'])}); {get_target(args.target, {}).runtime(1)}, batch 1, "
           f"{args.repeat} interleaved runs, medians.")
-    print(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/litert_speed.py'] + (argv or sys.argv[1:]))}`\n")
+    print(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/program_speed.py'] + (argv or sys.argv[1:]))}`\n")
     rows = []
     for name in args.names:
-        rows.append(measure(name, args.repeat, say))
+        rows.append(measure(name, args.target, args.repeat, say))
         say(json.dumps({k: v for k, v in rows[-1].items() if k not in ("choice", "machine")}))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
