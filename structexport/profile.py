@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from structexport.profiling.assemble import assemble
+from structexport.profiling.executorch import measure_executorch
 from structexport.profiling.layermap import onnx_node_layers
 from structexport.profiling.options import ProfileError, ProfileOptions
 from structexport.profiling.ort import measure_ort
@@ -25,6 +26,8 @@ __all__ = ["REMOTE_TARGETS", "TARGETS", "ProfileError", "ProfileOptions", "onnx_
            "run_profile"]
 
 TARGETS = ("ort-cpu", "tvm-llvm")
+# Program targets (torch lowered to a phone runtime's program) whose per-op profiler profile reads
+PROGRAM_TARGETS = ("executorch",)
 REMOTE_TARGETS = ("tvm-llvm", "tvm-arm")
 
 
@@ -43,23 +46,25 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="structexport-profile-") as tmp:
         work = Path(tmp)
+        program = _requested_program_target(path, opts.target)
+        if program and program not in PROGRAM_TARGETS:
+            raise _program_refusal(program)
+        # a program target profiles its own program: a package without one is converted again
         workload = resolve_workload(path, arch, WorkloadOptions(
             target=opts.target, input_shape=opts.input_shape, batch=opts.batch, seed=opts.seed,
             trust_pickle=opts.trust_pickle, allow_torchscript=opts.allow_torchscript,
-            need="graph", command="profile"), work, say)
+            need="artifact" if program else "graph", command="profile"), work, say)
         src = _inputs_of(workload)
         target = src["target"]
         if src["precision"] == "int8" and (spec is not None or target != "ort-cpu"):
-            raise _int8_refusal(workload.package.root, target, spec is not None)
+            raise _int8_refusal(workload.package.root, target, spec is not None, workload.package.target)
         if spec is not None and target not in REMOTE_TARGETS:
             raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
                                f"not {target!r}", "pass --target tvm-llvm or --target tvm-arm")
         from structexport.targets import is_program_target
-        if spec is None and is_program_target(target):
-            raise ProfileError(f"profile does not read {target}'s per-op profiler yet (docs/{target}.md says "
-                               "what it gives)", "pass --target ort-cpu to profile the same model converted for ONNX "
-                               "Runtime; bench times the program itself")
-        if spec is None and target not in TARGETS:
+        if spec is None and is_program_target(target) and target not in PROGRAM_TARGETS:
+            raise _program_refusal(target)
+        if spec is None and target not in TARGETS + PROGRAM_TARGETS:
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
                                f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
                                "--rpc HOST:PORT for a TVM device")
@@ -69,6 +74,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             measured = profile_remote(src["tvm_onnx"], dense_onnx, feed, opts, say, spec, target,
                                       src.get("tvm_target"), work, fuse=src["fuse"],
                                       package=workload.package)
+        elif target == "executorch":
+            measured = measure_executorch(workload.package, opts, say, work)
         elif target == "ort-cpu":
             measured = measure_ort(src["onnx"], dense_onnx, feed, opts, say, work,
                                    package=workload.package)
@@ -78,6 +85,12 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
                                    fuse=src["fuse"], package=workload.package)
         peak = measure_peak(opts.threads) if opts.peak else None
         report = assemble(src, target, dense_onnx, measured, peak, opts)
+        if "programs" in measured:   # a program target: what was profiled, and how it was mapped
+            report["programs"] = measured["programs"]
+            report["dense"]["program"] = measured["programs"]["dense"]
+            report["mapping"]["rule"] = measured["mapping_rule"]
+            report["mapping"]["outside"] = measured["outside"]
+            report["notes"].extend(measured.get("notes", []))
         if spec is not None:
             report["device"] = spec.describe()
             report["notes"].append("on a remote device each PrimFunc call is timed on its own "
@@ -89,7 +102,34 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         return report
 
 
-def _int8_refusal(root, target: str | None, remote: bool) -> ProfileError:
+def _requested_program_target(path: str | None, target: str | None) -> str | None:
+    """The program target (executorch, litert) this run profiles, None for the others: the
+    one named, else a package's own."""
+    from structexport.package import Package, is_package
+    from structexport.targets import is_program_target
+    if target is None and path and is_package(path):
+        try:
+            target = Package.load(path, check_hashes=False).target
+        except Exception:   # resolve_workload reports a broken package with its own error
+            return None
+    return target if target and is_program_target(target) else None
+
+
+def _program_refusal(target: str) -> ProfileError:
+    return ProfileError(f"profile does not read {target}'s per-op profiler yet (docs/{target}.md says "
+                        "what it gives)", "pass --target ort-cpu to profile the same model converted for ONNX "
+                        "Runtime, or profile a package converted with --target executorch; bench times the program "
+                        "itself")
+
+
+def _int8_refusal(root, target: str | None, remote: bool, own: str = "ort-cpu") -> ProfileError:
+    from structexport.targets import is_program_target
+    if is_program_target(own):
+        return ProfileError(f"{root} is an INT8 {own} package: profile does not map INT8 programs to "
+                            "layers yet (the layers its INT8 stage kept dense run as one conv each, "
+                            "which model.onnx does not show)", f"bench times it ({own} beside its "
+                            "dense INT8 program); profile the float32 conversion (convert --target "
+                            f"{own} without --precision int8)")
     where = "on a device (--rpc/--tracker)" if remote else f"on {target}"
     return ProfileError(f"{root} is an INT8 package: its integer kernels run under ONNX Runtime, "
                         f"and profile cannot run them {where} (TVM has no INT8 convolution; "
@@ -108,7 +148,7 @@ def _refuse_int8_elsewhere(path: str | None, target: str | None, remote: bool) -
     except Exception:   # resolve_workload reports a broken package with its own error
         return
     if package.precision == "int8" and (remote or (target or package.target) != "ort-cpu"):
-        raise _int8_refusal(package.root, target or package.target, remote)
+        raise _int8_refusal(package.root, target or package.target, remote, package.target)
 
 
 def _dense_side(package) -> Path | None:

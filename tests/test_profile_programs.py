@@ -1,0 +1,159 @@
+"""`profile` on the program targets: an ExecuTorch program (ETDump) and a LiteRT model, each
+beside its dense counterpart program, per-operator times mapped back to source layers by
+order against the package's ONNX graph, the rows adding up to the profiled run's total."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from structexport.cli import main
+from structexport.profiling.assemble import OUTSIDE, UNMAPPED, validate
+from structexport.profiling.options import ProfileError
+
+TRAINED = "models/checkpoints/trained/resnet20-struct-c2n2-sr-seed0.safetensors"
+# The trained ResNet-20 C/2x2x2's multiply-adds (test_executorch.py): structured, dense
+MACS = {"structured": 9_355_904, "dense": 40_551_040}
+
+
+def _convert(tmp_path_factory, repo_root, target: str) -> Path:
+    from structexport.convert import ConvertOptions, convert
+    out = tmp_path_factory.mktemp(f"profile-{target}") / "pkg"
+    convert(str(repo_root / TRAINED), out, options=ConvertOptions(target=target))
+    return out
+
+
+def _profile(out: Path, html: Path, *extra) -> tuple[dict, str]:
+    res = CliRunner().invoke(main, ["profile", str(out), "--repeat", "6", "--warmup", "1", "--no-peak",
+                                    "-o", str(html), *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(html.with_suffix(".json").read_text()), res.output
+
+
+def _layers(out: Path) -> list[dict]:
+    from structexport.package import Package
+    return Package.load(out, check_hashes=False).layers
+
+
+def _check_report(report: dict, out: Path, programs: dict) -> None:
+    """What every program target's report must hold: the schema, the package's layers as its
+    rows (none unmapped), rows adding up to the profiled total, and the dense side."""
+    assert validate(report) == []
+    assert report["programs"] == programs and report["dense"]["program"] == programs["dense"]
+    layers = [layer["name"] for layer in _layers(out)]
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert [r["layer"] for r in report["layers"] if r["kind"] == "layer"] == layers
+    assert UNMAPPED not in rows and OUTSIDE in rows
+    assert report["mapping"]["unmapped_ms_by_op"] == {"structured": {}, "dense": {}}
+    for which in ("structured", "dense"):
+        t = report["totals"][which]
+        assert t["unmapped_ms"] == 0 and t["calls"] > len(layers)
+        assert sum(r[f"{which}_ms"] for r in report["layers"]) == pytest.approx(t["profiled_ms"], rel=1e-9)
+        assert sum(r[f"{which}_share"] for r in report["layers"]) == pytest.approx(1.0, rel=1e-9)
+        assert t["kernels_ms"] + t["outside_ms"] == pytest.approx(t["profiled_ms"], rel=1e-9)
+        assert t["macs"] == MACS[which]
+        # every structured layer's time is its own: the convs of its structure ran under it
+        for layer in _layers(out):
+            assert rows[layer["name"]][f"{which}_macs"] > 0
+    assert report["speedup_theoretical"] == pytest.approx(MACS["dense"] / MACS["structured"])
+
+
+# ---------------------------------------------------------------------- ExecuTorch
+
+pytest.importorskip("executorch", reason="the executorch extra is part of make setup")
+
+
+@pytest.fixture(scope="module")
+def et_package(tmp_path_factory, repo_root) -> Path:
+    return _convert(tmp_path_factory, repo_root, "executorch")
+
+
+@pytest.fixture(scope="module")
+def et_report(et_package, tmp_path_factory):
+    return _profile(et_package, tmp_path_factory.mktemp("et-report") / "report.html")
+
+
+def test_executorch_report_rows_are_the_layers_and_add_up(et_package, et_report):
+    report, output = et_report
+    assert report["target"] == "executorch" and report["runtime"].startswith("ExecuTorch 1.5")
+    assert "ETDump" in report["profiler"] and "by order" in report["mapping"]["rule"]
+    _check_report(report, et_package, {"structured": "model.pte", "dense": "reference.pte"})
+    rows = {r["layer"]: r for r in report["layers"]}
+    structured = [layer["name"] for layer in _layers(et_package) if layer["kind"] == "structured"]
+    assert len(structured) == 18
+    for name in structured:   # band (1x1 conv: XNNPACK's FC), box (depthwise), small conv
+        ops = rows[name]["structured_ops"]
+        assert {"Fully Connected (NC, F32) GEMM", "Convolution (NHWC, F32) DWConv"} <= set(ops), (name, ops)
+        assert any(op.startswith("Convolution (NHWC, F32)") and "DWConv" not in op for op in ops), (name, ops)
+        assert not any("DWConv" in op or "Fully Connected" in op for op in rows[name]["dense_ops"])
+    # The shortcuts' portable kernels (zero channels, strided slices) go to their block's last layer
+    for block in ("stage_2.0", "stage_3.0"):
+        assert {"full.out", "slice_copy.Tensor_out"} <= set(rows[f"{block}.conv_b"]["structured_ops"])
+    # the profiled run is the timed one plus ETDump's hooks: the same order of magnitude
+    for which in ("structured", "dense"):
+        t = report["totals"][which]
+        assert 0.3 < t["profiled_ms"] / t["latency_ms"]["median"] < 5
+    assert "model.pte" not in output or "report.json" in output
+
+
+def test_executorch_every_multiply_add_operator_maps_to_its_layer(et_package, tmp_path):
+    """Each delegated conv / fully connected of both programs, event by event: the structured
+    layers run three (band, box, small conv), the others one."""
+    from structexport.package import Package
+    from structexport.profiling.executorch import etdump_profile, event_layers, is_mac_event
+    package = Package.load(et_package)
+    prof = etdump_profile({"structured": package.program, "dense": package.dense_program}, package.feed(),
+                          1, 2, 0, tmp_path)
+    build = package.target_build
+    order = [layer["name"] for layer in package.layers]
+    kinds = {layer["name"]: layer["kind"] for layer in package.layers}
+    for which, onnx, delegation in (("structured", package.model_onnx, build["delegation"]),
+                                    ("dense", package.reference_onnx, build["dense_delegation"])):
+        calls = prof[which]["calls"]
+        owners = event_layers(calls, onnx, order, delegation, Path(which))
+        assert None not in owners
+        per_layer: dict[str, int] = {}
+        for call, layer in zip(calls, owners):
+            if is_mac_event(call["op"]):
+                per_layer[layer] = per_layer.get(layer, 0) + 1
+        want = {name: 3 if which == "structured" and kinds[name] == "structured" else 1 for name in order}
+        assert per_layer == want
+
+
+def test_operators_that_do_not_match_the_graph_are_a_clear_error(et_package):
+    from structexport.package import Package
+    from structexport.profiling.executorch import event_layers
+    package = Package.load(et_package)
+    order = [layer["name"] for layer in package.layers]
+    calls = [{"name": "0:Convolution (NHWC, F32) IGEMM #1", "op": "Convolution (NHWC, F32) IGEMM",
+              "delegate": 0}]
+    with pytest.raises(ProfileError, match=r"runs 1 multiply-add operators and model.onnx has 56"):
+        event_layers(calls, package.model_onnx, order, None, Path("model.pte"))
+    # the stem is a 3x3 conv: a depthwise operator in its place is refused
+    calls = [{"name": f"{k}:x", "op": "Convolution (NHWC, F32) DWConv", "delegate": 0} for k in range(56)]
+    with pytest.raises(ProfileError, match="does not match model.onnx's node"):
+        event_layers(calls, package.model_onnx, order, None, Path("model.pte"))
+
+
+def test_module_layer_places_shortcuts_on_their_block():
+    from structexport.profiling.executorch import module_layer
+    order = ["conv_1_3x3", "stage_2.0.conv_a", "stage_2.0.conv_b", "stage_2.1.conv_a", "classifier"]
+    assert module_layer("stage_2.0.downsample", order) == "stage_2.0.conv_b"
+    assert module_layer("stage_2.0.conv_a.pool.band", order) == "stage_2.0.conv_a"
+    assert module_layer("classifier", order) == "classifier"
+    assert module_layer("other", order) is None
+
+
+def test_an_int8_program_package_is_refused_clearly(et_package, tmp_path):
+    fake = tmp_path / "int8"
+    shutil.copytree(et_package, fake)
+    manifest = json.loads((fake / "manifest.json").read_text())
+    manifest["precision"] = "int8"
+    (fake / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, ["profile", str(fake), "--no-peak", "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 40, res.output
+    assert "INT8 executorch package" in res.output and "bench" in res.output
+    assert not (tmp_path / "r.html").exists()
