@@ -15,10 +15,11 @@ from typing import Callable
 from structexport.profiling.assemble import assemble
 from structexport.profiling.executorch import measure_executorch
 from structexport.profiling.layermap import onnx_node_layers
+from structexport.profiling.litert import measure_litert
 from structexport.profiling.options import ProfileError, ProfileOptions
 from structexport.profiling.ort import measure_ort
 from structexport.profiling.peak import measure_peak
-from structexport.profiling.tvm_host import measure_tvm
+from structexport.profiling.tvm_host import measure_tvm, tuned_database
 from structexport.profiling.tvm_remote import profile_remote
 
 # onnx_node_layers: bench and tests/test_costmodel_bench.py import it from here
@@ -27,7 +28,7 @@ __all__ = ["REMOTE_TARGETS", "TARGETS", "ProfileError", "ProfileOptions", "onnx_
 
 TARGETS = ("ort-cpu", "tvm-llvm")
 # Program targets (torch lowered to a phone runtime's program) whose per-op profiler profile reads
-PROGRAM_TARGETS = ("executorch",)
+PROGRAM_TARGETS = ("executorch", "litert")
 REMOTE_TARGETS = ("tvm-llvm", "tvm-arm")
 
 
@@ -49,6 +50,11 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
         program = _requested_program_target(path, opts.target)
         if program and program not in PROGRAM_TARGETS:
             raise _program_refusal(program)
+        if program == "litert" and opts.threads != 1:
+            raise ProfileError(f"--threads {opts.threads}: LiteRT's profiler runs the model in a CompiledModel, "
+                               "whose thread count its C API does not set (it runs on one thread)",
+                               "profile litert with --threads 1 (the default); bench --threads N times "
+                               "the Interpreter on N threads")
         # a program target profiles its own program: a package without one is converted again
         workload = resolve_workload(path, arch, WorkloadOptions(
             target=opts.target, input_shape=opts.input_shape, batch=opts.batch, seed=opts.seed,
@@ -76,6 +82,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
                                       package=workload.package)
         elif target == "executorch":
             measured = measure_executorch(workload.package, opts, say, work)
+        elif target == "litert":
+            measured = measure_litert(workload.package, opts, say, work)
         elif target == "ort-cpu":
             measured = measure_ort(src["onnx"], dense_onnx, feed, opts, say, work,
                                    package=workload.package)
@@ -118,8 +126,7 @@ def _requested_program_target(path: str | None, target: str | None) -> str | Non
 def _program_refusal(target: str) -> ProfileError:
     return ProfileError(f"profile does not read {target}'s per-op profiler yet (docs/{target}.md says "
                         "what it gives)", "pass --target ort-cpu to profile the same model converted for ONNX "
-                        "Runtime, or profile a package converted with --target executorch; bench times the program "
-                        "itself")
+                        "Runtime; bench times the program itself")
 
 
 def _int8_refusal(root, target: str | None, remote: bool, own: str = "ort-cpu") -> ProfileError:
@@ -199,9 +206,21 @@ def _inputs_of(workload) -> dict:
                      "compile model.onnx's decomposed operators; convert again to profile the "
                      "fused operator")
     if reused and package.tuning and target.startswith("tvm"):
-        notes.append(f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks); "
-                     "the profiled builds are untuned, so per-layer times are the untuned "
-                     "kernels' (model.so's own latency is in the totals)")
+        tuned = f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks)"
+        database = tuned_database(package)
+        if artifact is not None and database is not None:
+            notes.append(f"{tuned}: on this host profile times model.so itself, its calls mapped to "
+                         "layers by a build compiled as it was (weights bound as constants, its "
+                         f"tuning database {database} applied, each constant recognized among the "
+                         "ONNX initializers by its values); the dense reference is compiled the "
+                         "same way with the same database, its kernels tuned where bench tuned "
+                         "the dense counterpart into it. Over --rpc/--tracker the profiled builds "
+                         "are untuned")
+        else:
+            why = ("its tuning database is not on this machine" if artifact is not None
+                   else "it is profiled from untuned builds for this target")
+            notes.append(f"{tuned}, but {why}: the profiled builds are untuned, so per-layer "
+                         "times are the untuned kernels' (model.so's own latency is in the totals)")
     layers = [layer["name"] for layer in package.layers]
     src = {"arch": package.arch, "checkpoint": workload.label if workload.origin != "outdir"
            else (package.source_path or workload.label),

@@ -1,5 +1,6 @@
 """The pieces of ``structexport profile`` (driven by :func:`structexport.profile.run_profile`):
-collect (:mod:`.ort`, :mod:`.tvm_host`, :mod:`.tvm_remote`, :mod:`.peak`) -> map kernels to
+collect (:mod:`.ort`, :mod:`.tvm_host`, :mod:`.tvm_remote`, :mod:`.executorch`, :mod:`.litert`,
+:mod:`.peak`) -> map kernels to
 layers (:mod:`.layermap`) -> a typed report dict (:mod:`.assemble`, ``SCHEMA``) -> render
 (:mod:`.render`: HTML, Markdown, JSON, terminal lines).
 
@@ -20,6 +21,16 @@ Where the time comes from:
   the dense counterpart is exported, rewritten by the same passes and compiled the same way.
 - ``--rpc`` / ``--tracker`` (tvm-llvm, tvm-arm on a device, :func:`.tvm_remote.profile_remote`):
   the instrument hook does not cross RPC; each PrimFunc call is timed on its own on the device.
+
+- ``executorch``: ETDump (``enable_etdump=True``, read with ``executorch.devtools.Inspector``):
+  XNNPACK's operator events, the portable kernels' events, ``Method::execute`` per run; the
+  structured program (``model.pte``) beside ``reference.pte``.
+- ``litert``: the LiteRT C API's profiler, through ctypes on the wheel's ``libLiteRt.so``
+  (the Python API has none), on a ``CompiledModel``: XNNPACK's operator events, builtin
+  kernels' ``OPERATOR`` events, ``Invoke`` per run; ``model.tflite`` beside
+  ``reference.tflite``. Both name XNNPACK's operators only (no node, no module path): they
+  are mapped to layers by order against the package's ONNX graph's multiply-add nodes
+  (:func:`.executorch.event_layers`, checked), as ``docs/profile.md`` says.
 
 Rows that are not a source layer, never dropped: ``(unmapped)`` (kernels no layer could be
 found for; what they are is listed in ``mapping``) and ``(outside kernels)`` (the profiled

@@ -9,12 +9,16 @@ graph's multiply-add nodes (Conv, Gemm, MatMul) in graph order, and the match is
 (the same count, and depthwise where and only where the ONNX conv is depthwise); each takes
 the layer :func:`~structexport.profiling.layermap.onnx_node_layers` gives its node. The
 other XNNPACK operators (transposes, adds, clamps, copies, pooling) go to the layer of the
-previous multiply-add event of their delegate call (the output they process: activations,
-residual adds), those before a call's first one to that first one (its input's layout
+previous multiply-add event (the output they process: activations, residual adds, layout
+changes; a delegate call may begin with the residual add of a block whose last conv ran in
+the call before), those before the first one to that first one (the input's layout
 change). Operators outside the delegate (portable kernels) go to the layer torch.export's
 module stack names for them (the manifest's delegation report; a shortcut module's op to
 the last layer of its block, whose residual add reads it), else to the layer of the next
 multiply-add event.
+
+:func:`event_layers` serves LiteRT too (:mod:`.litert`): its XNNPACK events are the same
+operators, its builtin kernels are listed in its delegation report the same way.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ MAPPING_RULE = (
     "multiply-add nodes (Conv, Gemm, MatMul) of the package's ONNX graph (same structure plan; "
     "checked: same count, depthwise alike), each taking its node's layer (the layer whose weights "
     "it reads); other XNNPACK operators (transposes, adds, clamps, copies, pooling) the layer of "
-    "the previous multiply-add event of their delegate call, those before its first one that "
+    "the previous multiply-add event (the output they process), those before the first one that "
     "first one's; portable kernels the layer of their torch module (manifest delegation report; "
     "a shortcut's to its block's last layer), else the next multiply-add event's")
 OUTSIDE_TEXT = ("Method::execute minus the sum of its operator events: ExecuTorch's executor, the "
@@ -198,21 +202,18 @@ def event_layers(calls: list[dict], onnx_path: Path, order: list[str], delegatio
     portable = portable_layers(delegation, calls, order)
     mac_set = set(macs)
 
-    def previous(i, same_delegate):
-        return next((layer[j] for j in range(i - 1, -1, -1) if j in mac_set
-                     and (not same_delegate or calls[j]["delegate"] == calls[i]["delegate"])), None)
+    def previous(i):
+        return next((layer[j] for j in range(i - 1, -1, -1) if j in mac_set), None)
 
-    def following(i, same_delegate):
-        return next((layer[j] for j in range(i + 1, len(calls)) if j in mac_set
-                     and (not same_delegate or calls[j]["delegate"] == calls[i]["delegate"])), None)
+    def following(i):
+        return next((layer[j] for j in range(i + 1, len(calls)) if j in mac_set), None)
     for i, c in enumerate(calls):
         if i in mac_set:
             continue
         if c["delegate"] is None:
-            layer[i] = portable.get(i) or following(i, False) or previous(i, False)
+            layer[i] = portable.get(i) or following(i) or previous(i)
         else:
-            layer[i] = (previous(i, True) or following(i, True) or previous(i, False)
-                        or following(i, False))
+            layer[i] = previous(i) or following(i)
     return layer
 
 
