@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport import __version__, cli_device, cli_evaluate, cli_profile, cli_regress
+from structexport import __version__, cli_costmodel, cli_device, cli_evaluate, cli_profile, cli_regress
 from structexport.cli_common import (OptionRefusedError, check_measure_flags, check_pass_flags,
                                      check_source_flags, check_tvm_flags, package_facts, declared_structures, device_options,
                                      device_spec, err, fail_cleanly, given, out, source_kind,
@@ -322,13 +322,17 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
 @click.option("--seed", default=0, show_default=True, type=int)
 @trust_options
 @tvm_build_options
+@click.option("--tune-repeats", default=1, show_default=True, type=click.IntRange(1, 100), metavar="N",
+              help="TVM targets with --tune/--tune-trials: tune and build both models N times, each "
+                   "afresh (its own database, MetaSchedule seed 0..N-1), time each pair, and report "
+                   "every repeat with the median, min and max speedup (a tuning's luck varies).")
 @device_options
 @click.option("--json", "json_file", type=click.Path(path_type=str), help="Also write the result here.")
 @click.pass_context
 @fail_cleanly
 def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, per_layer, compare_ort,
           sumpool_realization, autotune, tuning_cache, seed, tvm_preset, tvm_target, tvm_structured,
-          tune_per_task, tune_trials,
+          tune_per_task, tune_trials, tune_repeats,
           tuning_db, rpc, tracker, key, rpc_timeout, json_file, trust_pickle, allow_torchscript):
     """Time PATH (a converted OUTDIR or a checkpoint) or --arch NAME against its dense
     reference, interleaved in one process: measured vs theoretical speedup. An OUTDIR holds
@@ -354,7 +358,8 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
     opts = BenchOptions(target=target, threads=threads, batch=batch, input_shape=input_shape,
                         repeat=repeat, warmup=warmup, per_layer=per_layer, seed=seed,
                         compare_ort=compare_ort, trust_pickle=trust_pickle,
-                        allow_torchscript=allow_torchscript,
+                        allow_torchscript=allow_torchscript, tune_repeats=tune_repeats,
+                        log=lambda line: err.print(f"bench: {escape(line)}"),
                         pass_options={"autotune": autotune, "tuning_cache": tuning_cache,
                                       "threads": threads,
                                       **({"sumpool_realization": sumpool_realization}
@@ -396,10 +401,20 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
               f"{'emulated aarch64 device' if result.get('emulated') else 'device'} at {device['address']}")
              if device and device["address"] != "local" else result["machine"]["cpu"]["model"])
     theory = result["speedup_theoretical"]
-    out.print(f"speedup measured {result['speedup_measured']:.2f}x, theoretical "
+    repeats = result.get("tune_repeats")
+    if repeats:
+        _render_tune_repeats(repeats)
+    out.print(f"speedup measured {result['speedup_measured']:.2f}x"
+              + (f" (median of {repeats['count']} tunings)" if repeats else "") + ", theoretical "
               f"{'n/a (no MACs counted in the graphs)' if theory is None else f'{theory:.2f}x'}, realization efficiency "
-              f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs, "
-              f"{where})")
+              f"{'n/a' if eff is None else f'{eff:.2f}'} ({result['repeat']} interleaved runs"
+              + (" per tuning" if repeats else "") + f", {where})")
+    if repeats:
+        sp, ef = repeats["speedup_measured"], repeats["realization_efficiency"]
+        out.print(f"over {repeats['count']} tunings: speedup median {sp['median']:.2f}x, min {sp['min']:.2f}x, "
+                  f"max {sp['max']:.2f}x"
+                  + (f"; efficiency median {ef['median']:.2f}, min {ef['min']:.2f}, max {ef['max']:.2f}" if ef else "")
+                  + f" (the table above shows tuning {repeats['reported_repeat']}, the median's)")
     if result.get("structure_theoretical"):
         st = result["structure_theoretical"]
         out.print(f"against the structure's theory ({st['speedup']:.2f}x: every structured layer decomposed, "
@@ -423,6 +438,18 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
                            fmt(e["speedup_measured"], ".2f"), fmt(e["speedup_theoretical"], ".2f"),
                            fmt(e["realization_efficiency"], ".2f"))
         out.print(layers)
+
+
+def _render_tune_repeats(repeats: dict) -> None:
+    table = Table(title=f"{repeats['count']} tunings, each afresh (own database and seed)", title_justify="left")
+    for col in ("tuning", "seed", "structured ms", "dense ms", "speedup", "efficiency"):
+        table.add_column(col, justify="right")
+    for r in repeats["repeats"]:
+        eff = r["realization_efficiency"]
+        table.add_row(str(r["repeat"]), str(r["seed"]), f"{r['latency_ms']['median']:.3f}",
+                      f"{r['dense_latency_ms']['median']:.3f}", f"{r['speedup_measured']:.2f}x",
+                      "n/a" if eff is None else f"{eff:.2f}")
+    out.print(table)
 
 
 _INT8_FLAGS = {"calibration_count": "--calibration-count", "calibration_method": "--calibration-method",
@@ -606,6 +633,7 @@ def _render_delegation(d: dict, delegate: str) -> None:
 
 # Commands that live in their own modules; they import structexport.cli_common, never this
 # module, so registering them here makes no import cycle.
+main.add_command(cli_costmodel.costmodel)
 main.add_command(cli_device.device)
 main.add_command(cli_evaluate.evaluate)
 main.add_command(cli_profile.profile)

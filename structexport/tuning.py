@@ -9,6 +9,8 @@ targets, and over RPC (``--rpc`` / ``--tracker``, or the emulated device) for AR
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -68,9 +70,25 @@ class TuningResult:
     # one per task: name, trials spent now, best latency (ms) in the database, from_database
     per_task: list = None
     weights_prepacked: bool = False   # schedules may read weights packed (CPU targets)
+    seed: int = 0                     # MetaSchedule's random seed for the search
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+# MetaSchedule's seed for tune_and_compile calls that name none: 0 unless set by tuning_seed
+_SEED = contextvars.ContextVar("structexport_tuning_seed", default=0)
+
+
+@contextlib.contextmanager
+def tuning_seed(seed: int):
+    """Tune with MetaSchedule seed ``seed`` within (the targets' builds name none; 0 by
+    default): ``bench --tune-repeats`` tunes each repeat with its own seed."""
+    token = _SEED.set(int(seed))
+    try:
+        yield
+    finally:
+        _SEED.reset(token)
 
 
 def database_dir(root: str | Path | None, target: dict) -> Path:
@@ -298,9 +316,11 @@ def _progress_callback(total: int, say: Callable[[str], None], count: dict):
 
 def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int, db_root: str | Path | None,
                      device=None, cross_compile: bool = False,
-                     progress: Callable[[str], None] | None = None):
+                     progress: Callable[[str], None] | None = None, seed: int | None = None):
     """Tune ``mod``'s tasks missing from the database within ``budget`` (an int: trials in
-    all), then compile with the database applied. Returns ``(executable, TuningResult)``."""
+    all), then compile with the database applied. Returns ``(executable, TuningResult)``.
+    ``seed``: MetaSchedule's (None: :func:`tuning_seed`'s, else 0)."""
+    seed = _SEED.get() if seed is None else int(seed)
     if isinstance(budget, int):
         budget = TuningBudget(total=budget)
     from tvm.s_tir import meta_schedule as ms
@@ -338,7 +358,7 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
             say(f"tuning: {len(todo)} of {len(tasks)} tasks not in the database, {trials} trials"
                 + (f" ({budget.per_task} per task)" if budget.per_task else ""))
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                todo, work, strategy=_search_strategy(trials, len(todo)), seed=0)
+                todo, work, strategy=_search_strategy(trials, len(todo)), seed=seed)
             callbacks = (ms.measure_callback.MeasureCallback.create("default")
                          + [_progress_callback(trials, say, count)])
             # Two rounds for a per-task budget of 64: the second batch is picked by the
@@ -376,4 +396,4 @@ def tune_and_compile(mod, target, target_dict: dict, budget: TuningBudget | int,
     executable = compile_with_database(mod, target, db, prepack)
     return executable, TuningResult(budget.total or trials, trials_run, len(tasks), len(tasks) - len(todo),
                                     str(folder), round(time.perf_counter() - start, 1), measured_on,
-                                    failed, budget.per_task or None, per_task, prepack)
+                                    failed, budget.per_task or None, per_task, prepack, seed)

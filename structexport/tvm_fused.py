@@ -46,7 +46,11 @@ from structexport.discovery import EXACT, discover_structure
 
 POOL = "structured_sum_pool"
 BOX_CONV = "structured_box_conv"
-_VECTOR = 16  # elements per vector chunk of a row in the pool kernel (one AVX-512 fp32 register)
+# Vector register width (bits) by the instruction set the llvm target has: a row of the
+# pool kernel is cut into chunks of one register's lanes (16 fp32 with AVX-512, 8 with
+# AVX/AVX2, 4 for SSE-only x86-64, aarch64 NEON and anything else).
+_REGISTER_BITS = (("avx512f", 512), ("avx2", 256), ("avx", 256))
+_BASELINE_BITS = 128
 # Rewrite a conv only when its structure saves at least this share of the multiplies, as
 # the ONNX pass decompose_structured_conv does (its DEFAULT_MIN_SAVING).
 DEFAULT_MIN_SAVING = 0.2
@@ -62,11 +66,56 @@ def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+# ------------------------------------------------------------------ the target's vector width
+
+def _as_target(target):
+    """``target`` (a TVM target, its dict or string; None: the one in scope, else this
+    host's CPU as tvm-llvm builds for it by default) as a ``tvm.target.Target``."""
+    tvm, _, _, _ = _tvm()
+    if target is None:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None:
+            target = llvm_host_target() if _host_cpu() else {"kind": "llvm"}
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def _host_cpu() -> str | None:
+    from structexport.machine import llvm_host_cpu
+    return llvm_host_cpu()
+
+
+def _target_features(target) -> set[str]:
+    """The CPU features LLVM derives from the target's mtriple, mcpu and mattr (without
+    the +/-); the target's own mattr when LLVM cannot tell (a triple it was built without)."""
+    from tvm.target import codegen
+    try:
+        return {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 -- fall back on what the target spells out
+        mattr = target.attrs.get("mattr") or []
+        return {str(a)[1:] for a in mattr if str(a).startswith("+")}
+
+
+def vector_lanes(target=None, dtype: str = "float32") -> int:
+    """Elements of ``dtype`` in one vector register of ``target`` (a TVM llvm target, its
+    dict or string; None: the target in scope, else this host's): for float32, 16 with
+    AVX-512 (avx512f), 8 with AVX2/AVX, 4 for aarch64 (NEON; SVE code is not emitted
+    scalable here), plain x86-64 (SSE) and other CPUs. Only the chunking of the pool
+    kernel's rows follows it: every element is computed the same way whatever the width."""
+    tgt = _as_target(target)
+    bits = _BASELINE_BITS
+    if tgt.kind.name == "llvm":
+        triple = str(tgt.attrs.get("mtriple") or "")
+        if not triple.startswith(("aarch64", "arm")):
+            features = _target_features(tgt)
+            bits = next((b for feature, b in _REGISTER_BITS if feature in features), _BASELINE_BITS)
+    return max(1, bits // (8 * np.dtype(dtype).itemsize))
+
+
 # ------------------------------------------------------------------ kernel 1: the sum-pool
 
 def sum_pool_kernel(x, C: int, c: int, groups: int, pads: tuple[int, int, int, int],
                     box: int = 1, step: int = 1, restart: int | None = None,
-                    block_rows: int = 8):
+                    block_rows: int = 8, lanes: int | None = None):
     """TE tensor (extern: a hand-written TIR loop nest) -- the whole sum-pool of a
     structured conv in one pass over the input:
 
@@ -87,7 +136,11 @@ def sum_pool_kernel(x, C: int, c: int, groups: int, pads: tuple[int, int, int, i
     relative ``~eps * C / window`` (about 1e-4 for a window of 2 on 2048 channels of
     positive inputs). After each channel the box sum of the buffer's rows
     is written out (``box^2 - 1`` additions per value), so the channel sums never go
-    through memory."""
+    through memory.
+
+    Rows are written in vector chunks of ``lanes`` elements (default: one register of the
+    target in scope, else of this host, :func:`vector_lanes`), then one shorter chunk for
+    the rest of the row."""
     _, _, te, tirx = _tvm()
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -110,6 +163,9 @@ def sum_pool_kernel(x, C: int, c: int, groups: int, pads: tuple[int, int, int, i
     blocks = -(-Hs // hb)
     rows_max = hb + box - 1
     dtype = str(x.dtype)
+    lanes = int(lanes) if lanes else vector_lanes(None, dtype)
+    if lanes < 1:
+        raise ValueError(f"sum-pool: {lanes} vector lanes")
 
     def valid(pad: int, size: int, count: int) -> tuple[int, int]:
         """Grid indices ``[lo, hi)`` whose source ``i*step - pad`` lies inside ``[0, size)``."""
@@ -129,13 +185,13 @@ def sum_pool_kernel(x, C: int, c: int, groups: int, pads: tuple[int, int, int, i
             width = stop - start
             if width <= 0:
                 return
-            full, tail = divmod(width, _VECTOR)
+            full, tail = divmod(width, lanes)
             if full:
-                with T.serial(0, i64(full)) as jo, T.vectorized(0, i64(_VECTOR)) as ji:
-                    body(i64(start) + jo * _VECTOR + ji)
+                with T.serial(0, i64(full)) as jo, T.vectorized(0, i64(lanes)) as ji:
+                    body(i64(start) + jo * lanes + ji)
             if tail:
                 with T.vectorized(0, i64(tail)) as ji:
-                    body(i64(start + full * _VECTOR) + ji)
+                    body(i64(start + full * lanes) + ji)
 
         with IRBuilder() as ib:
             with T.parallel(0, i64(B * G * blocks)) as f:
@@ -324,7 +380,7 @@ def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
 
 
 def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: float, records: list,
-                   weights: dict | None = None):
+                   weights: dict | None = None, lanes_of=None):
     tvm, relax, _, _ = _tvm()
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -382,15 +438,16 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             x = call.args[0]
             groups, c, pads = rec["groups"], rec["structure"][0], tuple(rec["padding"])
             C, stride, step, box = rec["weight_shape"][1], rec["strides"][0], rec["step"], rec["box"]
+            lanes = rec["vector_lanes"] = lanes_of(str(x.ty.dtype)) if lanes_of else None
             alpha_const = relax.const(np.ascontiguousarray(alpha))
             scheduled = {"tirx.is_scheduled": True}
             if not rec["box_in_conv"]:
-                pooled = bb.emit(bb.call_te(sum_pool_kernel, x, C, c, groups, pads, box, step,
+                pooled = bb.emit(bb.call_te(sum_pool_kernel, x, C, c, groups, pads, box, step, lanes=lanes,
                                             primfunc_name_hint=POOL, primfunc_attrs=scheduled))
                 return relax.op.nn.conv2d(pooled, alpha_const, strides=stride // step, padding=0,
                                           groups=groups)
             if c < C:
-                pooled = bb.emit(bb.call_te(sum_pool_kernel, x, C, c, groups, pads, 1, step,
+                pooled = bb.emit(bb.call_te(sum_pool_kernel, x, C, c, groups, pads, 1, step, lanes=lanes,
                                             primfunc_name_hint=POOL, primfunc_attrs=scheduled))
                 return bb.call_te(box_conv, pooled, alpha_const, groups=groups, box=box,
                                   stride=stride // step, primfunc_name_hint=BOX_CONV)
@@ -442,7 +499,11 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
 
     ``target`` (a TVM target, its dict or string; optional): for anything but an llvm
     (CPU) target nothing is rewritten and every conv is recorded as kept -- the pool
-    kernel is a CPU loop nest (parallel / vectorized loops, no GPU thread binding).
+    kernel is a CPU loop nest (parallel / vectorized loops, no GPU thread binding). The
+    pool kernel's rows are vectorized in chunks of one register of this target
+    (:func:`vector_lanes`, recorded per fused conv as ``"vector_lanes"``); without a
+    target, of the target in scope (``with target:``), else of this host's CPU (what
+    tvm-llvm builds for by default).
 
     ``weights`` (optional, ``{parameter name: array}``): the values of weights passed as
     function parameters (``keep_params_in_input=True``, as ``profile`` compiles, so that
@@ -454,7 +515,14 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
         kind = (target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)).kind.name
         if kind != "llvm":
             return mod, _kept_for_target(mod, kind)
-    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights)
+    # the pool kernel's vector chunk: one register of the target compiled for
+    tgt, lanes = _as_target(target), {}
+
+    def lanes_of(dtype: str) -> int:
+        if dtype not in lanes:
+            lanes[dtype] = vector_lanes(tgt, dtype)
+        return lanes[dtype]
+    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights, lanes_of)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
