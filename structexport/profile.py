@@ -209,13 +209,14 @@ def _inputs_of(workload) -> dict:
         tuned = f"{package.root}/model.so was tuned ({package.tuning.get('tasks', '?')} tasks)"
         database = tuned_database(package)
         if artifact is not None and database is not None:
-            notes.append(f"{tuned}: on this host profile times model.so itself, its calls mapped to "
-                         "layers by a build compiled as it was (weights bound as constants, its "
-                         f"tuning database {database} applied, each constant recognized among the "
-                         "ONNX initializers by its values); the dense reference is compiled the "
-                         "same way with the same database, its kernels tuned where bench tuned "
-                         "the dense counterpart into it. Over --rpc/--tracker the profiled builds "
-                         "are untuned")
+            notes.append(f"{tuned}: on this host the profiled structured build is model.so itself, "
+                         "its calls mapped to layers by a build compiled as it was (weights bound "
+                         f"as constants, its tuning database {database} applied, each constant "
+                         "recognized among the ONNX initializers by its values), or that build "
+                         "where model.so makes other calls (the runtime line says which); the "
+                         "dense reference is compiled the same way with the same database, its "
+                         "kernels tuned where bench tuned the dense counterpart into it. Over "
+                         "--rpc/--tracker the profiled builds are untuned")
         else:
             why = ("its tuning database is not on this machine" if artifact is not None
                    else "it is profiled from untuned builds for this target")

@@ -165,7 +165,7 @@ def test_profile_of_a_tuned_package_times_model_so_itself(tiny, tmp_path):
     assert "structured: model.so itself" in report["runtime"], report["runtime"]
     assert f"database {own_folder} applied: 2 of 3 tasks scheduled from it" in report["runtime"]
     assert "dense: compiled the same way with the same database (2 of 3 tasks" in report["runtime"]
-    assert any("on this host profile times model.so itself" in n for n in report["notes"]), report["notes"]
+    assert any("on this host the profiled structured build is model.so itself" in n for n in report["notes"]), report["notes"]
     assert not any("per-layer times are the untuned kernels" in n for n in report["notes"])
     s = report["totals"]["structured"]
     assert s["artifact_latency_ms"] == s["latency_ms"]    # one library, timed once
@@ -174,6 +174,31 @@ def test_profile_of_a_tuned_package_times_model_so_itself(tiny, tmp_path):
     assert set(rows["conv"]["structured_ops"]) == {"fused_conv2d_add_relu1_prepacked"}
     assert set(rows["fc"]["structured_ops"]) == {"matmul1_prepacked"}
     assert sum(r["structured_ms"] for r in report["layers"]) == pytest.approx(s["profiled_ms"], rel=1e-9)
+
+
+def test_a_library_that_makes_other_calls_than_its_rebuild_is_not_mapped_by_it(tiny, tmp_path):
+    """The database lost its records since model.so was built: the rebuild calls other
+    (untuned) PrimFuncs, so model.so's calls cannot take its weights; the build compiled
+    with the database as it is now is profiled, and the runtime line says why."""
+    from structexport.machine import llvm_host_cpu
+    from structexport.tuning import with_core_count
+    path = tiny[0]
+    host = with_core_count({"kind": "llvm", "mcpu": llvm_host_cpu()} if llvm_host_cpu() else {"kind": "llvm"})
+    db_root = tmp_path / "db"
+    folder, _ = hand_made_database(path, db_root, host)
+    out = tmp_path / "pkg"
+    res = cli("convert", path, "--target", "tvm-llvm", "-o", out, "--tune-trials", 8, "--tuning-db", db_root)
+    assert res.exit_code == 0, res.output
+    (folder / "records.json").write_text("")
+    res = cli("profile", out, "--repeat", 3, "--warmup", 1, "--no-peak", "-o", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert ("structured: a build compiled as model.so was (model.so made other calls: 2 against the "
+            "build's 2, first different #0;") in report["runtime"], report["runtime"]
+    assert "applied: 0 of 3 tasks scheduled from it" in report["runtime"]
+    s = report["totals"]["structured"]
+    assert s["artifact_latency_ms"] != s["latency_ms"]    # model.so timed beside the build
+    assert {op for r in report["layers"] for op in r["structured_ops"]} == {"fused_conv2d_add_relu1", "matmul1"}
 
 
 def test_a_tuned_package_without_its_database_says_its_profile_is_untuned(tiny, tmp_path):

@@ -269,13 +269,17 @@ def tuned_program(onnx_path: Path, tvm_target: dict | None, database: Path, fuse
                        "prepacked": sum(c["symbol"].endswith("_prepacked") for c in calls)}}
 
 
+def _first_difference(a: list, b: list) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _library_calls(vm, args, prims: set) -> list[str]:
-    """The PrimFunc calls one run of ``vm`` makes, in order (on a VM of its own: the
-    instrument stays on it)."""
+    """The calls one run of ``vm`` makes, in order, but the VM's builtins (``vm.*``) other
+    than ``prims`` (on a VM of its own: the instrument stays on it)."""
     seen: list[str] = []
 
     def instrument(func, symbol, before, ret, *a):
-        if before and symbol in prims:
+        if before and (symbol in prims or not symbol.startswith("vm.")):
             seen.append(symbol)
         return 0
     vm.set_instrument(instrument)
@@ -336,6 +340,7 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
     timed = dict(vms)
     library_profiled = False
     library_calls: list[str] = []
+    rebuilt_calls: list[str] = []
     if has_library:
         dev = programs["structured"]["device"]
         say(f"load {artifact} (native code: it runs in this process)")
@@ -344,11 +349,11 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
             timed["artifact"] = relax.VirtualMachine(library, dev)
         args["artifact"] = args["structured"][:1]
         if database is not None:
-            expected = [c["symbol"] for c in programs["structured"]["calls"]]
+            rebuilt_calls = [c["symbol"] for c in programs["structured"]["calls"]]
             with quiet_native_stderr():
                 library_calls = _library_calls(relax.VirtualMachine(library, dev), args["artifact"],
-                                               set(expected))
-            if library_calls == expected:   # profile model.so itself, mapped by its rebuild
+                                               set(rebuilt_calls))
+            if library_calls == rebuilt_calls:   # profile model.so itself, mapped by its rebuild
                 library_profiled = True
                 vms["structured"] = timed["structured"] = timed.pop("artifact")
                 args["structured"] = args.pop("artifact")
@@ -406,9 +411,10 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
         st, de = programs["structured"]["tuning"], programs["dense"]["tuning"]
         what = ("model.so itself, its calls mapped to layers by a build compiled as it was"
                 if library_profiled else
-                f"a build compiled as model.so was (model.so made {len(library_calls)} PrimFunc "
-                f"calls, the build {len(programs['structured']['calls'])}: the database changed "
-                "since, or another structexport built it)")
+                f"a build compiled as model.so was (model.so made other calls: "
+                f"{len(library_calls)} against the build's {len(programs['structured']['calls'])}, "
+                f"first different #{_first_difference(library_calls, rebuilt_calls)}; the database "
+                "changed since, or another structexport built it)")
         runtime = (f"Apache TVM {tvm.__version__} Relax VM, target {json.dumps(tvm_target or {'kind': 'llvm'})}; "
                    f"structured: {what} ({how}, weights bound as constants, MetaSchedule database "
                    f"{database} applied: {st['scheduled']} of {st['tasks']} tasks scheduled from "
