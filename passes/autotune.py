@@ -96,26 +96,41 @@ def in_network(layer: nn.Module, x: torch.Tensor) -> nn.Module:
     return InNetwork(layer, x.shape[1], y.shape[1], x.dtype)
 
 
+def dense_form(layer: nn.Module) -> nn.Module | None:
+    """The dense conv a decomposed layer composes to (None for a lone sum-pool)."""
+    from structexport.layers.decomposed import DecomposedStructuredConv, composed_conv
+    if not isinstance(layer, DecomposedStructuredConv):
+        return None
+    return composed_conv(layer)
+
+
 def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
-            repeat: int = 30) -> dict[str, float]:
+            repeat: int = 30, dense: bool = False,
+            candidates: tuple[str, ...] = CANDIDATES) -> dict[str, float]:
     """Median milliseconds of ``layer`` (in a network, :class:`InNetwork`) with each
-    candidate realization of ``pool``."""
+    realization of ``pool`` in ``candidates``, and with ``dense`` of the dense conv it
+    composes to (``"dense"``), all timed interleaved."""
     from structexport.export import export_onnx
     original = pool.realization
     sessions = {}
     param = next(layer.parameters(), None)  # a lone SumPool has buffers only
     x = torch.randn(in_shape, dtype=param.dtype if param is not None else torch.float32)
+    composed = dense_form(layer) if dense else None
     with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
         try:
-            for cand in CANDIDATES:
+            for cand in candidates:
                 pool.realization = cand
                 path = Path(tmp) / f"{cand}.onnx"
                 export_onnx(in_network(layer, x), x.float(), path, simplify=False)
                 sessions[cand] = ort_session(path, threads)
         finally:
             pool.realization = original
+        if composed is not None:
+            path = Path(tmp) / "dense.onnx"
+            export_onnx(in_network(composed, x), x.float(), path, simplify=False)
+            sessions["dense"] = ort_session(path, threads)
         stats = time_interleaved(sessions, x.float().numpy(), repeat, warmup=5)
-    return {cand: stats[cand]["median"] for cand in CANDIDATES}
+    return {cand: stats[cand]["median"] for cand in sessions}
 
 
 class Tuner:
@@ -129,28 +144,34 @@ class Tuner:
         self.machine = machine_key(ctx.target, self.threads)
         self.measured = self.from_cache = 0
 
-    def choose_layer(self, layer: nn.Module, pool, size, batch: int) -> tuple[str, dict, bool]:
-        """(the fastest realization, its candidates' median ms, whether it came from the cache)
-        for ``layer`` (a sum-pool + small conv, or a lone sum-pool) at an input ``size``."""
+    def choose_layer(self, layer: nn.Module, pool, size, batch: int,
+                     dense: bool = False) -> tuple[str, dict, bool]:
+        """(the fastest realization -- or ``"dense"`` when ``dense`` asks to time the dense
+        conv too and it wins --, every candidate's median ms, whether they came from the
+        cache) for ``layer`` (a sum-pool + small conv, or a lone sum-pool) at an input ``size``."""
         key = layer_key(layer, pool, size)
         entry = self.cache.get(self.machine, key)
-        cached = entry is not None
+        dense = dense and dense_form(layer) is not None
+        # an entry measured without the dense conv does not answer whether to keep it dense
+        cached = entry is not None and (not dense or entry.get("with_dense", "dense" in entry.get("ms", {})))
         if not cached:
-            times = measure(layer, pool, (batch, pool.channels, *size), self.threads)
-            entry = {"choice": min(times, key=times.get), "ms": times}
+            times = measure(layer, pool, (batch, pool.channels, *size), self.threads, dense=dense)
+            entry = {"ms": times, "with_dense": dense}
             self.cache.put(self.machine, key, entry)
             self.measured += 1
         else:
             self.from_cache += 1
-        return entry["choice"], entry["ms"], cached
+        times = entry["ms"]
+        choice = min((k for k in times if dense or k != "dense"), key=times.get)
+        return choice, times, cached
 
-    def choose(self, module: nn.Module, name: str, pool, size, batch: int):
+    def choose(self, module: nn.Module, name: str, pool, size, batch: int, dense: bool = False):
         """As :meth:`choose_layer` for the sum-pool ``name`` of a torch model (timed with the
         small conv it feeds, when it has one)."""
         parent_name = name.rpartition(".")[0]
         parent = module.get_submodule(parent_name) if parent_name else None
         layer = parent if getattr(parent, "pool", None) is pool else pool
-        return self.choose_layer(layer, pool, size, batch)
+        return self.choose_layer(layer, pool, size, batch, dense)
 
     def save(self) -> None:
         if self.measured:

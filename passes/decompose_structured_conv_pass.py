@@ -5,7 +5,10 @@ Nothing is declared: for every ``Conv`` with a constant 2-D kernel, the cheapest
 ``c x n x n`` structure whose relative residual is within ``max_residual`` is discovered
 in the weights (:func:`structexport.discovery.discover_structure`; exact structure by
 default). A layer is rewritten when that structure needs at most ``1 - min_saving`` of the
-dense multiplies:
+dense multiplies and, on ONNX Runtime targets, when the layer cost model of this CPU class
+(:mod:`structexport.layer_cost`) predicts the rewritten layer faster than the dense conv
+(with ``autotune``: when it is measured faster); a layer kept dense is recorded with both
+predictions:
 
 ``Conv(X, W, stride=s, pads=p) == Conv(SumPool(pad(X, p)), alpha, stride=s)``
 
@@ -25,12 +28,12 @@ import numpy as np
 import onnx_ir as ir
 
 from structexport.discovery import EXACT, discover_structure
+from structexport.layer_cost import DENSE_BY_COST_TARGETS, LayerShape, decide, load_cost_model
 from structexport.layers.structured import box_window
-from structexport.layers.sumpool import SumPool
+from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, SumPool
 from structexport.onnx_sumpool import GraphBuilder, emit_sumpool
 
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
-from .realize_sumpool_pass import estimate_costs
 
 DEFAULT_MIN_SAVING = 0.2
 
@@ -116,6 +119,7 @@ class DecomposeStructuredConvPass(Pass):
         min_saving = ctx.option("min_saving", DEFAULT_MIN_SAVING)
         check_declared_globs(conv_layers(model), ctx)
         forced = ctx.option("sumpool_realization")
+        cost_model = ctx.option("cost_model") or load_cost_model()
         tuner = None
         if ctx.option("autotune", False) and not forced:
             from .autotune import Tuner
@@ -146,14 +150,28 @@ class DecomposeStructuredConvPass(Pass):
                 details["reason"] = f"saves {1 - found.macs_ratio:.0%} of the multiplies, under {min_saving:.0%}"
                 records.append(LayerRecord(layer, "kept", details))
                 continue
+            may_keep = not forced and ctx.target in DENSE_BY_COST_TARGETS
+            if not forced:
+                decision = decide(self._shape(conv, found), cost_model, MEASURABLE_REALIZATIONS)
+                details.update(decision.details())
+                details["cost_model"] = cost_model.cpu
             if forced:
                 realization, details["chosen_by"] = forced, "forced"
             elif tuner is not None:
                 realization, details["measured_ms"], details["cached"] = self._measured(
-                    tuner, node, conv, found)
+                    tuner, node, conv, found, dense=may_keep)
                 details["chosen_by"] = "measurement"
             else:
-                realization, details["chosen_by"] = self._realization(conv, found), "cost model"
+                realization, details["chosen_by"] = decision.best_realization, "cost model"
+                if may_keep and decision.dense:
+                    realization = "dense"
+            if realization == "dense":
+                ms = details.get("measured_ms")
+                details["reason"] = (decision.reason() if tuner is None else
+                                     f"measured {min(v for k, v in ms.items() if k != 'dense'):.4f} ms "
+                                     f"structured against {ms['dense']:.4f} ms dense")
+                records.append(LayerRecord(layer, "kept", details))
+                continue
             self._rewrite(graph, node, conv, found, realization, layer)
             details["realization"] = realization
             records.append(LayerRecord(layer, "decomposed", details))
@@ -165,9 +183,10 @@ class DecomposeStructuredConvPass(Pass):
         return PassResult(model, modified, records)
 
     @staticmethod
-    def _measured(tuner, node: ir.Node, conv: dict, found) -> tuple[str, dict, bool]:
-        """The realization ``--autotune`` measures fastest for this conv: the layer rebuilt as
-        the torch sum-pool + small conv (:func:`~structexport.layers.decomposed.decompose`),
+    def _measured(tuner, node: ir.Node, conv: dict, found, dense: bool = False) -> tuple[str, dict, bool]:
+        """The realization ``--autotune`` measures fastest for this conv (``"dense"`` when
+        ``dense`` asks to time the dense conv too and it wins): the layer rebuilt as the
+        torch sum-pool + small conv (:func:`~structexport.layers.decomposed.decompose`),
         keyed and cached as ``realize_sumpool`` keys a zoo layer of the same shape."""
         import torch
 
@@ -180,16 +199,14 @@ class DecomposeStructuredConvPass(Pass):
             bias = torch.from_numpy(node.inputs[2].const_value.numpy().astype(np.float32))
         layer = decompose(channels, alpha, bias, conv["weight"].shape[2], conv["stride"], conv["pad"],
                           conv["groups"])
-        return tuner.choose_layer(layer, layer.pool, (height, width), n)
+        return tuner.choose_layer(layer, layer.pool, (height, width), n, dense)
 
     @staticmethod
-    def _realization(conv: dict, found) -> str:
+    def _shape(conv: dict, found) -> LayerShape:
         n, channels, height, width = conv["input_shape"]
         window = box_window(channels // conv["groups"], found.N, found.c, found.n)
         pool = SumPool(channels, window, conv["pad"], conv["groups"])
-        costs = estimate_costs(pool, height, width)
-        costs.pop("avgpool3d", None)   # the naive form: a reference, never a choice
-        return min(costs, key=costs.get)
+        return LayerShape(pool, conv["weight"].shape[0], found.n, conv["stride"], height, width)
 
     @staticmethod
     def _rewrite(graph: ir.Graph, node: ir.Node, conv: dict, found, realization: str, layer: str) -> None:

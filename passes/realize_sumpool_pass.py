@@ -1,89 +1,44 @@
-"""realize_sumpool: write each sum-pool in the form that is fast on the target.
+"""realize_sumpool: write each sum-pool in the form that is fast on the target -- or, where
+no form beats it, put the dense conv back.
 
-The realizations (see :mod:`structexport.layers.sumpool`) compute the same values; a
-cost model picks one per layer from its shape. The model counts element-wise passes over
-memory, dense 1x1 multiply-accumulates (cheap: a GEMM, the cheaper the wider the CPU's
-vectors), depthwise ones, pooling additions and layout changes, with weights fitted to
-``benchmarks/sumpool_realizations.py`` and ``--autotune`` timings on ONNX Runtime CPU (one
-thread).
+The realizations (see :mod:`structexport.layers.sumpool`) compute the same values; the
+layer cost model of this CPU class (:mod:`structexport.layer_cost`, fitted by
+``structexport costmodel fit``) predicts each one's time, with the small conv it feeds, and
+the dense conv's. The cheapest realization is chosen; on ONNX Runtime targets
+(:data:`~structexport.layer_cost.DENSE_BY_COST_TARGETS`) a layer whose dense conv is
+predicted at least as fast is composed back into it (exact: the composed kernel), so that
+no layer is made slower by its structure. The record says why.
 AveragePool-3D is the reference form: never chosen, 8-12x slower than the dense conv.
-``ctx.options["sumpool_realization"]`` forces one realization for every layer;
-``ctx.options["autotune"]`` chooses by measurement instead (:mod:`.autotune`), cached per
-target, machine and layer shape in ``ctx.options["tuning_cache"]`` (default
-``~/.cache/structexport/sumpool-autotune.json``).
+``ctx.options["sumpool_realization"]`` forces one realization for every layer (nothing is
+composed back); ``ctx.options["autotune"]`` chooses by measurement instead (:mod:`.autotune`,
+the dense conv timed too), cached per target, machine and layer shape in
+``ctx.options["tuning_cache"]`` (default ``~/.cache/structexport/sumpool-autotune.json``).
+``ctx.options["cost_model"]`` (a :class:`~structexport.layer_cost.CostModel`) replaces
+this machine's model.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
 
-from structexport.layers.sumpool import REALIZATIONS, SumPool, pool_pads
+from structexport.layer_cost import (DENSE_BY_COST_TARGETS, CostModel, LayerShape, decide,
+                                     load_cost_model, sumpool_features)
+from structexport.layers.decomposed import DecomposedStructuredConv, composed_conv
+from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, REALIZATIONS, SumPool
 
-from .infra import LayerRecord, Pass, PassContext, PassError, PassResult, modules_of
-
-# Relative cost of one unit of each kind of work (element-wise element = 1), fitted to
-# --autotune, benchmarks/sumpool_realizations.py and ONNX Runtime profiler timings of the
-# ResNet-18 layers on ONNX Runtime CPU, one thread (docs/benchmarks.md).
-# A dense 1x1 multiply-accumulate (a GEMM) costs less the wider the CPU's vectors, while
-# element-wise passes stay bound by memory: 0.2 per MAC at 8 fp32 lanes (fitted on an AVX2
-# AMD EPYC: there the running-sum channel pool, "box", beat the banded 1x1 GEMM at every
-# ResNet-18 shape), 0.07 at 16 (profiled on an AVX-512 Intel Xeon: a 64@56x56 band conv,
-# 6.4 M MACs, 0.10 ms; 0.22 ns per element of an element-wise pass), i.e. 0.2 * (8 / lanes)^1.5.
-GEMM_MAC_AT_8_LANES = 0.2
-GEMM_LANES_EXPONENT = 1.5
-DEPTHWISE_MAC = 1.0
-ELEMENTWISE_PASSES = 4  # a running sum along one axis: cumsum, two slices, subtract, concat
-# ONNX Runtime runs convs and 2-D pools of a network in its blocked layout (NCHWc), one
-# after the other; an element-wise channel sum (CumSum..Concat, a Mul, a pool of a
-# one-channel view) runs in the plain layout: its input leaves the blocked layout and its
-# output comes back, a reorder each (profiled: 0.28 ns per element, 1.3 passes).
-LAYOUT_CHANGE = 1.3
-# An AveragePool over the channels of the (N, 1, C, H*W) view: ONNX Runtime's plain-layout
-# pooling sums every window value by value (kc additions per pooled value, measured ~5x an
-# element-wise pass each), where running sums need a fixed few passes.
-POOL_WINDOW_ADD = 5.0
+from .infra import LayerRecord, Pass, PassContext, PassError, PassResult, modules_of, replace_module
 
 
-@functools.lru_cache(maxsize=1)
-def simd_lanes() -> int:
-    """fp32 lanes of this CPU's widest vector unit (the host the conversion runs on)."""
-    from structexport.machine import cpu_info
-    simd = set(cpu_info()["simd"])
-    return 16 if "avx512f" in simd else 8 if "avx2" in simd else 4
+def cost_model(ctx: PassContext) -> CostModel:
+    """``ctx.options["cost_model"]``, else this machine's (:func:`load_cost_model`)."""
+    return ctx.option("cost_model") or load_cost_model()
 
 
-def estimate_costs(pool: SumPool, height: int, width: int, lanes: int | None = None) -> dict[str, float]:
-    """Estimated cost of each realization for an input of ``height x width`` (unpadded),
-    on a CPU with ``lanes`` fp32 vector lanes (None: this host's)."""
-    kc, kh, kw = pool.window
-    Hp, Wp = height + 2 * pool.padding, width + 2 * pool.padding
-    C, c = pool.channels, pool.out_channels
-    Ho, Wo = Hp - kh + 1, Wp - kw + 1
-    gemm_mac = GEMM_MAC_AT_8_LANES * (8 / (lanes or simd_lanes())) ** GEMM_LANES_EXPONENT
-    # The box-filter forms pad inside their depthwise conv: channel sums run unpadded.
-    channel_running_padded = ELEMENTWISE_PASSES * C * Hp * Wp if kc > 1 else 0
-    channel_running = ELEMENTWISE_PASSES * C * height * width if kc > 1 else 0
-    spatial_box = DEPTHWISE_MAC * c * Ho * Wo * kh * kw if kh * kw > 1 else 0
-    spatial_running = ELEMENTWISE_PASSES * c * (Hp * Wp * (kh > 1) + Hp * Wo * (kw > 1))
-    banded_channel = gemm_mac * c * (C // pool.groups) * height * width if kc > 1 else 0
-    # leaving the blocked layout before an element-wise channel sum, and coming back after
-    layout = LAYOUT_CHANGE * (C + c) * height * width
-    # pool2d: the channel pool, one Mul by the volume, a zero Pad where the spatial pool
-    # cannot pad, the spatial pool (a window sum per value, as the depthwise box)
-    pool2d = (POOL_WINDOW_ADD * kc * c * height * width if kc > 1 else 0) + spatial_box
-    if kc * kh * kw > 1:
-        pool2d += c * height * width + layout
-    if pool.padding and not pool_pads(pool.window, pool.padding):
-        pool2d += c * Hp * Wp
-    return {
-        "avgpool3d": float(c * Ho * Wo * kc * kh * kw * 10),  # measured ~10x the adds it does
-        "cumsum": float(channel_running_padded + spatial_running + (layout if kc * kh * kw > 1 else 0)),
-        "banded": float(banded_channel + spatial_box),
-        "box": float(channel_running + spatial_box + (layout if kc > 1 else 0)),
-        "pool2d": float(pool2d),
-    }
+def estimate_costs(pool: SumPool, height: int, width: int, model: CostModel | None = None) -> dict[str, float]:
+    """Predicted nanoseconds of each realization of ``pool`` (the sum-pool alone) for an
+    input of ``height x width`` (unpadded), by ``model`` (None: this machine's)."""
+    model = model or load_cost_model()
+    return {k: model.predict_ns(f) for k, f in sumpool_features(pool, height, width).items()}
 
 
 def _input_sizes(module: nn.Module, pools: list[tuple[str, SumPool]], shape) -> dict[str, tuple]:
@@ -118,7 +73,8 @@ def _tuner(ctx: PassContext):
 
 class RealizeSumPoolPass(Pass):
     name = "realize_sumpool"
-    description = "each sum-pool written in its cheapest form for the target (cost model)"
+    description = ("each sum-pool written in its cheapest form for the target, or its layer "
+                   "composed back to the dense conv where that is faster (cost model)")
 
     def requires(self, module: nn.Module, ctx: PassContext) -> None:
         forced = ctx.option("sumpool_realization")
@@ -133,6 +89,7 @@ class RealizeSumPoolPass(Pass):
         forced = ctx.option("sumpool_realization")
         sizes = _input_sizes(module, pools, ctx.input_shape)
         tuner = _tuner(ctx)
+        model = cost_model(ctx)
         records, modified = [], False
         for name, pool in pools:
             if name not in sizes:  # never reached at this input: no shape for the cost model
@@ -142,15 +99,39 @@ class RealizeSumPoolPass(Pass):
                     pool.realization = forced
                 records.append(LayerRecord(name, "unused", {"realization": pool.realization}))
                 continue
-            costs = estimate_costs(pool, *sizes[name])
-            choice = forced or min((r for r in REALIZATIONS if r != "avgpool3d"), key=costs.get)
+            layer_name = name.rpartition(".")[0]
+            layer = module.get_submodule(layer_name) if layer_name else None
+            if not (isinstance(layer, DecomposedStructuredConv) and layer.pool is pool):
+                layer = None    # a lone sum-pool (a structured linear layer): no dense conv to weigh
+            may_compose = layer is not None and not forced and ctx.target in DENSE_BY_COST_TARGETS
+            costs = estimate_costs(pool, *sizes[name], model)
             details = {"estimated_cost": {k: round(v) for k, v in costs.items()}}
+            decision = decide(LayerShape.of(layer, *sizes[name]), model, MEASURABLE_REALIZATIONS) \
+                if layer is not None else None
+            if decision is not None:
+                details.update(decision.details())
+            choice = forced or (decision.best_realization if decision is not None else
+                                min(MEASURABLE_REALIZATIONS, key=costs.get))
             if tuner:
                 choice, details["measured_ms"], details["cached"] = tuner.choose(
-                    module, name, pool, sizes[name], ctx.input_shape[0])
+                    module, name, pool, sizes[name], ctx.input_shape[0], dense=may_compose)
                 details["chosen_by"] = "measurement"
             else:
                 details["chosen_by"] = "forced" if forced else "cost model"
+                if may_compose and decision.dense:
+                    choice = "dense"
+            if not forced:
+                details["cost_model"] = model.cpu
+            if choice == "dense":
+                replace_module(module, layer_name, composed_conv(layer))
+                modified = True
+                ms = details.get("measured_ms")
+                details["reason"] = (decision.reason() if tuner is None else
+                                     f"measured {min(v for k, v in ms.items() if k != 'dense'):.4f} ms "
+                                     f"structured against {ms['dense']:.4f} ms dense")
+                records.append(LayerRecord(name, "kept dense", {
+                    "input": list(sizes[name]), "window": list(pool.window), **details}))
+                continue
             modified |= choice != pool.realization
             pool.realization = choice
             records.append(LayerRecord(name, "realized", {

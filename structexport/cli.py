@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from structexport import __version__, cli_device, cli_evaluate, cli_profile, cli_regress
+from structexport import __version__, cli_costmodel, cli_device, cli_evaluate, cli_profile, cli_regress
 from structexport.cli_common import (OptionRefusedError, check_measure_flags, check_pass_flags,
                                      check_source_flags, check_tvm_flags, package_facts, declared_structures, device_options,
                                      device_spec, err, fail_cleanly, given, out, source_kind,
@@ -633,6 +633,7 @@ def _render_delegation(d: dict, delegate: str) -> None:
 
 # Commands that live in their own modules; they import structexport.cli_common, never this
 # module, so registering them here makes no import cycle.
+main.add_command(cli_costmodel.costmodel)
 main.add_command(cli_device.device)
 main.add_command(cli_evaluate.evaluate)
 main.add_command(cli_profile.profile)

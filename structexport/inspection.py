@@ -209,7 +209,8 @@ def _search(weight: np.ndarray, tolerance: float):
 
 
 def _conv_row(node, cost, tolerance: float, min_saving: float) -> dict:
-    from structexport.layers.sumpool import SumPool
+    from structexport.layer_cost import decide, load_cost_model
+    from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, SumPool
     from structexport.passes.decompose_structured_conv_pass import DecomposeStructuredConvPass, plain_conv
     w = node.inputs[1].const_value.numpy()
     bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -233,6 +234,14 @@ def _conv_row(node, cost, tolerance: float, min_saving: float) -> dict:
         row["reason"] = (f"saves {1 - found.macs_ratio:.0%} of the multiplies, "
                          f"under {min_saving:.0%}")
     else:
+        # as convert decides on ONNX Runtime (its default target): this CPU's cost model
+        decision = decide(DecomposeStructuredConvPass._shape(conv, found), load_cost_model(),
+                          MEASURABLE_REALIZATIONS)
+        row["theoretical_speedup"] = decision.theoretical_speedup
+        row["predicted_speedup"] = decision.predicted_speedup
+        if decision.dense:
+            row["reason"] = f"kept dense: {decision.reason()}"
+            return row
         row["decompose"], row["reason"] = True, None
         c, n = found.c, found.n
         out_elems = row["macs_before"] // (found.C * found.N * found.N)
@@ -241,7 +250,7 @@ def _conv_row(node, cost, tolerance: float, min_saving: float) -> dict:
         pad = conv["pad"]
         row["macs_after"] = out_elems * c * n * n
         # as convert counts them: the sum-pool realization its cost model picks, per image
-        realization = DecomposeStructuredConvPass._realization(conv, found)
+        realization = decision.best_realization
         pool = SumPool(conv["input_shape"][1], window, pad, groups, realization)
         row["sumpool_adds"] = batch * pool.additions(height, width)
         row["realization"] = realization
@@ -408,7 +417,8 @@ def _render_graph(report: dict, console: Console) -> None:
     table = Table(show_lines=False)
     for col, kw in (("layer", {}), ("op", {}), ("weight shape", {}), ("groups", {"justify": "right"}),
                     ("stride", {"justify": "right"}), ("structure", {}), ("residual", {"justify": "right"}),
-                    ("decompose", {}), ("params", {"justify": "right"}), ("MACs", {"justify": "right"})):
+                    ("decompose", {}), ("speedup: theory / predicted", {"justify": "right"}),
+                    ("params", {"justify": "right"}), ("MACs", {"justify": "right"})):
         table.add_column(col, **kw)
 
     def before_after(a: int, b: int) -> str:
@@ -425,6 +435,8 @@ def _render_graph(report: dict, console: Console) -> None:
                       str(r["groups"]), "" if r["stride"] is None else str(r["stride"]), structure,
                       "" if r["residual"] is None or not r["structured"] else f"{r['residual']:.1e}",
                       "yes" if r["decompose"] else f"no: {escape(r['reason'] or '')}",
+                      (f"{r['theoretical_speedup']:.2f}x / {r['predicted_speedup']:.2f}x"
+                       if r.get("predicted_speedup") else ""),
                       before_after(r["params_before"], r["params_after"]),
                       before_after(r["macs_before"], r["macs_after"]))
     t = report["totals"]
@@ -432,7 +444,7 @@ def _render_graph(report: dict, console: Console) -> None:
     # every conv and linear layer is counted, structured or not: "0 of 0" read as "none found"
     table.add_row(f"total ({t['layers']} layers: {t['by_op']['conv2d']} conv, "
                   f"{t['by_op']['linear']} linear)", "", "", "", "", "", "",
-                  f"{t['structured']} of {t['layers']} structured, {t['decomposed']} decomposed",
+                  f"{t['structured']} of {t['layers']} structured, {t['decomposed']} decomposed", "",
                   before_after(t["params_before"], t["params_after"]),
                   before_after(t["macs_before"], t["macs_after"]))
     console.print(table)
@@ -447,6 +459,7 @@ def _render_graph(report: dict, console: Console) -> None:
                   + (f": theoretical speedup {speedup:.2f}x" if speedup else ""))
     console.print(f"structure: the cheapest c x n x n the weights have within relative residual "
                   f"{report['max_residual']:g}; decomposed when it saves at least "
-                  f"{report['min_saving']:.0%} of a conv's multiplies (as convert does)"
+                  f"{report['min_saving']:.0%} of a conv's multiplies and this CPU's cost model "
+                  "predicts it faster than the dense conv on ONNX Runtime (as convert does)"
                   + ("; sum-pool additions estimated for the realizations convert's cost model "
                      "would choose" if t["sumpool_adds"] else ""))

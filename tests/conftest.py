@@ -7,6 +7,7 @@ run without them cannot pass by testing less.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Decisions that depend on the CPU's layer cost model (dense or structured, which
+# realization) are made with one fixed model in every test, on every CPU; tests of the
+# lookup itself unset it (tests/test_layer_cost.py).
+os.environ["STRUCTEXPORT_COST_MODEL"] = str(REPO_ROOT / "tests" / "cost_model.json")
 FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "associativeconv"
 CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 

@@ -128,7 +128,7 @@ def fake_measure(monkeypatch):
     from structexport.passes import autotune as at
     calls = []
 
-    def measure(layer, pool, in_shape, threads=1, repeat=30):
+    def measure(layer, pool, in_shape, threads=1, repeat=30, dense=False):
         calls.append(tuple(in_shape))
         return {"cumsum": 3.0, "banded": 2.0, "box": 1.5, "pool2d": 1.0}
     monkeypatch.setattr(at, "measure", measure)

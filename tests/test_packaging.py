@@ -89,6 +89,9 @@ def test_wheel_installs_subpackages_under_structexport(wheel, project_version):
     for init in root.rglob("__init__.py"):
         rel = "structexport/" + init.relative_to(root).as_posix()
         assert rel in names, f"{rel} missing from {wheel.name}: add its package to pyproject.toml"
+    # the shipped layer cost models (package data, not code)
+    shipped = sorted(p.name for p in (root / "cost_models").glob("*.json"))
+    assert shipped and all(f"structexport/cost_models/{n}" in names for n in shipped), shipped
     top_level = {n.split("/", 1)[0] for n in names}
     for forbidden in ("models", "passes", "targets", "tests", "benchmarks"):
         assert forbidden not in top_level, f"{wheel.name} installs a top-level {forbidden}/"

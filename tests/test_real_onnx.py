@@ -137,15 +137,22 @@ def test_the_projected_layers_are_found_with_their_structure(projected):
     # the package's layers keep the source's weight names (onnxsim's batch-norm folding
     # renames the fused kernels; convert gives them their names back)
     found = R.rewritten(m)
-    assert set(found) == {r["weight"] for r in records}, sorted(found)
+    # a layer whose sum-pool the cost model (tests/cost_model.json) predicts slower than the
+    # multiplies it saves is found with its structure and kept dense, with both predictions
+    kept = {r["layer"]: r["details"] for run in m["passes"] for r in run["records"]
+            if r["action"] == "kept" and "predicted_speedup" in r["details"]}
+    assert set(found) | set(kept) == {r["weight"] for r in records}, sorted(found)
+    assert not set(found) & set(kept) and len(found) >= LAYERS - 3
+    assert all(d["predicted_speedup"] <= 1 and "predicted" in d["reason"] for d in kept.values())
     assert {row["name"] for row in m["source_layers"]} >= set(found)
     for r in records:
-        f = found[r["weight"]]
+        f = found.get(r["weight"]) or kept[r["weight"]]
         assert (f["c"], f["n"], f["C"], f["N"]) == (r["shape"][1] // 2, 1, r["shape"][1], 1)
         assert f["residual"] < 1e-6
-    assert _actions(m)["decomposed"] == LAYERS
+    assert _actions(m)["decomposed"] == len(found)
     # a C/2 x 1 x 1 structure halves the layer's multiplies (the sum-pool adds are counted apart)
-    assert m["after"]["macs"] == m["before"]["macs"] - sum(r["macs"] for r in records) // 2
+    assert m["after"]["macs"] == m["before"]["macs"] - sum(r["macs"] for r in records
+                                                           if r["weight"] in found) // 2
     assert m["before"]["macs"] / m["after"]["macs"] > 1.3
     assert m["after"]["sumpool_adds"] > 0
 

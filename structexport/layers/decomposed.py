@@ -91,6 +91,20 @@ class DecomposedStructuredLinear(nn.Module):
         return self.linear(pooled.reshape(*x.shape[:-1], -1))
 
 
+def composed_conv(layer: DecomposedStructuredConv) -> nn.Conv2d:
+    """The plain conv ``layer`` composes to: its (exactly structured) ``C x N x N`` kernel,
+    the pool's padding and groups, the small conv's stride and bias."""
+    from structexport.layers.common import dense_conv
+    from structexport.layers.structured import compose_kernel
+    pool, conv = layer.pool, layer.conv
+    C = pool.channels // pool.groups
+    N = conv.kernel_size[0] + pool.window[1] - 1
+    with torch.no_grad():
+        weight = compose_kernel(conv.weight.double(), C, N).to(conv.weight.dtype)
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+    return dense_conv(weight, bias, conv.stride, pool.padding, pool.groups)
+
+
 def recompose(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose decomposed structured convs are plain convs again, each
     holding its composed (exactly structured) kernel; everything else is shared as is.
@@ -99,19 +113,9 @@ def recompose(model: nn.Module) -> nn.Module:
     ``tvm_fused``) starts from this form: the structure is read back from the kernel, and
     no chain of separate pool operators is imported to be undone."""
     import copy
-
-    from structexport.layers.common import dense_conv
-    from structexport.layers.structured import compose_kernel
     out = copy.deepcopy(model)
     for name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, DecomposedStructuredConv):
-                pool, conv = child.pool, child.conv
-                kc, kh, _ = pool.window
-                C = pool.channels // pool.groups
-                N = conv.kernel_size[0] + kh - 1
-                with torch.no_grad():
-                    weight = compose_kernel(conv.weight.double(), C, N).to(conv.weight.dtype)
-                    bias = None if conv.bias is None else conv.bias.detach().clone()
-                setattr(module, child_name, dense_conv(weight, bias, conv.stride, pool.padding, pool.groups))
+                setattr(module, child_name, composed_conv(child))
     return out
