@@ -16,6 +16,8 @@ from rich.markup import escape
 from structexport.cli_common import err, fail_cleanly, out
 
 NOT_RUNNING_EXIT = 3
+PROGRAM_NOTE = ("note: this device is emulated (qemu user mode on this machine): it proves the program "
+                "loads and computes correctly on aarch64; its timings are not ARM latency")
 EMULATED_NOTE = ("note: this device is emulated (qemu user mode on this machine): it proves a "
                  "library loads and computes correctly on aarch64; its timings are not ARM latency")
 
@@ -43,8 +45,10 @@ def device():
 
 @device.command("setup-emulated-arm")
 @click.option("--force", is_flag=True, help="Reinstall the rootfs and wheels even if complete.")
+@click.option("--programs", is_flag=True, help="Also install the aarch64 LiteRT and ExecuTorch runtimes "
+              "(verify-emulated installs them on first use).")
 @fail_cleanly
-def setup_emulated_arm(force):
+def setup_emulated_arm(force, programs):
     """Install qemu-user-static, debootstrap, the aarch64 cross compiler, an arm64 Debian
     rootfs and the aarch64 TVM wheels (about 600 MB in the cache; reuses what is there)."""
     from structexport import emulated_arm
@@ -55,7 +59,45 @@ def setup_emulated_arm(force):
     err.print(f"installed in {path} ({seconds:.0f} s): python {versions.get('python')}, "
               f"apache-tvm {versions.get('tvm')}, apache-tvm-ffi {versions.get('tvm_ffi')}, "
               f"numpy {versions.get('numpy')}; {sum(info.get('size_mb', {}).values()):.0f} MB")
+    if programs:
+        from structexport import emulated_programs
+        _with_progress("installing the aarch64 LiteRT and ExecuTorch runtimes",
+                       lambda p: emulated_programs.ensure_programs_installed(p, force=force))
     click.echo(str(path))
+
+
+@device.command("verify-emulated")
+@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1),
+              help="Timed runs on the device after the check (emulated timings).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Threads of the runtime on the device.")
+@click.option("--timeout", default=900.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds the emulated run may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@fail_cleanly
+def verify_emulated(package, runs, threads, timeout, as_json):
+    """Run a litert or executorch package's program (model.tflite, model.pte) on the emulated
+    aarch64 device under the aarch64 build of its runtime, compare it with the package's stored
+    outputs within its tolerances, and time it there (emulated: not ARM latency). Installs the
+    aarch64 runtime on first use. Exit 32 when the outputs differ."""
+    from structexport.emulated_programs import verify_on_emulated_arm
+    from structexport.export import VerificationError
+    result, _seconds = _with_progress(
+        "verifying on the emulated aarch64 device",
+        lambda p: verify_on_emulated_arm(package, runs=runs, threads=threads, timeout=timeout, progress=p))
+    timing = result["timing"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        out.print(f"{result['program']} on {escape(result['runtime'])}: {escape(result['summary'])}")
+        out.print(f"emulated time per run: median {timing['median_ms']:.1f} ms (min {timing['min_ms']:.1f} ms, "
+                  f"{timing['runs']} runs, {timing['threads']} thread(s)); not ARM latency")
+    err.print(PROGRAM_NOTE)
+    if not result["passed"]:
+        raise VerificationError(f"{result['program']} does not give the package's verified outputs on the "
+                                f"emulated aarch64 device: {result['summary']}",
+                                "compare with `structexport bench` on the host; an aarch64 kernel differs")
 
 
 @device.command("start-emulated-arm")

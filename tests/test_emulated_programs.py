@@ -43,6 +43,30 @@ def test_a_package_of_another_target_is_refused(tmp_path):
     assert "has target 'ort-cpu'" in str(err.value) and "--target litert or --target executorch" in str(err.value)
 
 
+def test_cli_verify_emulated_refuses_another_target_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from structexport.cli import main
+    manifest = {"structexport_manifest": 2, "source": {}, "target": "tvm-llvm", "precision": "fp32",
+                "input_shape": [1, 3, 32, 32], "passes": [], "before": {}, "after": {},
+                "verification": {}, "artifacts": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["device", "verify-emulated", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "has target 'tvm-llvm'" in result.output and "--target litert or --target executorch" in result.output
+
+
+@pytest.mark.slow
+def test_cli_verify_emulated_passes_and_labels_the_time(litert_package):
+    from click.testing import CliRunner
+
+    from structexport.cli import main
+    result = CliRunner().invoke(main, ["device", "verify-emulated", str(litert_package), "--runs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["passed"] is True and report["timing"]["label"] == "emulated" and report["timing"]["runs"] == 2
+
+
 @pytest.fixture(scope="module")
 def litert_package(tmp_path_factory, repo_root) -> Path:
     emu.ensure_installed()
