@@ -62,7 +62,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             need="artifact" if program else "graph", command="profile"), work, say)
         src = _inputs_of(workload)
         target = src["target"]
-        if src["precision"] == "int8" and (spec is not None or target != "ort-cpu"):
+        if src["precision"] == "int8" and (spec is not None or target != workload.package.target
+                                           or target not in ("ort-cpu",) + PROGRAM_TARGETS):
             raise _int8_refusal(workload.package.root, target, spec is not None, workload.package.target)
         if spec is not None and target not in REMOTE_TARGETS:
             raise ProfileError(f"--rpc/--tracker profile TVM libraries ({', '.join(REMOTE_TARGETS)}), "
@@ -74,7 +75,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             raise ProfileError(f"profile supports --target {' or '.join(TARGETS)} on this host, "
                                f"not {target!r}", "pass --target ort-cpu or --target tvm-llvm, or "
                                "--rpc HOST:PORT for a TVM device")
-        dense_onnx = _dense_side(workload.package)
+        # a program's dense side is a program; MACs are counted on its float32 reference.onnx
+        dense_onnx = workload.package.reference_onnx if program else _dense_side(workload.package)
         feed = workload.package.feed()
         if spec is not None:
             measured = profile_remote(src["tvm_onnx"], dense_onnx, feed, opts, say, spec, target,
@@ -99,6 +101,8 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
             report["mapping"]["rule"] = measured["mapping_rule"]
             report["mapping"]["outside"] = measured["outside"]
             report["notes"].extend(measured.get("notes", []))
+            if src["precision"] == "int8":
+                _program_int8_notes(report, workload.package, measured["programs"]["dense"])
         if spec is not None:
             report["device"] = spec.describe()
             report["notes"].append("on a remote device each PrimFunc call is timed on its own "
@@ -108,6 +112,26 @@ def run_profile(path: str | None, arch: str | None, opts: ProfileOptions,
                                    "this host's")
         report["seconds"] = round(time.perf_counter() - started, 2)
         return report
+
+
+def _program_int8_notes(report: dict, package, dense: str) -> None:
+    """An INT8 program's report: its dense side is the dense INT8 program, and its MACs are
+    model.onnx's (every structured layer decomposed), as bench counts them."""
+    composed = list((package.manifest.get("int8") or {}).get("composed_dense") or [])
+    report["dense"] = {"onnx": dense, "program": dense,
+                       "description": "the dense model quantized the same way, with the same calibration "
+                                      "(the INT8 baseline on this runtime)"}
+    report["int8"]["dense"] = dense
+    report["notes"] = [n for n in report["notes"] if not n.startswith(("dense: the dense model quantized",
+                                                                        "MACs are counted on the float32"))]
+    report["notes"].append(f"dense: {dense}, the dense model quantized the same way with the same "
+                           "calibration (checked against its fake-quantized graph before timing), the INT8 "
+                           "baseline on this runtime; bench also times the dense float32 program")
+    report["notes"].append("MACs are counted on model.onnx and reference.onnx (float32), as bench counts "
+                           "them: every structured layer decomposed" + (
+                               f"; the INT8 stage kept {len(composed)} layer(s) dense ({', '.join(composed[:6])}"
+                               f"{', ...' if len(composed) > 6 else ''}), which run one dense conv each: their "
+                               "structured MACs understate what runs" if composed else ""))
 
 
 def _requested_program_target(path: str | None, target: str | None) -> str | None:
@@ -132,11 +156,10 @@ def _program_refusal(target: str) -> ProfileError:
 def _int8_refusal(root, target: str | None, remote: bool, own: str = "ort-cpu") -> ProfileError:
     from structexport.targets import is_program_target
     if is_program_target(own):
-        return ProfileError(f"{root} is an INT8 {own} package: profile does not map INT8 programs to "
-                            "layers yet (the layers its INT8 stage kept dense run as one conv each, "
-                            "which model.onnx does not show)", f"bench times it ({own} beside its "
-                            "dense INT8 program); profile the float32 conversion (convert --target "
-                            f"{own} without --precision int8)")
+        where = "on a device (--rpc/--tracker)" if remote else f"on {target}"
+        return ProfileError(f"{root} is an INT8 {own} package: its integer program runs on {own}, and "
+                            f"profile cannot run it {where}", f"profile it on its own target ({own}: leave "
+                            "--target and --rpc out)")
     where = "on a device (--rpc/--tracker)" if remote else f"on {target}"
     return ProfileError(f"{root} is an INT8 package: its integer kernels run under ONNX Runtime, "
                         f"and profile cannot run them {where} (TVM has no INT8 convolution; "
@@ -154,8 +177,10 @@ def _refuse_int8_elsewhere(path: str | None, target: str | None, remote: bool) -
         package = Package.load(path, check_hashes=False)
     except Exception:   # resolve_workload reports a broken package with its own error
         return
-    if package.precision == "int8" and (remote or (target or package.target) != "ort-cpu"):
-        raise _int8_refusal(package.root, target or package.target, remote, package.target)
+    wanted = target or package.target
+    if package.precision == "int8" and (remote or wanted != package.target
+                                        or wanted not in ("ort-cpu",) + PROGRAM_TARGETS):
+        raise _int8_refusal(package.root, wanted, remote, package.target)
 
 
 def _dense_side(package) -> Path | None:
@@ -237,7 +262,10 @@ def _inputs_of(workload) -> dict:
         # An INT8 graph's convs read dequantized weights (and its 0/1 and +-1 channel-sum
         # kernels are not recognizable once quantized): MACs are counted on the float32 model
         # that was quantized and on the dense reference, as bench counts them
-        src["macs_onnx"] = {"structured": package.root / FP32_MODEL, "dense": package.reference_onnx}
+        from structexport.targets import is_program_target
+        program = is_program_target(package.target)   # its model.onnx is float32 already
+        src["macs_onnx"] = {"structured": package.model_onnx if program else package.root / FP32_MODEL,
+                            "dense": package.reference_onnx}
         src["int8"] = {
             "dense": DENSE_INT8,
             "dense_description": "the dense model quantized the same way, with the same "
@@ -245,7 +273,8 @@ def _inputs_of(workload) -> dict:
             "sqnr": layer_sqnr(rows, layers),
             "sqnr_source": "manifest.json int8.layers: SQNR of each conv/linear output in the QDQ "
                            "graph against float32, on the calibration images, errors of earlier "
-                           "layers included; per source layer the lowest of its rows",
+                           "layers included; per source layer the lowest of its rows" if rows or not program
+                           else f"none: the {package.target} INT8 stage records no per-layer SQNR",
             "gate": int8.get("gate"), "dense_int8": int8.get("dense_int8")}
     return src
 

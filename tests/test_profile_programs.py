@@ -143,16 +143,87 @@ def test_module_layer_places_shortcuts_on_their_block():
     assert module_layer("other", order) is None
 
 
-def test_an_int8_program_package_is_refused_clearly(et_package, tmp_path):
+def test_an_int8_program_package_is_profiled_on_its_own_target_only(et_package, tmp_path):
     fake = tmp_path / "int8"
     shutil.copytree(et_package, fake)
     manifest = json.loads((fake / "manifest.json").read_text())
     manifest["precision"] = "int8"
     (fake / "manifest.json").write_text(json.dumps(manifest))
-    res = CliRunner().invoke(main, ["profile", str(fake), "--no-peak", "-o", str(tmp_path / "r.html")])
+    res = CliRunner().invoke(main, ["profile", str(fake), "--target", "ort-cpu", "--no-peak",
+                                    "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 40, res.output
-    assert "INT8 executorch package" in res.output and "bench" in res.output
+    assert "INT8 executorch package" in res.output and "cannot run it on ort-cpu" in res.output
+    assert "leave --target and --rpc out" in res.output
     assert not (tmp_path / "r.html").exists()
+
+
+def _int8_package(tmp_path_factory, repo_root, cifar10_dir, target: str) -> Path:
+    """The trained ResNet-20 C/2x2x2 in INT8 for ``target``, the per-layer choice read from a
+    cache written here (stage 1 slower structured: its six layers kept dense)."""
+    import torch
+
+    from structexport.executorch_int8 import layer_key
+    from structexport.layers.decomposed import DecomposedStructuredConv
+    from structexport.loader import load_checkpoint
+    from structexport.passes import PIPELINE, PassContext, PassManager, select_passes
+    from structexport.passes.autotune import machine_key
+    from structexport.targets import get_target
+    tmp = tmp_path_factory.mktemp(f"profile-{target}-int8")
+    source = load_checkpoint(str(repo_root / TRAINED)).model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    rewritten, _ = PassManager(select_passes(PIPELINE), check_inputs=x).run(
+        source, PassContext(target, (1, 3, 32, 32), {"sumpool_realization": "banded"}))
+    shapes = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, (m, tuple(a[0].shape))))
+             for n, m in rewritten.named_modules() if isinstance(m, DecomposedStructuredConv)]
+    with torch.no_grad():
+        rewritten(x)
+    for h in hooks:
+        h.remove()
+    entries = {layer_key(m, shape): {"structured": 0.09 if n.startswith("stage_1.") else 0.03, "dense": 0.06}
+               for n, (m, shape) in shapes.items()}
+    cache = tmp / "cache"
+    cache.mkdir()
+    program_target = get_target(target, {})
+    key = machine_key(program_target.int8_machine_label(), 1)
+    (cache / program_target.int8_layer_cache().name).write_text(json.dumps({key: entries}))
+    out = tmp / "pkg"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "convert", repo_root / TRAINED, "--target", target, "--precision", "int8", "--calibration",
+        cifar10_dir / "train-25k.npz", "--preprocess", "cifar10", "--calibration-count", "32",
+        "--int8-gate-images", "100", "-o", out)], env={"STRUCTEXPORT_CACHE": str(cache)})
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.slow   # the INT8 conversions lower each quantized graph slowly (minutes)
+@pytest.mark.parametrize("target,programs", [
+    ("executorch", {"structured": "model.pte", "dense": "reference.int8.pte"}),
+    ("litert", {"structured": "model.tflite", "dense": "reference.int8.tflite"})])
+def test_int8_report_against_the_dense_int8_program(target, programs, tmp_path_factory, repo_root,
+                                                    cifar10_dir, tmp_path):
+    pytest.importorskip("executorch" if target == "executorch" else "ai_edge_litert")
+    package = _int8_package(tmp_path_factory, repo_root, cifar10_dir, target)
+    report, _output = _profile(package, tmp_path / "report.html")
+    assert report["precision"] == "int8" and validate(report) == []
+    assert report["programs"] == programs
+    assert report["dense"]["program"] == programs["dense"] and report["int8"]["dense"] == programs["dense"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    composed = set(manifest["int8"]["composed_dense"])
+    assert composed == {f"stage_1.{b}.conv_{c}" for b in range(3) for c in "ab"}
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert [r["layer"] for r in report["layers"] if r["kind"] == "layer"] == [x["name"] for x in _layers(package)]
+    assert UNMAPPED not in rows
+    for which in ("structured", "dense"):
+        t = report["totals"][which]
+        assert t["unmapped_ms"] == 0
+        assert sum(r[f"{which}_ms"] for r in report["layers"]) == pytest.approx(t["profiled_ms"], rel=1e-9)
+        assert all("QS8" in op or "QC8" in op for r in report["layers"] for op in r[f"{which}_ops"]
+                   if op.startswith(("Convolution", "Fully Connected")))
+    for name, row in rows.items():   # kept dense: one integer conv, no band or box
+        if name in composed:
+            assert not any("DWConv" in op or "Fully Connected" in op for op in row["structured_ops"]), name
+    assert any("kept 6 layer(s) dense" in n for n in report["notes"])
 
 
 def test_litert_profiler_events_split_into_runs():
@@ -214,7 +285,7 @@ def test_litert_every_multiply_add_operator_maps_to_its_layer(lt_package):
     from structexport.profiling.litert import litert_profile
     package = Package.load(lt_package)
     paths = {"structured": package.program, "dense": package.dense_program}
-    prof = litert_profile(paths, package.feed(), 1, 2, 0, {n: interpreter(p) for n, p in paths.items()})
+    prof = litert_profile(paths, package.feed(), 2, 0, {n: interpreter(p) for n, p in paths.items()})
     build = package.target_build
     order = [layer["name"] for layer in package.layers]
     kinds = {layer["name"]: layer["kind"] for layer in package.layers}

@@ -178,10 +178,18 @@ def portable_layers(delegation: dict | None, calls: list[dict], order: list[str]
 
 
 def event_layers(calls: list[dict], onnx_path: Path, order: list[str], delegation: dict | None,
-                 program: Path) -> list[str | None]:
+                 program: Path, composed: list[str] | tuple = ()) -> list[str | None]:
     """The source layer of each operator event (:data:`MAPPING_RULE`); a clear error when the
-    multiply-add events do not match the ONNX graph's multiply-add nodes."""
-    nodes = onnx_mac_nodes(onnx_path)
+    multiply-add events do not match the ONNX graph's multiply-add nodes. ``composed``: the
+    layers the program runs as one dense conv where the ONNX graph has their structure (an
+    INT8 program's layers kept dense): their nodes count as one (not depthwise)."""
+    owners = onnx_node_layers(onnx_path, set(order))
+    nodes = []
+    for node in onnx_mac_nodes(onnx_path):
+        owner = owners.get(node["name"])
+        if owner in composed and nodes and owners.get(nodes[-1]["name"]) == owner:
+            continue   # the composed layer's first node stands for it
+        nodes.append(dict(node, depthwise=False) if owner in composed else node)
     macs = [i for i, c in enumerate(calls) if is_mac_event(c["op"])]
     if len(macs) != len(nodes):
         raise ProfileError(f"{program} runs {len(macs)} multiply-add operators and {onnx_path.name} has "
@@ -195,7 +203,6 @@ def event_layers(calls: list[dict], onnx_path: Path, order: list[str], delegatio
                                f"{node['op']}) in order: profile cannot map the program to layers",
                                "report this with the package; --target ort-cpu profiles the same model "
                                "under ONNX Runtime")
-    owners = onnx_node_layers(onnx_path, set(order))
     layer = [None] * len(calls)
     for i, node in zip(macs, nodes):
         layer[i] = owners.get(node["name"])
@@ -223,19 +230,16 @@ def measure_executorch(package, opts: ProfileOptions, say, work: Path) -> dict:
     with ETDump off, then profiled with it on; the ``measured`` dict
     :func:`~structexport.profiling.assemble.assemble` reads."""
     from structexport.targets import get_target
-    from structexport.timedcheck import checked_programs
     target = get_target(package.target, {})
     structured, dense = program_paths(package)
     feed = package.feed()
-    timers = checked_programs(package, {"structured": structured, "dense": dense}, feed, opts.threads, say)
+    timers = checked_timers(package, structured, dense, feed, opts.threads, say)
     say(f"timing ({opts.repeat} interleaved runs)")
     latency = time_interleaved(timers, feed, opts.repeat, opts.warmup)
     say(f"profiling ({opts.repeat} interleaved runs, ETDump)")
     prof = etdump_profile({"structured": structured, "dense": dense}, feed, opts.threads,
                           opts.repeat, opts.warmup, work)
-    build = package.target_build or {}
-    onnx = {"structured": package.model_onnx, "dense": package.reference_onnx}
-    delegation = {"structured": build.get("delegation"), "dense": build.get("dense_delegation")}
+    onnx, delegation, composed = mapping_inputs(package)
     result = {"runtime": target.runtime(opts.threads),
               "profiler": "ExecuTorch ETDump (XNNPACK's per-operator events, portable kernels' events, "
                           "Method::execute per run), read with executorch.devtools.Inspector",
@@ -250,7 +254,7 @@ def measure_executorch(package, opts: ProfileOptions, say, work: Path) -> dict:
 
         def mapper(layers, p=p, which=which, path=path):
             order = [name for name in package_layer_order(package) if name in layers]
-            owners = event_layers(p["calls"], onnx[which], order, delegation[which], path)
+            owners = event_layers(p["calls"], onnx[which], order, delegation[which], path, composed[which])
             index = {c["name"]: owners[k] for k, c in enumerate(p["calls"])}
             return lambda call: index.get(call["name"])
         result["models"][which] = {"onnx": onnx[which], "calls": [
@@ -263,11 +267,36 @@ def package_layer_order(package) -> list[str]:
     return [layer["name"] for layer in package.layers]
 
 
+def mapping_inputs(package) -> tuple[dict, dict, dict]:
+    """Per side (structured, dense): the ONNX graph holding its program's structure plan, its
+    delegation report, and the layers it runs composed (an INT8 program's layers kept dense)."""
+    build = package.target_build or {}
+    int8 = package.precision == "int8"
+    onnx = {"structured": package.model_onnx, "dense": package.reference_onnx}
+    delegation = {"structured": build.get("delegation"),
+                  "dense": build.get("dense_int8_delegation" if int8 else "dense_delegation")}
+    composed = {"structured": list((package.manifest.get("int8") or {}).get("composed_dense") or []) if int8
+                else [], "dense": []}
+    return onnx, delegation, composed
+
+
+def checked_timers(package, structured: Path, dense: Path, feed, threads: int, say) -> dict:
+    """Timers of both programs, each checked first as ``bench`` checks it: the structured one
+    against the package's stored outputs, the dense one against the dense float32 outputs or,
+    for an INT8 package, its own fake-quantized graph's."""
+    from structexport.timedcheck import checked_int8_program, checked_programs
+    if package.precision != "int8":
+        return checked_programs(package, {"structured": structured, "dense": dense}, feed, threads, say)
+    timers = checked_programs(package, {"structured": structured}, feed, threads, say)
+    timers["dense"] = checked_int8_program(package, dense, feed, threads, say)
+    return timers
+
+
 def program_paths(package) -> tuple[Path, Path]:
     """The structured program and its dense counterpart (float32; INT8: the dense INT8
     program), each checked to be there."""
     structured = package.program
-    dense = package.dense_program
+    dense = package.dense_int8_program if package.precision == "int8" else package.dense_program
     if structured is None or dense is None or not structured.is_file() or not dense.is_file():
         raise ProfileError(f"{package.root} has no {package.target} program and dense counterpart to profile",
                            f"convert the model again with --target {package.target}")

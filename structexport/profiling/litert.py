@@ -200,7 +200,7 @@ def _xnnpack_op(tag: str) -> str:
     return " ".join([head + ")"] + words)
 
 
-def litert_profile(paths: dict[str, Path], feed, threads: int, runs: int, warmup: int,
+def litert_profile(paths: dict[str, Path], feed, runs: int, warmup: int,
                    interpreters: dict) -> dict[str, dict]:
     """Each model run ``warmup + runs`` times (interleaved) under the profiler; per model its
     operator events in execution order (mean ms over the kept runs), the mean ``Invoke`` of
@@ -238,11 +238,20 @@ def litert_profile(paths: dict[str, Path], feed, threads: int, runs: int, warmup
             calls = [{"name": f"{k}:{c['tag']}", "op": c["op"], "delegate": c["delegate"],
                       "ms": statistics.fmean(r["calls"][k]["ms"] for r in kept)} for k, c in enumerate(first)]
             out[n] = {"calls": calls, "profiled_ms": statistics.fmean(r["total"] for r in kept),
-                      "runs_kept": len(kept), "output": model.output(0, outs[0])}
+                      "runs_kept": len(kept), "output": _as_output(model.output(0, outs[0]), outs[0])}
         return out
     finally:
         for model, _outs in models.values():
             model.close()
+
+
+def _as_output(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An INT8 model's integer output dequantized with the scale it declares (as the
+    Interpreter's runner does), a float one as it is."""
+    if not np.issubdtype(y.dtype, np.integer):
+        return y
+    scale, zero = detail["quantization"]
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 def _as_input(x, detail: dict) -> np.ndarray:
@@ -260,20 +269,19 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
     API's ``CompiledModel``, its outputs checked equal to the Interpreter's; the ``measured``
     dict :func:`~structexport.profiling.assemble.assemble` reads."""
     from structexport.litert_runtime import interpreter, runner
-    from structexport.profiling.executorch import (OUTSIDE_TEXT, event_layers, package_layer_order,
-                                                   program_paths)
+    from structexport.profiling.executorch import (checked_timers, event_layers, mapping_inputs,
+                                                   package_layer_order, program_paths)
     from structexport.targets import get_target
-    from structexport.timedcheck import checked_programs
     target = get_target(package.target, {})
     structured, dense = program_paths(package)
     feed = package.feed()
     paths = {"structured": structured, "dense": dense}
-    timers = checked_programs(package, paths, feed, opts.threads, say)
+    timers = checked_timers(package, structured, dense, feed, opts.threads, say)
     say(f"timing ({opts.repeat} interleaved runs)")
     latency = time_interleaved(timers, feed, opts.repeat, opts.warmup)
     say(f"profiling ({opts.repeat} interleaved runs, LiteRT C API profiler)")
     interpreters = {n: interpreter(p, opts.threads) for n, p in paths.items()}
-    prof = litert_profile(paths, feed, opts.threads, opts.repeat, opts.warmup, interpreters)
+    prof = litert_profile(paths, feed, opts.repeat, opts.warmup, interpreters)   # one thread
     for n, p in paths.items():   # the profiled CompiledModel computes what the Interpreter does
         want = runner(p, opts.threads)(feed)[0]
         got = prof[n]["output"].astype(np.float32)
@@ -281,9 +289,7 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
             raise ProfileError(f"{p} profiled through LiteRT's CompiledModel does not compute what the "
                                f"Interpreter does (largest difference {float(np.abs(got - want).max()):.3g})",
                                "report this with the ai-edge-litert version; bench times the Interpreter")
-    build = package.target_build or {}
-    onnx = {"structured": package.model_onnx, "dense": package.reference_onnx}
-    delegation = {"structured": build.get("delegation"), "dense": build.get("dense_delegation")}
+    onnx, delegation, composed = mapping_inputs(package)
     from structexport.profiling.executorch import MAPPING_RULE
     result = {"runtime": target.runtime(opts.threads),
               "profiler": "LiteRT C API profiler (libLiteRt.so through ctypes: XNNPACK's per-operator events, "
@@ -291,21 +297,20 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
                           "accelerator",
               "latency": latency, "models": {}, "programs": {"structured": structured.name, "dense": dense.name},
               "mapping_rule": MAPPING_RULE.replace("portable kernels", "builtin kernels"),
-              "outside": OUTSIDE_TEXT.replace("Method::execute", "Invoke").replace(
-                  "ExecuTorch's executor, the delegate calls' own work around XNNPACK's operators, and ETDump's "
-                  "own hooks", "the interpreter, the XNNPACK delegate's own work around its operators, and the "
-                  "profiler's hooks"),
+              "outside": "Invoke minus the sum of its operator events: the interpreter, the XNNPACK "
+                         "delegate's own work around its operators, and the profiler's hooks",
               "notes": ["LiteRT's profiler is read through its C API (ctypes, struct layouts of ai-edge-litert "
                         "2.3): the profiled runs go through a CompiledModel (CPU accelerator, XNNPACK, one "
-                        "thread: the C API sets no thread count), the latency is the Interpreter's (as bench times it); operator "
-                        "times are whole microseconds, means over the kept runs; multiply-adds are counted "
-                        "on model.onnx and reference.onnx, which hold the models' structure plans"]}
+                        "thread: the C API sets no thread count), the latency is the Interpreter's (as bench "
+                        "times it); operator times are whole microseconds, means over the kept runs; "
+                        "multiply-adds are counted on model.onnx and reference.onnx, which hold the models' "
+                        "structure plans"]}
     for which, path in paths.items():
         p = prof[which]
 
         def mapper(layers, p=p, which=which, path=path):
             order = [name for name in package_layer_order(package) if name in layers]
-            owners = event_layers(p["calls"], onnx[which], order, delegation[which], path)
+            owners = event_layers(p["calls"], onnx[which], order, delegation[which], path, composed[which])
             index = {c["name"]: owners[k] for k, c in enumerate(p["calls"])}
             return lambda call: index.get(call["name"])
         result["models"][which] = {"onnx": onnx[which], "calls": [
