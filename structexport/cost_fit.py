@@ -76,7 +76,9 @@ def in_network_features(shape: LayerShape) -> dict[str, float]:
     puts around every measured form (the same for all of a layer's forms)."""
     oh, ow = shape.output
     return {"depthwise_mac": shape.pool.channels * shape.height * shape.width
-            + shape.out_channels * oh * ow, "op": 2}
+            + shape.out_channels * oh * ow,
+            "conv_output": shape.pool.channels * shape.height * shape.width + shape.out_channels * oh * ow,
+            "op": 2}
 
 
 def measure_grid(grid=GRID, threads: int = 1, repeat: int = 30,

@@ -10,6 +10,8 @@ dense 1x1 GEMM does not. This module counts the work of each form in a few kinds
 - ``conv_mac``: a multiply-accumulate of a non-depthwise conv (the band, the small conv,
   the dense conv) -- a GEMM, cheaper the wider the vectors;
 - ``depthwise_mac``: one of a depthwise conv (the box of ones, the spatial pool);
+- ``conv_output``: one value a conv writes (and the next operator reads back): a 1x1 conv
+  on a large map with few channels is bound by this, not by its multiplies;
 - ``elementwise``: one element of an element-wise pass (a running sum along an axis is
   :data:`RUNNING_SUM_PASSES` of them: cumsum, two slices, a subtract, a concat);
 - ``layout``: one element leaving ONNX Runtime's blocked layout before an element-wise
@@ -39,7 +41,7 @@ from pathlib import Path
 from structexport.errors import StructExportError
 from structexport.fsutil import cache_root, write_text_atomic
 
-FEATURES = ("conv_mac", "depthwise_mac", "elementwise", "layout", "pool_add", "naive_add", "op")
+FEATURES = ("conv_mac", "depthwise_mac", "conv_output", "elementwise", "layout", "pool_add", "naive_add", "op")
 RUNNING_SUM_PASSES = 4   # cumsum, two slices, a subtract, a concat: passes over the values
 SHIPPED_DIR = Path(__file__).with_name("cost_models")
 # Targets whose runtime the cost model predicts (ONNX Runtime CPU): there a layer predicted
@@ -197,7 +199,7 @@ def sumpool_features(pool, height: int, width: int) -> dict[str, dict[str, float
     C, c = pool.channels, pool.out_channels
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
     spatial = kh * kw > 1
-    box = {"depthwise_mac": c * Ho * Wo * kh * kw, "op": 1} if spatial else {}
+    box = {"depthwise_mac": c * Ho * Wo * kh * kw, "conv_output": c * Ho * Wo, "op": 1} if spatial else {}
     # leaving the blocked layout before an element-wise channel sum, and coming back after
     layout = {"layout": (C + c) * height * width}
     running_channels = {"elementwise": RUNNING_SUM_PASSES * C * height * width, "op": 6} if kc > 1 else {}
@@ -205,7 +207,8 @@ def sumpool_features(pool, height: int, width: int) -> dict[str, dict[str, float
                   {"elementwise": RUNNING_SUM_PASSES * c * Hp * Wp, "op": 6} if kh > 1 else {},
                   {"elementwise": RUNNING_SUM_PASSES * c * Hp * Wo, "op": 6} if kw > 1 else {},
                   layout if kc * kh * kw > 1 else {})
-    banded = _add({"conv_mac": c * (C // pool.groups) * height * width, "op": 1} if kc > 1 else {}, box)
+    banded = _add({"conv_mac": c * (C // pool.groups) * height * width, "conv_output": c * height * width,
+                   "op": 1} if kc > 1 else {}, box)
     boxed = _add(running_channels, box, layout if kc > 1 else {})
     # the channel pool of the (N * groups, 1, C / groups, H * W) view, one Mul by the
     # volume, a zero Pad where the spatial pool cannot pad, the spatial pool
@@ -221,7 +224,8 @@ def conv_features(out_channels: int, in_per_group: int, kernel: int, out_h: int,
     """The work of one conv (``groups`` of ``out_channels / groups`` filters each)."""
     macs = out_channels * in_per_group * kernel * kernel * out_h * out_w
     depthwise = groups > 1 and in_per_group == 1
-    return {"depthwise_mac" if depthwise else "conv_mac": macs, "op": 1}
+    return {"depthwise_mac" if depthwise else "conv_mac": macs, "conv_output": out_channels * out_h * out_w,
+            "op": 1}
 
 
 @dataclass

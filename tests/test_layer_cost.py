@@ -44,10 +44,12 @@ def test_layer_features_by_hand():
     f = layer_features(LayerShape(pool, 16, 2, 1, 8, 8))
     small = 16 * 8 * 2 * 2 * 64
     box = 8 * 9 * 9 * 4                                   # c * Ho * Wo * kh * kw
-    assert f["dense"] == {"conv_mac": 16 * 16 * 9 * 64, "op": 1}
-    assert f["banded"] == {"conv_mac": 8 * 16 * 64 + small, "depthwise_mac": box, "op": 3}
+    written = 16 * 64 + 8 * 81                             # the small conv's output, the box's
+    assert f["dense"] == {"conv_mac": 16 * 16 * 9 * 64, "conv_output": 16 * 64, "op": 1}
+    assert f["banded"] == {"conv_mac": 8 * 16 * 64 + small, "depthwise_mac": box,
+                           "conv_output": 8 * 64 + written, "op": 3}
     assert f["box"] == {"elementwise": 4 * 16 * 64, "depthwise_mac": box, "conv_mac": small,
-                        "layout": (16 + 8) * 64, "op": 8}
+                        "conv_output": written, "layout": (16 + 8) * 64, "op": 8}
     # cumsum: channels over the padded 10x10 map, then both spatial axes
     assert f["cumsum"]["elementwise"] == 4 * 16 * 100 + 4 * 8 * 100 + 4 * 8 * 10 * 9
     assert theoretical_speedup(LayerShape(pool, 16, 2, 1, 8, 8)) == pytest.approx(16 * 9 / (8 * 4))
