@@ -13,9 +13,10 @@ from structexport.cli_common import (OptionRefusedError, check_measure_flags, de
 @click.command()
 @click.argument("path", required=False, type=click.Path(path_type=str))
 @click.option("--arch", help="Zoo name; without PATH, weights are drawn from --seed.")
-@click.option("--target", type=click.Choice(["ort-cpu", "tvm-llvm", "tvm-arm"]),
+@click.option("--target", type=click.Choice(["ort-cpu", "tvm-llvm", "tvm-arm", "executorch", "litert"]),
               help="Runtime to profile on (default: the OUTDIR's target; ort-cpu for a "
-              "checkpoint); tvm-arm only on a device (--rpc/--tracker).")
+              "checkpoint); tvm-arm only on a device (--rpc/--tracker); executorch and litert "
+              "profile their programs (ETDump, LiteRT's C profiler).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--input-shape", help="N,C,H,W (the batch is taken from --batch).")

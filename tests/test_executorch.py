@@ -366,10 +366,3 @@ def test_int8_program_is_integer_and_bench_compares_it_with_dense_int8(int8_pack
     assert result["speedup_measured"] == pytest.approx(
         result["dense_int8_latency_ms"]["median"] / result["latency_ms"]["median"])
 
-
-def test_profile_says_what_it_cannot_read_yet(package):
-    out, _manifest = package
-    r = CliRunner().invoke(main, ["profile", str(out), "-o", str(out.parent / "p.html")])
-    assert r.exit_code == 40, r.output
-    assert "profile does not read executorch's per-op profiler yet" in r.output
-    assert "--target ort-cpu" in r.output and not (out.parent / "p.html").exists()

@@ -56,7 +56,10 @@ def int8_lines(report: dict) -> list[str]:
         return []
     info = report.get("int8") or {}
     dense = report.get("dense") or {}
-    lines = [f"INT8 package: structured INT8 (model.onnx) against dense INT8: {dense.get('onnx')}, "
+    programs = report.get("programs") or {}
+    structured = programs.get("structured") or "model.onnx"
+    dense_file = programs.get("dense") or dense.get("onnx")
+    lines = [f"INT8 package: structured INT8 ({structured}) against dense INT8: {dense_file}, "
              f"{dense.get('description')}"]
     low = info.get("lowest_sqnr") or []
     if low:
