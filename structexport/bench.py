@@ -334,6 +334,8 @@ def bench_workload(workload: Workload, opts: BenchOptions, workdir: Path,
         result["realization_efficiency"] = ((summary["realization_efficiency"] or {}).get("median"))
     if program_target:
         result["runtime"] = get_target(opts.target, {}).runtime(opts.threads)
+    # the promise of per-layer decisions: never slower than the source on its own target
+    result["slower_than_dense"] = bool(result["speedup_measured"] < 1)
     if device is not None and device.emulated:
         result["note"] = ("timed on the emulated aarch64 device (qemu user mode): these timings "
                           "prove the library runs; they are not ARM latency")

@@ -415,6 +415,14 @@ def bench(ctx, path, arch, target, threads, batch, input_shape, repeat, warmup, 
                   f"max {sp['max']:.2f}x"
                   + (f"; efficiency median {ef['median']:.2f}, min {ef['min']:.2f}, max {ef['max']:.2f}" if ef else "")
                   + f" (the table above shows tuning {repeats['reported_repeat']}, the median's)")
+    if result.get("slower_than_dense"):
+        hint = ("convert with --autotune (each layer's forms and its dense conv timed on this machine), "
+                "or fit this CPU's layer cost model: structexport costmodel fit"
+                if result["target"] in ("ort-cpu", "onnx") else
+                "profile it to see which layers lose (structexport profile OUTDIR)")
+        err.print(f"[yellow]warning:[/] the converted model ran slower than its "
+                  f"{'dense INT8 baseline' if result.get('precision') == 'int8' else 'dense counterpart'} "
+                  f"here ({result['speedup_measured']:.2f}x): {hint}")
     if result.get("structure_theoretical"):
         st = result["structure_theoretical"]
         out.print(f"against the structure's theory ({st['speedup']:.2f}x: every structured layer decomposed, "

@@ -266,3 +266,29 @@ def test_costmodel_show_names_the_source(monkeypatch):
     shown = json.loads(result.output)
     assert shown["path"] == str(shipped_models()[name])
     assert set(shown["coefficients"]) == set(FEATURES)
+
+
+# ---------------------------------------------------------------- bench says when it is slower
+
+def test_bench_warns_when_the_converted_model_is_slower_than_dense(monkeypatch, tmp_path):
+    """bench records ``slower_than_dense`` and, when it is true, warns naming the fixes: the
+    measured speedup is made 0.8x here (a real run, its figure replaced), so the warning's
+    text is what is checked, not this machine's speed."""
+    import structexport.bench as bench
+    real = bench.run_bench
+    seen = {}
+
+    def slower(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen["real"] = result["slower_than_dense"] == (result["speedup_measured"] < 1)
+        result["speedup_measured"], result["slower_than_dense"] = 0.8, True
+        return result
+    monkeypatch.setattr(bench, "run_bench", slower)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--arch", "resnet20-struct-c2n2", "--target", "ort-cpu",
+                                       "--repeat", "3", "--warmup", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen["real"] is True
+    assert "ran slower than its dense counterpart here (0.80x)" in result.output
+    assert "--autotune" in result.output and "structexport costmodel fit" in result.output
+    assert json.loads(out.read_text())["slower_than_dense"] is True
