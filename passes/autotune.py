@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from structexport.fsutil import cache_root, write_text_atomic
+from structexport.layer_cost import MIN_SPEEDUP
 from structexport.layers.sumpool import MEASURABLE_REALIZATIONS as CANDIDATES
 from structexport.ortsession import ort_session
 from structexport.timing import time_interleaved
@@ -162,7 +163,9 @@ class Tuner:
         else:
             self.from_cache += 1
         times = entry["ms"]
-        choice = min((k for k in times if dense or k != "dense"), key=times.get)
+        choice = min((k for k in times if k != "dense"), key=times.get)
+        if dense and "dense" in times and times["dense"] < times[choice] * MIN_SPEEDUP:
+            choice = "dense"
         return choice, times, cached
 
     def choose(self, module: nn.Module, name: str, pool, size, batch: int, dense: bool = False):

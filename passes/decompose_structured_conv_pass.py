@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from structexport.discovery import EXACT, discover_structure
-from structexport.layer_cost import DENSE_BY_COST_TARGETS, LayerShape, decide, load_cost_model
+from structexport.layer_cost import (DENSE_BY_COST_TARGETS, LayerShape, decide, load_cost_model,
+                                     measured_reason)
 from structexport.layers.structured import box_window
 from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, SumPool
 from structexport.onnx_sumpool import GraphBuilder, emit_sumpool
@@ -167,9 +168,7 @@ class DecomposeStructuredConvPass(Pass):
                     realization = "dense"
             if realization == "dense":
                 ms = details.get("measured_ms")
-                details["reason"] = (decision.reason() if tuner is None else
-                                     f"measured {min(v for k, v in ms.items() if k != 'dense'):.4f} ms "
-                                     f"structured against {ms['dense']:.4f} ms dense")
+                details["reason"] = decision.reason() if tuner is None else measured_reason(ms)
                 records.append(LayerRecord(layer, "kept", details))
                 continue
             self._rewrite(graph, node, conv, found, realization, layer)

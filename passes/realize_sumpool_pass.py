@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from structexport.layer_cost import (DENSE_BY_COST_TARGETS, CostModel, LayerShape, decide,
-                                     load_cost_model, sumpool_features)
+                                     load_cost_model, measured_reason, sumpool_features)
 from structexport.layers.decomposed import DecomposedStructuredConv, composed_conv
 from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, REALIZATIONS, SumPool
 
@@ -126,9 +126,7 @@ class RealizeSumPoolPass(Pass):
                 replace_module(module, layer_name, composed_conv(layer))
                 modified = True
                 ms = details.get("measured_ms")
-                details["reason"] = (decision.reason() if tuner is None else
-                                     f"measured {min(v for k, v in ms.items() if k != 'dense'):.4f} ms "
-                                     f"structured against {ms['dense']:.4f} ms dense")
+                details["reason"] = decision.reason() if tuner is None else measured_reason(ms)
                 records.append(LayerRecord(name, "kept dense", {
                     "input": list(sizes[name]), "window": list(pool.window), **details}))
                 continue

@@ -48,6 +48,10 @@ SHIPPED_DIR = Path(__file__).with_name("cost_models")
 # no faster structured than dense is kept dense. TVM fuses the sum-pool into its own kernel,
 # and ExecuTorch and LiteRT choose per layer by timing their INT8 forms.
 DENSE_BY_COST_TARGETS = ("onnx", "ort-cpu")
+# A layer is decomposed only when its structure is predicted (or measured) at least this much
+# faster than its dense conv: a smaller gain is within a prediction's error and a shared
+# machine's noise, and the dense conv is the safe side (it is what the user gave).
+MIN_SPEEDUP = 1.05
 ENV = "STRUCTEXPORT_COST_MODEL"
 
 
@@ -274,6 +278,18 @@ def theoretical_speedup(shape: LayerShape) -> float:
     return dense / small
 
 
+def _under_margin(speedup: float) -> str:
+    return (f", under the {MIN_SPEEDUP:.2f}x a layer must gain to be decomposed"
+            if 1 <= speedup < MIN_SPEEDUP else "")
+
+
+def measured_reason(ms: dict[str, float]) -> str:
+    """Why a layer ``--autotune`` timed stays dense (``ms``: each form's median, ``"dense"``'s)."""
+    best = min(v for k, v in ms.items() if k != "dense")
+    return (f"measured {best:.4f} ms structured against {ms['dense']:.4f} ms dense"
+            + _under_margin(ms["dense"] / best if best else 0.0))
+
+
 @dataclass
 class Decision:
     """What a layer becomes, by the cost model: a realization, or ``"dense"``."""
@@ -291,7 +307,7 @@ class Decision:
         best = self.predicted_ms[self.best_realization]
         return (f"predicted {best:.4f} ms structured ({self.best_realization}) against "
                 f"{self.predicted_ms['dense']:.4f} ms dense: {self.predicted_speedup:.2f}x "
-                f"of a theoretical {self.theoretical_speedup:.2f}x")
+                f"of a theoretical {self.theoretical_speedup:.2f}x" + _under_margin(self.predicted_speedup))
 
     def details(self) -> dict:
         return {"theoretical_speedup": round(self.theoretical_speedup, 3),
@@ -300,10 +316,11 @@ class Decision:
 
 
 def decide(shape: LayerShape, model: CostModel, candidates: tuple[str, ...]) -> Decision:
-    """The cheapest of ``candidates`` (realizations) and the dense conv, by ``model``."""
+    """The cheapest of ``candidates`` (realizations), or the dense conv unless that realization
+    is predicted at least :data:`MIN_SPEEDUP` times faster, by ``model``."""
     features = layer_features(shape)
     predicted = {k: model.predict_ms(features[k]) for k in (*candidates, "dense")}
     best = min(candidates, key=predicted.get)
     speedup = predicted["dense"] / predicted[best] if predicted[best] > 0 else math.inf
-    choice = "dense" if predicted["dense"] <= predicted[best] else best
+    choice = "dense" if predicted["dense"] < predicted[best] * MIN_SPEEDUP else best
     return Decision(choice, best, predicted, theoretical_speedup(shape), speedup)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from structexport.convert import ConvertOptions, convert_onnx, prepare_onnx
 from structexport.costmodel import node_costs, totals
+from structexport.layer_cost import CostModel
 from structexport.layers.structured import compose_kernel
 from structexport.ortsession import ort_session
 from structexport.passes import ONNX, PassContext, PassManager
@@ -95,7 +96,11 @@ def test_pattern_before_gone_after_outputs_match(exported, realization):
     proto = prepare_onnx(onnx.load(exported))
     before = ir.from_proto(proto)
     assert {"c1.weight", "grouped.weight", "pointwise.weight"} <= set(conv_weights(before))
-    ctx = PassContext("ort-cpu", (1, 3, 32, 32), {"sumpool_realization": realization} if realization else {})
+    # realization None: the cost model's choice, on a machine where every structure pays (the
+    # decision to keep a layer dense is tests/test_layer_cost.py's)
+    ctx = PassContext("ort-cpu", (1, 3, 32, 32), {"sumpool_realization": realization} if realization
+                      else {"cost_model": CostModel({"conv_mac": 1.0, "depthwise_mac": 1.0, "conv_output": 0.01,
+                                                     "elementwise": 0.01, "op": 0.0})})
     x = torch.randn(1, 3, 32, 32)
     after, runs = PassManager([DecomposeStructuredConvPass()], check_inputs=x, model_kind=ONNX).run(before, ctx)
     records = {r.layer: r for r in runs[0].records}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from structexport.layer_cost import MIN_SPEEDUP
 from click.testing import CliRunner
 
 from structexport.cli import main
@@ -143,7 +145,7 @@ def test_the_projected_layers_are_found_with_their_structure(projected):
             if r["action"] == "kept" and "predicted_speedup" in r["details"]}
     assert set(found) | set(kept) == {r["weight"] for r in records}, sorted(found)
     assert not set(found) & set(kept) and len(found) >= LAYERS - 3
-    assert all(d["predicted_speedup"] <= 1 and "predicted" in d["reason"] for d in kept.values())
+    assert all(d["predicted_speedup"] < MIN_SPEEDUP and "predicted" in d["reason"] for d in kept.values())
     assert {row["name"] for row in m["source_layers"]} >= set(found)
     for r in records:
         f = found.get(r["weight"]) or kept[r["weight"]]
@@ -153,7 +155,7 @@ def test_the_projected_layers_are_found_with_their_structure(projected):
     # a C/2 x 1 x 1 structure halves the layer's multiplies (the sum-pool adds are counted apart)
     assert m["after"]["macs"] == m["before"]["macs"] - sum(r["macs"] for r in records
                                                            if r["weight"] in found) // 2
-    assert m["before"]["macs"] / m["after"]["macs"] > 1.3
+    assert m["before"]["macs"] / m["after"]["macs"] > 1.1
     assert m["after"]["sumpool_adds"] > 0
 
 
