@@ -180,7 +180,8 @@ class TvmLlvmTarget(Target):
     def _fuse(self, mod, say):
         from structexport.tvm_fused import fuse_structured_convs
         say("fuse the structured convs")
-        mod, records = fuse_structured_convs(mod)
+        # the pool kernel's vector chunks follow the target's registers (NEON on tvm-arm)
+        mod, records = fuse_structured_convs(mod, target=self.tvm_target())
         fused = [r for r in records if r.get("fused")]
         self.build_info["structured_convs"] = {
             "mode": "fused", "built_from": "the composed graph (structured convs as plain convs)",

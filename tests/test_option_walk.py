@@ -276,6 +276,7 @@ BENCH_REFUSALS = [
     (["--autotune", "--sumpool-realization", "box"], ["package", *FRONT_ENDS], ["both choose"]),
     (["--per-layer", "--target", "tvm-llvm"], ["package", *FRONT_ENDS], ["--per-layer", "profile"]),
     (["--compare-ort"], ["package", *FRONT_ENDS], ["--compare-ort", "tvm-llvm"]),
+    (["--tune-repeats", "2"], ["package", *FRONT_ENDS], ["--tune-repeats", "--target tvm-llvm"]),
     (["--tuning-db", "{tmp}/db", "--target", "tvm-llvm"], ["package", *FRONT_ENDS], ["--tuning-db"]),
     (["--rpc-timeout", "30", "--target", "tvm-llvm"], ["package", *FRONT_ENDS], ["--rpc-timeout"]),
     (["--allow-torchscript"], ["zoo", "onnx", "pt2"], ["--allow-torchscript"]),
