@@ -138,6 +138,10 @@ def inspect_loaded(loaded: LoadedCheckpoint, residual_structure: str = "c2n2", i
             if module.kernel_size == (3, 3) and _search_work(module.weight.shape) <= ZOO_SEARCH_WORK:
                 discovered = _discovered(discover_structure(module.weight.detach(), tolerance))
         layers.append(dict(row.to_dict(), discovered=discovered))
+    decisions = ort_decisions(model, shape)
+    for layer in layers:
+        if layer["name"] in decisions:
+            layer["ort_cpu"] = decisions[layer["name"]]
     params, trainable = count_params(model)
     return {
         "source": {"path": loaded.path, "sha256": loaded.sha256, "format": "checkpoint",
@@ -158,6 +162,24 @@ def inspect_loaded(loaded: LoadedCheckpoint, residual_structure: str = "c2n2", i
                    "by_kind": {k: sum(1 for r in rows if r.kind == k)
                                for k in sorted({r.kind for r in rows})}},
     }
+
+
+def ort_decisions(model: nn.Module, shape) -> dict[str, dict]:
+    """What ``convert --target ort-cpu`` would make of each structured layer of a zoo model, by
+    this CPU's layer cost model: ``{layer: {"action", "theoretical_speedup",
+    "predicted_speedup", "realization", "reason"}}`` (empty for a model without sum-pools)."""
+    from structexport.passes import PassContext, PassManager, select_passes
+    _, runs = PassManager(select_passes(["decompose_structured", "realize_sumpool"])).run(
+        model, PassContext("ort-cpu", tuple(shape), {}))
+    out = {}
+    for rec in runs[-1].records:
+        d = rec.details
+        if "predicted_speedup" in d:
+            out[rec.layer.rpartition(".")[0]] = {
+                "action": "dense" if rec.action == "kept dense" else "structured",
+                "theoretical_speedup": d["theoretical_speedup"], "predicted_speedup": d["predicted_speedup"],
+                "realization": d.get("realization"), "reason": d.get("reason")}
+    return out
 
 
 # --------------------------------------------------------------------------- any other model
@@ -381,6 +403,9 @@ def _render_zoo(report: dict, console: Console) -> None:
                ("residual", {"justify": "right"})]
     if discovered:
         columns.append(("discovered", {}))
+    decided = any(r.get("ort_cpu") for r in report["layers"])
+    if decided:
+        columns.append(("ort-cpu: theory / predicted", {"justify": "right"}))
     for col, kw in columns:
         table.add_column(col, **kw)
     for r in report["layers"]:
@@ -392,12 +417,18 @@ def _render_zoo(report: dict, console: Console) -> None:
             cells.append("" if d is None else
                          f"{structure_label(d['c'], d['n'])} ({d['residual']:.1e})" if d["structured"]
                          else "dense")
+        if decided:
+            o = r.get("ort_cpu")
+            cells.append("" if o is None else
+                         f"{'kept dense, ' if o['action'] == 'dense' else ''}{o['theoretical_speedup']:.2f}x / "
+                         f"{o['predicted_speedup']:.2f}x")
         table.add_row(*cells)
     t = report["totals"]
     table.add_section()
     kinds = ", ".join(f"{n} {k}" for k, n in t["by_kind"].items())
     table.add_row(f"total ({t['layers']} layers: {kinds})", "", "", "",
-                  f"{t['layer_params']:,}", f"{t['macs']:,}", "", *([""] if discovered else []))
+                  f"{t['layer_params']:,}", f"{t['macs']:,}", "", *([""] if discovered else []),
+                  *([""] if decided else []))
     console.print(table)
     console.print(f"params {t['params']:,} (trainable {t['trainable_params']:,}; the table counts "
                   f"conv and linear layers, the total adds norms and the shared generator), "
@@ -406,6 +437,10 @@ def _render_zoo(report: dict, console: Console) -> None:
     if discovered:
         console.print(f"discovered: the cheapest c x n x n structure of each dense 3x3 conv's "
                       f"weights within relative residual {report['max_residual']:g}")
+    if decided:
+        console.print("ort-cpu: each structured layer's speedup over its dense conv in theory "
+                      "(multiplies) and as this CPU's layer cost model predicts it; a layer predicted "
+                      "under 1.05x is kept dense by convert (structexport costmodel show)")
 
 
 def _render_graph(report: dict, console: Console) -> None:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from structexport.cli import main
 from structexport.costmodel import node_costs, totals
+from structexport.layer_cost import MIN_SPEEDUP
 from structexport.layers.structured import compose_kernel
 
 # Layers whose kernels are composed from coefficients: (c, n) of the c x n x n structure.
@@ -80,6 +81,23 @@ def inspect(*args):
     return CliRunner().invoke(main, ["inspect", *map(str, args)])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def structure_pays(tmp_path_factory):
+    """A cost model under which every structure found pays (multiplies cost, nothing else):
+    these tests read inspect's fields and totals; when a layer is kept dense by cost is
+    tests/test_layer_cost.py's subject."""
+    import os
+    path = tmp_path_factory.mktemp("cost") / "macs.json"
+    path.write_text(json.dumps({"cpu": "multiplies only", "source": "tests/test_inspect_any.py",
+                                "coefficients": {"conv_mac": 1.0, "depthwise_mac": 1.0}}))
+    before = os.environ.get("STRUCTEXPORT_COST_MODEL")
+    os.environ["STRUCTEXPORT_COST_MODEL"] = str(path)
+    yield
+    os.environ["STRUCTEXPORT_COST_MODEL"] = before or ""
+    if before is None:
+        del os.environ["STRUCTEXPORT_COST_MODEL"]
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     here = str(Path(__file__).parent)
@@ -112,8 +130,11 @@ def test_each_form_reports_the_structure_in_the_weights(reports, form):
     for name, (c, n) in STRUCTURE.items():
         row = layers[name]
         assert (row["c"], row["n"]) == (c, n), row
-        assert row["structure"] == f"{c}x{n}x{n}" and row["structured"] and row["decompose"]
-        assert row["reason"] is None and row["residual"] < 1e-6
+        assert row["structure"] == f"{c}x{n}x{n}" and row["structured"] and row["residual"] < 1e-6
+        # decomposed unless this CPU's cost model (the tests': tests/cost_model.json) predicts
+        # it under 1.05x faster than the dense conv, as convert decides on ort-cpu
+        assert row["decompose"] == (row["predicted_speedup"] >= MIN_SPEEDUP), row
+        assert row["reason"] is None if row["decompose"] else row["reason"].startswith("kept dense: predicted")
     # everything else -- the stem (TorchScript's exporter folds the batch norm into it and
     # renames its weight), the approximately structured conv, the random conv, the
     # classifier -- is dense at the default (exact) tolerance

@@ -295,3 +295,26 @@ def test_bench_warns_when_the_converted_model_is_slower_than_dense(monkeypatch, 
     assert "ran slower than its dense counterpart here (0.80x)" in result.output
     assert "--autotune" in result.output and "structexport costmodel fit" in result.output
     assert json.loads(out.read_text())["slower_than_dense"] is True
+
+
+# ---------------------------------------------------------------- inspect shows the decisions
+
+def test_inspect_shows_each_structured_layer_decision(repo_root):
+    """inspect of a zoo checkpoint: every structured layer's theoretical and predicted
+    speedup on ort-cpu, and the layers convert would keep dense (with the tests' model)."""
+    from structexport.inspection import ort_decisions
+    from structexport.layer_cost import MIN_SPEEDUP
+    from structexport.models import build_model
+    decisions = ort_decisions(build_model("mobilenetv2-struct-c2n2").eval(), (1, 3, 32, 32))
+    assert len(decisions) == 17
+    for d in decisions.values():
+        assert (d["action"] == "dense") == (d["predicted_speedup"] < MIN_SPEEDUP)
+        assert d["theoretical_speedup"] == pytest.approx(9 / 4)      # depthwise 3x3 at 1x2x2
+    assert 0 < sum(d["action"] == "dense" for d in decisions.values()) < 17
+    ckpt = repo_root / "models" / "checkpoints" / "trained" / "resnet20-struct-c2n2-sr-seed0.safetensors"
+    result = CliRunner().invoke(main, ["inspect", str(ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    decided = [r for r in layers if r.get("ort_cpu")]
+    assert len(decided) == 18 and all(r["kind"] == "structured" for r in decided)
+    assert all(r["ort_cpu"]["theoretical_speedup"] == pytest.approx(4.5) for r in decided)
