@@ -81,23 +81,6 @@ def inspect(*args):
     return CliRunner().invoke(main, ["inspect", *map(str, args)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def structure_pays(tmp_path_factory):
-    """A cost model under which every structure found pays (multiplies cost, nothing else):
-    these tests read inspect's fields and totals; when a layer is kept dense by cost is
-    tests/test_layer_cost.py's subject."""
-    import os
-    path = tmp_path_factory.mktemp("cost") / "macs.json"
-    path.write_text(json.dumps({"cpu": "multiplies only", "source": "tests/test_inspect_any.py",
-                                "coefficients": {"conv_mac": 1.0, "depthwise_mac": 1.0}}))
-    before = os.environ.get("STRUCTEXPORT_COST_MODEL")
-    os.environ["STRUCTEXPORT_COST_MODEL"] = str(path)
-    yield
-    os.environ["STRUCTEXPORT_COST_MODEL"] = before or ""
-    if before is None:
-        del os.environ["STRUCTEXPORT_COST_MODEL"]
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     here = str(Path(__file__).parent)

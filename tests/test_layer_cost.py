@@ -299,18 +299,20 @@ def test_bench_warns_when_the_converted_model_is_slower_than_dense(monkeypatch, 
 
 # ---------------------------------------------------------------- inspect shows the decisions
 
-def test_inspect_shows_each_structured_layer_decision(repo_root):
+def test_inspect_shows_each_structured_layer_decision(repo_root, monkeypatch):
     """inspect of a zoo checkpoint: every structured layer's theoretical and predicted
-    speedup on ort-cpu, and the layers convert would keep dense (with the tests' model)."""
+    speedup on ort-cpu, and the layers convert would keep dense (with the shipped Intel Xeon
+    model: MobileNetV2's structured depthwise convs, measured slower than dense there)."""
     from structexport.inspection import ort_decisions
     from structexport.layer_cost import MIN_SPEEDUP
     from structexport.models import build_model
+    monkeypatch.setenv(ENV, "intel-xeon-avx512-amx")
     decisions = ort_decisions(build_model("mobilenetv2-struct-c2n2").eval(), (1, 3, 32, 32))
     assert len(decisions) == 17
     for d in decisions.values():
         assert (d["action"] == "dense") == (d["predicted_speedup"] < MIN_SPEEDUP)
         assert d["theoretical_speedup"] == pytest.approx(9 / 4)      # depthwise 3x3 at 1x2x2
-    assert 0 < sum(d["action"] == "dense" for d in decisions.values()) < 17
+    assert sum(d["action"] == "dense" for d in decisions.values()) > 0
     ckpt = repo_root / "models" / "checkpoints" / "trained" / "resnet20-struct-c2n2-sr-seed0.safetensors"
     result = CliRunner().invoke(main, ["inspect", str(ckpt), "--json"])
     assert result.exit_code == 0, result.output
