@@ -107,6 +107,7 @@ def test_tune_budgets_are_named_or_counted_and_exclusive(tmp_path):
     assert TuningBudget(total=64).global_trials(3) == 64 and TuningBudget(total=64).share(14) == 4
 
 
+@pytest.mark.slow   # 130 s of tuning: the default tier keeps CI under its 30 minutes
 def test_a_per_task_budget_reaches_every_task_and_is_reported(tmp_path):
     """--tune 1: every task gets its own trial (MetaSchedule's scheduler is not left to
     spend the budget on a few), each reported with its best latency; converting again
