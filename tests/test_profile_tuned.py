@@ -167,6 +167,10 @@ def test_profile_of_a_tuned_package_times_model_so_itself(tiny, tmp_path):
     assert "dense: compiled the same way with the same database (2 of 3 tasks" in report["runtime"]
     assert any("on this host the profiled structured build is model.so itself" in n for n in report["notes"]), report["notes"]
     assert not any("per-layer times are the untuned kernels" in n for n in report["notes"])
+    assert any("both builds are compiled as model.so was" in n and "model.so itself was profiled" in n
+               for n in report["notes"]), report["notes"]
+    assert not any("weights passed as inputs" in n for n in report["notes"])
+    assert report["tuning"]["library_profiled"] is True and report["tuning"]["database"] == str(own_folder)
     s = report["totals"]["structured"]
     assert s["artifact_latency_ms"] == s["latency_ms"]    # one library, timed once
     assert s["calls"] == 2 and s["unmapped_ms"] == 0

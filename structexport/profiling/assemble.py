@@ -103,7 +103,15 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         notes.append(f"{len(over)} layer(s) ran above the measured peak ({', '.join(over[:5])}): "
                      "the peak was measured while the machine was busier, or the runtime "
                      "overlapped work across kernels")
-    if target.startswith("tvm") and src.get("fuse"):
+    tuned = measured.get("tuning") if target.startswith("tvm") else None
+    if tuned:
+        notes.append("the package is tuned and its MetaSchedule database is on this machine: both "
+                     "builds are compiled as model.so was (weights bound as constants, the "
+                     "database applied; each constant a kernel reads is recognized among the "
+                     "ONNX weights by its values, so that its call maps to that layer)"
+                     + ("; model.so itself was profiled" if tuned.get("library_profiled") else
+                        "; model.so made other calls than that build, which was profiled instead"))
+    elif target.startswith("tvm") and src.get("fuse"):
         notes.append("the profiled structured TVM build is compiled as model.so was: from the "
                      "package's composed.onnx, its structured convs fused (one "
                      "structured_sum_pool kernel feeding the small conv), the same target and "
@@ -148,6 +156,7 @@ def assemble(src: dict, target: str, dense_onnx: Path, measured: dict, peak: dic
         "speedup_measured": meas, "speedup_theoretical": theo,
         "efficiency": meas / theo if theo else None,
         "peak": peak, "machine": mach, "notes": notes,
+        "tuning": tuned,          # a tuned TVM package profiled with its database (else None)
         "layers": out_rows,
         "mapping": {
             "rule": "a kernel belongs to the source layer whose weights it reads (longest layer "
@@ -179,7 +188,7 @@ TOP_KEYS = {"schema": str, "created": str, "arch": str, "target": str, "device":
 
 
 # Reports written before these keys existed lack them; when present, their types are checked.
-OPTIONAL_TOP_KEYS = {"precision": str, "dense": dict, "int8": dict}
+OPTIONAL_TOP_KEYS = {"precision": str, "dense": dict, "int8": dict, "tuning": (dict, type(None))}
 
 
 def validate(report: dict) -> list[str]:
