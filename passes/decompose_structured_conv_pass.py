@@ -156,6 +156,8 @@ class DecomposeStructuredConvPass(Pass):
                 decision = decide(self._shape(conv, found), cost_model, MEASURABLE_REALIZATIONS)
                 details.update(decision.details())
                 details["cost_model"] = cost_model.cpu
+                if cost_model.note:     # a model of another CPU: convert says so
+                    details["cost_model_note"] = cost_model.note
             if forced:
                 realization, details["chosen_by"] = forced, "forced"
             elif tuner is not None:

@@ -122,6 +122,8 @@ class RealizeSumPoolPass(Pass):
                     choice = "dense"
             if not forced:
                 details["cost_model"] = model.cpu
+                if model.note:     # a model of another CPU: convert says so
+                    details["cost_model_note"] = model.note
             if choice == "dense":
                 replace_module(module, layer_name, composed_conv(layer))
                 modified = True

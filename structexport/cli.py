@@ -292,6 +292,11 @@ def convert(ctx, checkpoint, arch, model_spec, target, outdir, input_shape, prec
         result = run_convert(checkpoint, outdir, arch, options,
                              progress=lambda stage: status.update(f"converting: {stage}"))
     manifest = result.manifest
+    # a cost model fitted on another CPU decided the layers: said on stderr, with --json too
+    cost_notes = {rec["details"]["cost_model_note"] for r in manifest["passes"] for rec in r["records"]
+                  if (rec.get("details") or {}).get("cost_model_note")}
+    for note in sorted(cost_notes):
+        err.print(f"[yellow]note:[/] {escape(note)}")
     if as_json:
         click.echo(json.dumps(manifest, indent=2, default=str))
     else:

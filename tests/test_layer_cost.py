@@ -320,3 +320,24 @@ def test_inspect_shows_each_structured_layer_decision(repo_root, monkeypatch):
     decided = [r for r in layers if r.get("ort_cpu")]
     assert len(decided) == 18 and all(r["kind"] == "structured" for r in decided)
     assert all(r["ort_cpu"]["theoretical_speedup"] == pytest.approx(4.5) for r in decided)
+
+
+def test_convert_says_when_the_cost_model_is_another_cpus(monkeypatch, tmp_path, repo_root):
+    """On a CPU nobody fitted, convert uses the shipped model of its vector width and says so,
+    naming the command that fits this CPU; the records name the model used."""
+    import structexport.machine as machine
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("STRUCTEXPORT_CACHE", str(tmp_path / "cache"))
+    real = machine.cpu_info()
+    monkeypatch.setattr(machine, "cpu_info", lambda: dict(real, model="Made-up CPU 9000",
+                                                          simd=["sse4_2", "avx", "avx2", "fma"]))
+    ckpt = repo_root / "models" / "checkpoints" / "trained" / "resnet20-struct-c2n2-sr-seed0.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(ckpt), "--target", "ort-cpu",
+                                       "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "no cost model was fitted on this CPU (Made-up CPU 9000)" in result.stderr
+    assert "structexport costmodel fit" in result.stderr
+    m = json.loads(result.stdout)
+    used = {rec["details"].get("cost_model") for r in m["passes"] for rec in r["records"]
+            if r["name"] == "realize_sumpool"}
+    assert used == {"AMD EPYC (AVX2)"}
