@@ -239,7 +239,6 @@ def measure_executorch(package, opts: ProfileOptions, say, work: Path) -> dict:
     say(f"profiling ({opts.repeat} interleaved runs, ETDump)")
     prof = etdump_profile({"structured": structured, "dense": dense}, feed, opts.threads,
                           opts.repeat, opts.warmup, work)
-    onnx, delegation, composed = mapping_inputs(package)
     result = {"runtime": target.runtime(opts.threads),
               "profiler": "ExecuTorch ETDump (XNNPACK's per-operator events, portable kernels' events, "
                           "Method::execute per run), read with executorch.devtools.Inspector",
@@ -249,7 +248,16 @@ def measure_executorch(package, opts: ProfileOptions, say, work: Path) -> dict:
                         "1 us reads 0 in a run): per-layer times are means over the kept runs; "
                         "multiply-adds are counted on model.onnx and reference.onnx, which hold the "
                         "programs' structure plans"]}
-    for which, path in (("structured", structured), ("dense", dense)):
+    result["models"] = program_models(package, prof, {"structured": structured, "dense": dense})
+    return result
+
+
+def program_models(package, prof: dict, paths: dict[str, Path]) -> dict:
+    """The report's ``models`` of both profiled programs (ExecuTorch or LiteRT): their operator
+    events and a mapper that gives each event its source layer (:func:`event_layers`)."""
+    onnx, delegation, composed = mapping_inputs(package)
+    models = {}
+    for which, path in paths.items():
         p = prof[which]
 
         def mapper(layers, p=p, which=which, path=path):
@@ -257,10 +265,10 @@ def measure_executorch(package, opts: ProfileOptions, say, work: Path) -> dict:
             owners = event_layers(p["calls"], onnx[which], order, delegation[which], path, composed[which])
             index = {c["name"]: owners[k] for k, c in enumerate(p["calls"])}
             return lambda call: index.get(call["name"])
-        result["models"][which] = {"onnx": onnx[which], "calls": [
+        models[which] = {"onnx": onnx[which], "calls": [
             {"name": c["name"], "op": c["op"], "ms": c["ms"]} for c in p["calls"]],
             "profiled_ms": p["profiled_ms"], "runs_kept": p["runs_kept"], "mapper": mapper}
-    return result
+    return models
 
 
 def package_layer_order(package) -> list[str]:

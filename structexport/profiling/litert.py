@@ -269,8 +269,7 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
     API's ``CompiledModel``, its outputs checked equal to the Interpreter's; the ``measured``
     dict :func:`~structexport.profiling.assemble.assemble` reads."""
     from structexport.litert_runtime import interpreter, runner
-    from structexport.profiling.executorch import (checked_timers, event_layers, mapping_inputs,
-                                                   package_layer_order, program_paths)
+    from structexport.profiling.executorch import checked_timers, program_models, program_paths
     from structexport.targets import get_target
     target = get_target(package.target, {})
     structured, dense = program_paths(package)
@@ -289,7 +288,6 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
             raise ProfileError(f"{p} profiled through LiteRT's CompiledModel does not compute what the "
                                f"Interpreter does (largest difference {float(np.abs(got - want).max()):.3g})",
                                "report this with the ai-edge-litert version; bench times the Interpreter")
-    onnx, delegation, composed = mapping_inputs(package)
     from structexport.profiling.executorch import MAPPING_RULE
     result = {"runtime": target.runtime(opts.threads),
               "profiler": "LiteRT C API profiler (libLiteRt.so through ctypes: XNNPACK's per-operator events, "
@@ -305,15 +303,5 @@ def measure_litert(package, opts: ProfileOptions, say, work: Path) -> dict:
                         "times it); operator times are whole microseconds, means over the kept runs; "
                         "multiply-adds are counted on model.onnx and reference.onnx, which hold the models' "
                         "structure plans"]}
-    for which, path in paths.items():
-        p = prof[which]
-
-        def mapper(layers, p=p, which=which, path=path):
-            order = [name for name in package_layer_order(package) if name in layers]
-            owners = event_layers(p["calls"], onnx[which], order, delegation[which], path, composed[which])
-            index = {c["name"]: owners[k] for k, c in enumerate(p["calls"])}
-            return lambda call: index.get(call["name"])
-        result["models"][which] = {"onnx": onnx[which], "calls": [
-            {"name": c["name"], "op": c["op"], "ms": c["ms"]} for c in p["calls"]],
-            "profiled_ms": p["profiled_ms"], "runs_kept": p["runs_kept"], "mapper": mapper}
+    result["models"] = program_models(package, prof, paths)
     return result
