@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from structexport.fsutil import cache_root, write_text_atomic
 from structexport.layer_cost import MIN_SPEEDUP
+from structexport.layers.decomposed import DecomposedStructuredConv
 from structexport.layers.sumpool import MEASURABLE_REALIZATIONS as CANDIDATES
 from structexport.ortsession import ort_session
 from structexport.timing import time_interleaved
@@ -99,7 +100,7 @@ def in_network(layer: nn.Module, x: torch.Tensor) -> nn.Module:
 
 def dense_form(layer: nn.Module) -> nn.Module | None:
     """The dense conv a decomposed layer composes to (None for a lone sum-pool)."""
-    from structexport.layers.decomposed import DecomposedStructuredConv, composed_conv
+    from structexport.layers.decomposed import composed_conv
     if not isinstance(layer, DecomposedStructuredConv):
         return None
     return composed_conv(layer)
@@ -152,7 +153,7 @@ class Tuner:
         cache) for ``layer`` (a sum-pool + small conv, or a lone sum-pool) at an input ``size``."""
         key = layer_key(layer, pool, size)
         entry = self.cache.get(self.machine, key)
-        dense = dense and dense_form(layer) is not None
+        dense = dense and isinstance(layer, DecomposedStructuredConv)   # a lone sum-pool has no dense conv
         # an entry measured without the dense conv does not answer whether to keep it dense
         cached = entry is not None and (not dense or entry.get("with_dense", "dense" in entry.get("ms", {})))
         if not cached:
