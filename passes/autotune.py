@@ -32,6 +32,14 @@ from structexport.ortsession import ort_session
 from structexport.timing import time_interleaved
 
 
+# The one sum-pool form a program target's XNNPACK delegate runs whole: the banded convs.
+# Its other forms fall out of the delegate or run slowly there (a padded average pool that
+# counts the padding is refused by ExecuTorch's partitioner, running sums are portable
+# kernels, a channel average pool over a reshaped view ran at 0.52x of dense: DESIGN.md
+# section 6), so on those targets --autotune weighs the banded form against the dense conv.
+PROGRAM_CANDIDATES = ("banded",)
+
+
 def default_cache_path() -> Path:
     return cache_root() / "sumpool-autotune.json"
 
@@ -42,6 +50,13 @@ def machine_key(target: str, threads: int) -> str:
     from structexport.machine import cpu_info
     # "in network": the timing context (entries timed as lone layers, before, are not reused)
     return f"{target}|ort {ort.__version__}|{cpu_info()['model']}|threads {threads}|in network"
+
+
+def program_machine_key(target: str, runtime, threads: int) -> str:
+    """:func:`machine_key` for a program target: its runtime and version instead of ONNX Runtime's."""
+    from structexport.machine import cpu_info
+    return (f"{target}|{runtime.runtime_name} {runtime.runtime_version()}|{cpu_info()['model']}"
+            f"|threads {threads}|in network")
 
 
 def layer_key(layer: nn.Module, pool, size: tuple[int, int]) -> str:
@@ -135,6 +150,34 @@ def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
     return {cand: stats[cand]["median"] for cand in sessions}
 
 
+def measure_program(layer: nn.Module, pool, in_shape: tuple[int, ...], runtime, threads: int = 1,
+                    repeat: int = 30, dense: bool = False,
+                    candidates: tuple[str, ...] = PROGRAM_CANDIDATES) -> dict[str, float]:
+    """:func:`measure` under a program target's runtime (``runtime``: the ExecuTorch or LiteRT
+    target, which lowers a torch module to its program and times it): each candidate, and
+    with ``dense`` the dense conv, lowered to a program and timed interleaved."""
+    original = pool.realization
+    x = torch.randn(in_shape)
+    suffix = Path(next(iter(runtime.programs.values()))).suffix
+    composed = dense_form(layer) if dense else None
+    timers = {}
+    with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
+        try:
+            for cand in candidates:
+                pool.realization = cand
+                path = Path(tmp) / f"{cand}{suffix}"
+                runtime.lower(in_network(layer, x), x, path)
+                timers[cand] = runtime.timer(path, x.numpy(), threads)
+        finally:
+            pool.realization = original
+        if composed is not None:
+            path = Path(tmp) / f"dense{suffix}"
+            runtime.lower(in_network(composed, x), x, path)
+            timers["dense"] = runtime.timer(path, x.numpy(), threads)
+        stats = time_interleaved(timers, None, repeat, warmup=5)
+    return {name: stats[name]["median"] for name in timers}
+
+
 class Tuner:
     """``--autotune``: time the candidates per layer shape, once per machine (cached in
     ``ctx.options["tuning_cache"]``, default :func:`default_cache_path`). Counts what it
@@ -143,21 +186,35 @@ class Tuner:
     def __init__(self, ctx):
         self.cache = AutotuneCache(ctx.option("tuning_cache"))
         self.threads = int(ctx.option("threads", 1) or 1)
-        self.machine = machine_key(ctx.target, self.threads)
+        # a program target (ExecuTorch, LiteRT) times its own programs, which convert hands
+        # over in the context (the passes do not import the targets)
+        self.runtime = ctx.option("program_runtime")
+        self.machine = (program_machine_key(ctx.target, self.runtime, self.threads) if self.runtime is not None
+                        else machine_key(ctx.target, self.threads))
         self.measured = self.from_cache = 0
+
+    @property
+    def weighs_dense(self) -> bool:
+        """Whether the dense conv is always among the candidates: on a program target, where
+        the banded form is the only structured one, the choice is that form or dense."""
+        return self.runtime is not None
 
     def choose_layer(self, layer: nn.Module, pool, size, batch: int,
                      dense: bool = False) -> tuple[str, dict, bool]:
         """(the fastest realization -- or ``"dense"`` when ``dense`` asks to time the dense
         conv too and it wins --, every candidate's median ms, whether they came from the
         cache) for ``layer`` (a sum-pool + small conv, or a lone sum-pool) at an input ``size``."""
+        if self.runtime is not None and not isinstance(layer, DecomposedStructuredConv):
+            return PROGRAM_CANDIDATES[0], {}, False   # a lone sum-pool: one form, no dense conv to weigh
         key = layer_key(layer, pool, size)
         entry = self.cache.get(self.machine, key)
         dense = dense and isinstance(layer, DecomposedStructuredConv)   # a lone sum-pool has no dense conv
         # an entry measured without the dense conv does not answer whether to keep it dense
         cached = entry is not None and (not dense or entry.get("with_dense", "dense" in entry.get("ms", {})))
         if not cached:
-            times = measure(layer, pool, (batch, pool.channels, *size), self.threads, dense=dense)
+            shape = (batch, pool.channels, *size)
+            times = (measure_program(layer, pool, shape, self.runtime, self.threads, dense=dense)
+                     if self.runtime is not None else measure(layer, pool, shape, self.threads, dense=dense))
             entry = {"ms": times, "with_dense": dense}
             self.cache.put(self.machine, key, entry)
             self.measured += 1

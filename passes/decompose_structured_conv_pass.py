@@ -143,7 +143,8 @@ class DecomposeStructuredConvPass(Pass):
             found = discover_structure(w, max(max_residual, 1e-4) if declared else max_residual,
                                        candidates=[declared] if declared else None)
             details = {"c": found.c, "n": found.n, "C": found.C, "N": found.N,
-                       "residual": found.residual, "macs_ratio": found.macs_ratio}
+                       "residual": found.residual, "macs_ratio": found.macs_ratio,
+                       "declared": declared is not None}
             if not found.structured:
                 records.append(LayerRecord(layer, "dense", details))
                 continue
@@ -151,7 +152,8 @@ class DecomposeStructuredConvPass(Pass):
                 details["reason"] = f"saves {1 - found.macs_ratio:.0%} of the multiplies, under {min_saving:.0%}"
                 records.append(LayerRecord(layer, "kept", details))
                 continue
-            may_keep = not forced and ctx.target in DENSE_BY_COST_TARGETS
+            may_keep = not forced and (ctx.target in DENSE_BY_COST_TARGETS
+                                       or (tuner is not None and tuner.weighs_dense))
             if not forced:
                 decision = decide(self._shape(conv, found), cost_model, MEASURABLE_REALIZATIONS)
                 details.update(decision.details())

@@ -78,7 +78,8 @@ class DecomposeStructuredPass(Pass):
                                                    conv.stride[0], conv.padding[0], conv.groups,
                                                    realization))
             records.append(LayerRecord(name, "decomposed", {
-                "structure": [c, n, n], "residual": residual, "source": "declared dense conv",
+                "structure": [c, n, n], "C": conv.in_channels // conv.groups, "N": conv.kernel_size[0],
+                "residual": residual, "source": "declared dense conv",
                 "forced": residual > max_residual}))
         if too_far:
             worst = max(too_far, key=lambda t: t[1])
@@ -91,8 +92,8 @@ class DecomposeStructuredPass(Pass):
                                                    layer.stride, layer.padding, layer.groups,
                                                    realization))
             records.append(LayerRecord(name, "decomposed", {
-                "structure": [layer.c, layer.n, layer.n], "residual": residual,
-                "source": f"structured conv ({layer.mode} mode)"}))
+                "structure": [layer.c, layer.n, layer.n], "C": layer.in_channels // layer.groups,
+                "N": layer.kernel_size, "residual": residual, "source": f"structured conv ({layer.mode} mode)"}))
         for name, layer in modules_of(module, StructuredLinear):
             alpha, residual = layer.decompose()
             pool = SumPool(layer.in_features, layer.window, 0, 1, realization)

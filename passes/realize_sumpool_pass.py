@@ -103,7 +103,8 @@ class RealizeSumPoolPass(Pass):
             layer = module.get_submodule(layer_name) if layer_name else None
             if not (isinstance(layer, DecomposedStructuredConv) and layer.pool is pool):
                 layer = None    # a lone sum-pool (a structured linear layer): no dense conv to weigh
-            may_compose = layer is not None and not forced and ctx.target in DENSE_BY_COST_TARGETS
+            may_compose = layer is not None and not forced and (
+                ctx.target in DENSE_BY_COST_TARGETS or (tuner is not None and tuner.weighs_dense))
             costs = estimate_costs(pool, *sizes[name], model)
             details = {"estimated_cost": {k: round(v) for k, v in costs.items()}}
             decision = decide(LayerShape.of(layer, *sizes[name]), model, MEASURABLE_REALIZATIONS) \

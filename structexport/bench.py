@@ -154,7 +154,8 @@ def _tvm_workloads(opts: BenchOptions, package: Package, structured_library: Pat
         if structured_library is None:
             # the package's graph, compiled as convert compiles it (the composed graph when
             # its library has the structured convs fused)
-            built = get_target(opts.target, dict(options, composed_onnx=package.composed_onnx))
+            built = get_target(opts.target, dict(options, composed_onnx=package.composed_onnx,
+                                                 structure_plan=package.structure_plan))
             built.options["device"] = device
             structured_dir = workdir / f"structured-tvm{tag}"
             structured_dir.mkdir()

@@ -231,8 +231,9 @@ def inspect(checkpoint, arch, model_spec, input_shape, max_residual, residual_st
               "(smaller artifact) instead of materialized kernels.")
 @click.option("--sumpool-realization", type=sumpool_choice(),
               help="Force one sum-pool realization instead of the cost model's per-layer choice.")
-@click.option("--autotune", is_flag=True, help="Choose each sum-pool realization by measuring "
-              "the candidates on this machine (cached per target and layer shape).")
+@click.option("--autotune", is_flag=True, help="Choose each sum-pool realization, or the dense conv, by "
+              "measuring them on this machine: under ONNX Runtime, or on the runtime of --target "
+              "executorch/litert (cached per target and layer shape).")
 @click.option("--tuning-cache", type=click.Path(dir_okay=False, path_type=str),
               help="Autotune cache file (default ~/.cache/structexport/sumpool-autotune.json).")
 @click.option("--declare-structured", multiple=True, metavar="GLOB=SPEC",

@@ -37,6 +37,7 @@ from structexport.package import (COMPOSED, MANIFEST, MANIFEST_VERSION, REFERENC
 from structexport.quantize import (DENSE_INT8, FP32_MODEL, Int8OptionError, calibration_sets,
                                    dense_int8_baseline, int8_stage)
 from structexport.reference import dense_reference_module, export_reference
+from structexport.structure_plan import StructurePlan
 from structexport.targets import get_target
 from structexport.targets.base import TargetOptionError
 
@@ -408,19 +409,20 @@ def _wants_composed(target) -> bool:
 
 
 def _target_realization(target, opts: ConvertOptions) -> ConvertOptions:
-    """A target with one sum-pool form its runtime delegates (ExecuTorch: bands) gets it,
-    unless --sumpool-realization chose another; --autotune times ONNX Runtime's forms, which
-    such a target does not run."""
+    """A target with one sum-pool form its runtime delegates (ExecuTorch, LiteRT: bands) gets
+    it, unless --sumpool-realization chose another, or --autotune times that form against the
+    dense conv per layer on the target's own runtime."""
     realization = getattr(target, "sumpool_realization", None)
-    if realization is None:
-        return opts
-    if opts.pass_options.get("autotune"):
-        raise TargetOptionError(f"--autotune times sum-pool forms under ONNX Runtime; {target.name} realizes "
-                                f"them as {realization} convs, the form its delegate runs fastest",
-                                "leave --autotune out; --sumpool-realization forces another form")
-    if opts.pass_options.get("sumpool_realization"):
+    if realization is None or opts.pass_options.get("autotune") or opts.pass_options.get("sumpool_realization"):
         return opts
     return dataclasses.replace(opts, pass_options=dict(opts.pass_options, sumpool_realization=realization))
+
+
+def _pass_context(target, shape, opts: ConvertOptions):
+    """The passes' context; a program target rides along, for --autotune to time its programs."""
+    from structexport.passes import PassContext
+    runtime = target if _wants_torch_modules(target) else None
+    return PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force, program_runtime=runtime))
 
 
 def _wants_torch_modules(target) -> bool:
@@ -443,14 +445,24 @@ def _refuse_torch_target(target, what, torch_source=None) -> None:
                             f"checkpoint, a state dict with --model, or a torch.export .pt2)")
 
 
-def _emit_torch_plan(target, true_source, runs, inputs: dict, arrays: dict, given, sets, opts, say) -> None:
-    """The structure the ONNX passes found, written into the torch source for a target that
-    lowers torch programs; hands it the rewritten module and the source's dense form."""
+def _structure_plan(target, runs, pipeline: str) -> StructurePlan:
+    """The model's one structure plan, read from the passes' records: stored in the
+    manifest, and handed to the target (TVM's fused operator builds from it)."""
+    structure = StructurePlan.from_runs(runs, pipeline)
+    if hasattr(target, "options"):      # a configurable target (TVM, the program targets)
+        target.options["structure_plan"] = structure
+    return structure
+
+
+def _emit_torch_plan(target, true_source, structure: StructurePlan, inputs: dict, arrays: dict, given, sets,
+                     opts, say) -> None:
+    """The structure plan written into the torch source for a target that lowers torch
+    programs; hands it the rewritten module and the source's dense form."""
     from structexport.plan_torch import dense_program_module, emit_torch
     say("write the structure plan into the torch model")
     example = next(iter(inputs.values()))
     realization = opts.pass_options.get("sumpool_realization") or "banded"
-    rewritten, written = emit_torch(true_source, example, runs, realization)
+    rewritten, written = emit_torch(true_source, example, structure, realization)
     say(f"{len(written)} layer(s) decomposed in the torch model")
     target.options.update(torch_module=rewritten, dense_module=dense_program_module(true_source, example),
                           example=example, source=given, inputs=arrays, force=opts.force,
@@ -513,7 +525,7 @@ def _clean_up(staging: Path, plan: _Plan) -> None:
 
 def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
              timings: dict[str, float]) -> ConvertResult:
-    from structexport.passes import PassContext, PassManager
+    from structexport.passes import PassManager
     target, steps, outdir = plan.target, plan.steps, plan.outdir
     opts = _target_realization(target, opts)
     source = loaded.model.eval()
@@ -531,7 +543,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
 
     say("passes")
     t = time.perf_counter()
-    ctx = PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force))
+    ctx = _pass_context(target, shape, opts)
     # Passes are checked in float32 torch at fixed tolerances; --atol/--rtol are for the
     # verification of the exported model.
     manager = PassManager(steps, check_inputs=next(iter(inputs.values())),
@@ -539,6 +551,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
                           progress=lambda name: say(f"pass {name}"))
     rewritten, runs = manager.run(source, ctx)
     timings["passes"] = time.perf_counter() - t
+    structure = _structure_plan(target, runs, "zoo (torch passes)")
 
     staging = _staging(plan)
     try:
@@ -626,6 +639,7 @@ def _convert(loaded: LoadedCheckpoint, plan: _Plan, opts: ConvertOptions, say,
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
             "pass_options": _jsonable_pass_options(opts.pass_options),
+            "structure_plan": structure.to_dict(),
             "source_layers": [r.to_dict() for r in layer_table(source, shape)],
             "before": _totals(source, shape), "after": _totals(rewritten, shape),
             # What a runtime would execute without structexport: the source with every
@@ -883,7 +897,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     import onnx_ir as ir
 
     from structexport.export import onnx_runner, verify_arrays
-    from structexport.passes import ONNX, PassContext, PassManager, select_onnx_passes
+    from structexport.passes import ONNX, PassManager, select_onnx_passes
     opts = prepare_int8(options or ConvertOptions())
     say = progress or (lambda _msg: None)
     source = dict(source or {})
@@ -939,7 +953,8 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
 
     say("passes")
     t = time.perf_counter()
-    ctx = PassContext(opts.target, shape, dict(opts.pass_options, force=opts.force))
+    ctx = _pass_context(target, shape, opts)
+
     def onnx_passes(steps, progress=None):
         return PassManager(steps, check_inputs=next(iter(inputs.values())),
                            atol=TOLERANCES["fp32"]["atol"], rtol=TOLERANCES["fp32"]["rtol"],
@@ -947,6 +962,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
     manager = onnx_passes(plan.steps, lambda name: say(f"pass {name}"))
     rewritten, runs = manager.run(ir.from_proto(proto), ctx)
     timings["passes"] = time.perf_counter() - t
+    structure = _structure_plan(target, runs, "onnx passes")
     projected = manager.reference_model is not None
     if projected:
         # Approximately structured kernels were projected (--max-residual): the artifact is
@@ -994,7 +1010,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             (staging / COMPOSED).write_bytes(ir.to_proto(composed).SerializeToString())
             target.options["composed_onnx"] = staging / COMPOSED
         if _wants_torch_modules(target):
-            _emit_torch_plan(target, true_source, runs, inputs, arrays, given, sets, opts, say)
+            _emit_torch_plan(target, true_source, structure, inputs, arrays, given, sets, opts, say)
         artifacts, target_check, device, device_lost, deployed = _target_stage(
             target, staging, onnx_path, run_reference, inputs, deploy_opts, say, timings, deploy_expected,
             verification, portable_file)
@@ -1035,6 +1051,7 @@ def convert_onnx(proto, outdir: str | Path, options: ConvertOptions | None = Non
             "device": device.to_dict() if hasattr(device, "to_dict") else None,
             "passes": [r.to_dict() for r in runs],
             "pass_options": _jsonable_pass_options(opts.pass_options),
+            "structure_plan": structure.to_dict(),
             "source_layers": onnx_layers(proto, reference_costs),
             "before": _onnx_totals(reference_costs, proto),
             "dense": _onnx_totals(reference_costs, proto),   # the source's kernels are dense already

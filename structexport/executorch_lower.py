@@ -98,6 +98,7 @@ def delegation_report(exported, lowered_gm, structured_layers: list[str]) -> dic
         "macs_total": total_macs,
         "macs_delegated_share": (total_macs - portable_macs) / total_macs if total_macs else None,
         "portable": list(portable.values()),
+        "structured_layers": len(structured_layers or []),   # in the program, the plan's structured convs
         "structured_layers_not_delegated": falling_back,
     }
 

@@ -316,6 +316,7 @@ def delegation_report(path: Path, structured_layers: list[str] | None = None, mo
         "macs_total": total_macs,
         "macs_delegated_share": (total_macs - builtin_macs) / total_macs if total_macs else None,
         "portable": list(builtin.values()),
+        "structured_layers": len(structured_layers or []),   # in the program, the plan's structured convs
         "structured_layers_not_delegated": falling_back,
         "ops": dict(collections.Counter(o["op_name"] for o in orig)),
     }

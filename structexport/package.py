@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from structexport.errors import IsADirectoryCheckpointError, PathNotFoundError, StructExportError
+from structexport.structure_plan import StructurePlan
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
@@ -190,6 +191,12 @@ class Package:
         with their structured kernels): ``profile`` compiles it the same way."""
         path = self.root / COMPOSED
         return path if COMPOSED in self.manifest["artifacts"] and path.is_file() else None
+
+    @property
+    def structure_plan(self):
+        """The model's structure plan (:class:`structexport.structure_plan.StructurePlan`),
+        or None for a package written before plans existed."""
+        return StructurePlan.from_dict(self.manifest.get("structure_plan"))
 
     @property
     def structured_mode(self) -> str | None:

@@ -1,12 +1,13 @@
-"""The structure found on a model's ONNX graph, emitted to its torch form.
+"""The model's structure plan, emitted to its torch form.
 
 Models from outside the zoo are rewritten on ONNX: ``decompose_structured_conv`` finds, per
-conv, the structure its weights have (``c x n x n`` coefficients over box masks) and records
-it by layer (the conv weight's name). A runtime that loads torch programs (ExecuTorch) needs
-the same rewrite on the torch module. This module applies those records to the module's
-``torch.export`` graph: each conv whose weight is ``<layer>.weight`` becomes the zoo's
-``DecomposedStructuredConv`` (sum-pool + small conv), its coefficients projected from the
-weight exactly as the ONNX pass found them. The MACs and the outputs of the two forms agree
+conv, the structure its weights have (``c x n x n`` coefficients over box masks), and the
+conversion's :class:`~structexport.structure_plan.StructurePlan` records it by layer (the
+conv weight's name). A runtime that loads torch programs (ExecuTorch, LiteRT) needs the same
+rewrite on the torch module. This module applies the plan to the module's ``torch.export``
+graph: each conv whose weight is ``<layer>.weight`` and that the plan decomposes becomes the
+zoo's ``DecomposedStructuredConv`` (sum-pool + small conv), its coefficients projected from
+the weight at the plan's ``(c, n)``. The MACs and the outputs of the two forms agree
 (tested).
 """
 from __future__ import annotations
@@ -16,10 +17,8 @@ import copy
 import torch
 
 from structexport.errors import StructExportError
+from structexport.structure_plan import StructurePlan
 
-# Records of the ONNX pipeline the torch form reproduces, and those it cannot yet
-STRUCTURAL_ACTIONS = {"decompose_structured_conv": "decomposed"}
-NOT_IN_TORCH = {"lower_sparse_conv": "lowered"}
 _CONVS = ("aten.conv2d.default", "aten.convolution.default")
 
 
@@ -27,17 +26,16 @@ class PlanEmitError(StructExportError):
     exit_code, kind = 2, "usage"
 
 
-def decomposed_layers(runs) -> dict[str, dict]:
-    """``{layer: details}`` of the convs the ONNX passes decomposed (``runs``: PassRun
-    records or their dicts); raises when the plan holds rewrites the torch form lacks."""
+def decomposed_layers(plan: StructurePlan) -> dict[str, dict]:
+    """``{layer: {"C", "N", "c", "n"}}`` of the convs the plan decomposes; raises when the
+    plan holds rewrites the torch form lacks (block sparsity lowered on ONNX)."""
     out, missing = {}, []
-    for run in runs:
-        run = run.to_dict() if hasattr(run, "to_dict") else run
-        for rec in run["records"]:
-            if STRUCTURAL_ACTIONS.get(run["name"]) == rec["action"]:
-                out[rec["layer"]] = rec["details"]
-            elif NOT_IN_TORCH.get(run["name"]) == rec["action"]:
-                missing.append(rec["layer"])
+    for layer, entry in plan.layers.items():
+        if entry.fused_structure is not None:
+            out[layer] = {"C": entry.C, "N": entry.N, "c": entry.c, "n": entry.n,
+                          "realization": entry.realization}
+        elif entry.kind == "block sparse" and entry.realization == "grouped convs":
+            missing.append(layer)
     if missing:
         raise PlanEmitError(f"{len(missing)} layer(s) have block sparsity lowered on ONNX ({', '.join(missing[:3])}), "
                             "which is not written for torch programs yet",
@@ -64,13 +62,14 @@ def _conv_args(node) -> dict | None:
     return {"stride": stride[0], "padding": padding[0], "groups": int(groups)}
 
 
-def emit_torch(module, example: torch.Tensor, runs, realization: str = "banded"):
+def emit_torch(module, example: torch.Tensor, plan: StructurePlan, realization: str = "banded"):
     """``module`` (an ``nn.Module`` or an exported program's module) as a ``torch.fx``
-    graph with the decomposed layers of ``runs`` written as sum-pool + small conv in
-    ``realization``; (graph module, layers written)."""
+    graph with the layers ``plan`` decomposes written as sum-pool + small conv, each in the
+    plan's realization (``realization`` where the plan names none); (graph module, layers
+    written)."""
     from structexport.layers.decomposed import decompose
     from structexport.layers.structured import project_to_structure
-    wanted = decomposed_layers(runs)
+    wanted = decomposed_layers(plan)
     if isinstance(module, torch.fx.GraphModule):
         gm = copy.deepcopy(module)      # the source stays what it was: the reference
     else:
@@ -91,13 +90,14 @@ def emit_torch(module, example: torch.Tensor, runs, realization: str = "banded")
         details = wanted[layer]
         w = gm.get_parameter(weight.target) if conv else None
         if conv is None or w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[2] != details["N"]:
-            raise PlanEmitError(f"{layer}: the torch graph's conv is not the one the ONNX plan decomposed",
+            raise PlanEmitError(f"{layer}: the torch graph's conv is not the one the structure plan decomposes",
                                 "report this with the model")
         bias_node = node.args[2] if len(node.args) > 2 else None
         bias = gm.get_parameter(bias_node.target) if getattr(bias_node, "op", "") == "get_attr" else None
         alpha, _residual = project_to_structure(w.detach(), details["c"], details["n"])
         replacement = decompose(w.shape[1] * conv["groups"], alpha, None if bias is None else bias.detach(),
-                                w.shape[2], conv["stride"], conv["padding"], conv["groups"], realization)
+                                w.shape[2], conv["stride"], conv["padding"], conv["groups"],
+                                details["realization"] or realization)
         name = "structured__" + layer.replace(".", "__")   # a flat name: the layer's holder module stays
         gm.add_submodule(name, replacement)
         with gm.graph.inserting_before(node):

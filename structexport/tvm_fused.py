@@ -6,8 +6,10 @@ pool passes cost as much as the small conv. This module starts instead from a Re
 module in which structured layers are still plain ``relax.nn.conv2d`` with a constant,
 exactly structured weight (a composed / dense-form model, imported with
 ``from_onnx(model, keep_params_in_input=False)``). :func:`fuse_structured_convs`
-rediscovers each weight's structure (:func:`structexport.discovery.discover_structure`:
-the ``(c, n)`` with the fewest multiplies whose residual is ``<= max_residual``) and
+takes each weight's structure from the model's structure plan
+(:mod:`structexport.structure_plan`, kernels matched by value and checked), or, without a
+plan, discovers it (:func:`structexport.discovery.discover_structure`: the ``(c, n)`` with
+the fewest multiplies whose residual is ``<= max_residual``), and
 replaces the conv2d by two kernels (DESIGN.md sections 1.1 and 5):
 
 1. ``structured_sum_pool`` (:func:`sum_pool_kernel`) -- the *whole* sum-pool (zero
@@ -42,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from structexport.discovery import EXACT, discover_structure
+from structexport.discovery import EXACT, Discovery, discover_structure, project_kronecker
+from structexport.structure_plan import KernelPlan, PlanError, kernel_digest
 
 POOL = "structured_sum_pool"
 BOX_CONV = "structured_box_conv"
@@ -323,12 +326,31 @@ def _constant_array(expr, lookup, weights: dict | None = None) -> tuple[np.ndarr
     return None, None
 
 
+def planned_structure(w: np.ndarray, c: int, n: int) -> Discovery:
+    """The structure plan's ``(c, n)`` for kernel ``w``, checked: its coefficients and the
+    residual; :class:`PlanError` when the kernel is not that structure to rounding."""
+    O, C, N, _ = w.shape
+    try:
+        alpha, residual = project_kronecker(w, c, n)
+    except ValueError as exc:
+        raise PlanError(f"the structure plan's {c}x{n}x{n} does not fit a kernel {list(w.shape)}: {exc}",
+                        "report this; --tvm-structured decomposed builds the decomposed graph") from None
+    # float32 composed kernels are exact to ~1e-7; a float16 kernel to its rounding
+    tolerance = max(EXACT, 8 * float(np.finfo(w.dtype).eps))
+    if residual > tolerance:
+        raise PlanError(f"a kernel {list(w.shape)} is {residual:.2e} from the structure plan's {c}x{n}x{n} "
+                        f"(more than {tolerance:.0e}): the composed graph does not hold the planned kernel",
+                        "report this; --tvm-structured decomposed builds the decomposed graph")
+    return Discovery(c, n, C, N, residual, alpha, (c * n * n) / (C * N * N), 1, 1, (c, n) != (C, N))
+
+
 def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
               max_residual: float = EXACT, box_in_conv: bool = False,
-              min_saving: float = DEFAULT_MIN_SAVING) -> dict:
-    """What the rewrite does with one conv (also usable without TVM): the discovered
-    structure, the kernels it becomes and the multiplies before and after. ``"fused"``
-    says whether it is replaced; ``"reason"`` why not."""
+              min_saving: float = DEFAULT_MIN_SAVING, structure: tuple[int, int] | None = None) -> dict:
+    """What the rewrite does with one conv (also usable without TVM): the structure (the
+    plan's ``structure``, checked against ``w``; else discovered), the kernels it becomes
+    and the multiplies before and after. ``"fused"`` says whether it is replaced;
+    ``"reason"`` why not. A planned structure is fused whatever it saves: the plan decided."""
     B, CT, H, W = _ints(x_shape)
     O, C, N, N2 = w.shape
     pt, pl, pb, pr = _ints(padding)
@@ -351,7 +373,10 @@ def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
     if not np.isfinite(w).all():
         rec["reason"] = "weight has non-finite values"
         return rec
-    d = discover_structure(w, max_residual=max_residual)
+    if structure is not None:
+        d, min_saving = planned_structure(w, *structure), 0.0
+    else:
+        d = discover_structure(w, max_residual=max_residual)
     rec.update(structure=[d.c, d.n], residual=d.residual, window=list(d.window))
     if not d.structured:
         rec["reason"] = f"no {'exact ' if max_residual <= EXACT else ''}structure within residual {max_residual:g}"
@@ -380,11 +405,12 @@ def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
 
 
 def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: float, records: list,
-                   weights: dict | None = None, lanes_of=None):
+                   weights: dict | None = None, lanes_of=None, plan: dict[str, KernelPlan] | None = None):
     tvm, relax, _, _ = _tvm()
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+    plan_errors = []
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -393,9 +419,13 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(conv_op)):
                 return call
             index = len(records)
-            rec = self._plan(call)
+            try:
+                rec = self._plan(call)
+            except PlanError as exc:   # raised after the visit: TVM's FFI would turn it into a RuntimeError
+                plan_errors.append(exc)
+                return call
             rec["index"] = index
-            rec["name"] = f"conv2d#{index} {rec.get('weight_shape', '?')}"
+            rec["name"] = rec.get("layer") or f"conv2d#{index} {rec.get('weight_shape', '?')}"
             alpha = rec.pop("alpha", None)
             records.append(rec)
             if not rec["fused"]:
@@ -427,8 +457,21 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             if str(w.dtype) != x_dtype:
                 return {"input_shape": list(x_shape), "weight_shape": list(w.shape), "fused": False,
                         "reason": f"weight dtype {w.dtype} differs from the input's {x_dtype}"}
+            structure, layer = None, None
+            if plan is not None:    # the structure plan decides, by the kernel's value
+                planned = plan.get(kernel_digest(w))
+                layer = planned.layer if planned is not None else None
+                structure = planned.structure if planned is not None else None
+                if structure is None:     # kept as it is: its own (C, N), the plan's reason
+                    rec = plan_conv(x_shape, w, attrs.strides, attrs.padding, int(attrs.groups),
+                                    structure=tuple(w.shape[1:3]) if w.shape[2] == w.shape[3] else None)
+                    rec.update(fused=False, reason=planned.reason if planned is not None
+                               else "no structure in the plan")
+                    return dict(rec, layer=layer) if layer else rec
             rec = plan_conv(x_shape, w, attrs.strides, attrs.padding, int(attrs.groups),
-                            max_residual, box_in_conv, min_saving)
+                            max_residual, box_in_conv, min_saving, structure)
+            if layer is not None:
+                rec["layer"] = layer
             if weight_name is not None:
                 rec["weight_param"] = weight_name
             return rec
@@ -454,7 +497,9 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             return bb.call_te(box_conv, x, alpha_const, groups=groups, box=box, stride=stride,
                               pads=pads, primfunc_name_hint=BOX_CONV)
 
-    return _Rewriter(mod)
+    rewriter = _Rewriter(mod)
+    rewriter.plan_errors = plan_errors
+    return rewriter
 
 
 def _kept_for_target(mod, kind: str) -> list[dict]:
@@ -477,7 +522,7 @@ def _kept_for_target(mod, kind: str) -> list[dict]:
 
 def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool = False,
                           min_saving: float = DEFAULT_MIN_SAVING, target=None,
-                          weights: dict | None = None):
+                          weights: dict | None = None, plan: dict[str, KernelPlan] | None = None):
     """Replace every ``relax.nn.conv2d`` with a constant, structured weight in ``mod``'s
     Relax functions by the fused structured operator; returns ``(new module, records)``
     with one record per conv2d looked at (shapes, the structure found or why it was
@@ -508,7 +553,15 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
     ``weights`` (optional, ``{parameter name: array}``): the values of weights passed as
     function parameters (``keep_params_in_input=True``, as ``profile`` compiles, so that
     every kernel call names the weights it reads). A fused conv then no longer reads its
-    parameter (``alpha`` is a constant); its record names it as ``"weight_param"``."""
+    parameter (``alpha`` is a constant); its record names it as ``"weight_param"``.
+
+    ``plan`` (optional, :meth:`structexport.structure_plan.StructurePlan.by_kernel`): the
+    model's structure plan by kernel value. Then nothing is discovered: a conv is fused
+    when the plan gives its kernel a structure (checked against the kernel; a mismatch is a
+    :class:`~structexport.structure_plan.PlanError`), whatever ``max_residual`` and
+    ``min_saving`` say, and is kept with the plan's reason otherwise; records carry the
+    plan's layer name. A structured layer of the plan that no conv of ``mod`` holds is a
+    :class:`~structexport.structure_plan.PlanError` too."""
     tvm, relax, _, _ = _tvm()
     records: list[dict] = []
     if target is not None:
@@ -522,10 +575,19 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
         if dtype not in lanes:
             lanes[dtype] = vector_lanes(tgt, dtype)
         return lanes[dtype]
-    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights, lanes_of)
+    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights, lanes_of, plan)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    if rewriter.plan_errors:
+        raise rewriter.plan_errors[0]
+    if plan is not None:
+        planned = {p.layer for p in plan.values() if p.structure is not None}
+        missing = sorted(planned - {r.get("layer") for r in records if r.get("fused")})
+        if missing:
+            raise PlanError(f"{len(missing)} structured layer(s) of the plan were not found among the "
+                            f"module's convs ({', '.join(missing[:3])})",
+                            "report this; --tvm-structured decomposed builds the decomposed graph")
     out = rewriter.builder_.get()
     for gvar, func in out.functions_items():
         if gvar.name_hint.startswith(POOL):

@@ -177,14 +177,23 @@ class TvmLlvmTarget(Target):
         convs holding their exactly structured kernels) beside the verified model."""
         return self.structured_mode() == "fused"
 
-    def _fuse(self, mod, say):
+    def _fuse(self, mod, composed, say):
+        from structexport.structure_plan import StructurePlan, onnx_weights
         from structexport.tvm_fused import fuse_structured_convs
         say("fuse the structured convs")
+        # which convs, and at what (c, n): the model's structure plan, matched to the
+        # composed graph's kernels by value (Relax constants have no names); a package
+        # written before plans existed has none, and the structure is discovered again
+        plan = self.options.get("structure_plan")
+        if isinstance(plan, dict):
+            plan = StructurePlan.from_dict(plan)
+        kernels = plan.by_kernel(onnx_weights(composed)) if plan is not None else None
         # the pool kernel's vector chunks follow the target's registers (NEON on tvm-arm)
-        mod, records = fuse_structured_convs(mod, target=self.tvm_target())
+        mod, records = fuse_structured_convs(mod, target=self.tvm_target(), plan=kernels)
         fused = [r for r in records if r.get("fused")]
         self.build_info["structured_convs"] = {
             "mode": "fused", "built_from": "the composed graph (structured convs as plain convs)",
+            "structure_from": "the structure plan" if kernels is not None else "discovered in the kernels",
             "convs": len(records), "fused": len(fused),
             "macs_before": sum(int(r.get("macs_before") or 0) for r in fused),
             "macs_after": sum(int(r.get("macs_after") or 0) for r in fused),
@@ -210,9 +219,10 @@ class TvmLlvmTarget(Target):
         fuse = composed is not None and self.structured_mode() == "fused"
         try:
             with quiet_native_stderr():
-                mod = from_onnx(onnx.load(str(composed if fuse else onnx_path)), keep_params_in_input=False)
+                graph = onnx.load(str(composed if fuse else onnx_path))
+                mod = from_onnx(graph, keep_params_in_input=False)
                 if fuse:
-                    mod = self._fuse(mod, say)
+                    mod = self._fuse(mod, graph, say)
                 if trials > 0 or per_task > 0:
                     from structexport.tuning import TuningBudget, tune_and_compile, with_core_count
                     spec = with_core_count(self.tvm_target(), self.options.get("device"))

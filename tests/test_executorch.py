@@ -16,6 +16,7 @@ from structexport.convert import ConvertOptions, convert
 from structexport.errors import StructExportError
 from structexport.layers.decomposed import decompose
 from structexport.loader import load_checkpoint
+from structexport.structure_plan import StructurePlan
 
 pytest.importorskip("executorch", reason="the executorch extra is part of make setup")
 
@@ -214,7 +215,9 @@ def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp
     onnx_shapes = sorted(tuple(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer
                          if len(i.dims) == 4)
     from structexport.plan_torch import emit_torch
-    gm, written = emit_torch(net, torch.randn(1, 3, 32, 32), m["passes"], "banded")
+    plan = StructurePlan.from_dict(m["structure_plan"])
+    assert sorted(plan.decomposed()) == ["body.0", "body.2"]
+    gm, written = emit_torch(net, torch.randn(1, 3, 32, 32), plan, "banded")
     assert written == ["body.0", "body.2"]
     torch_shapes = sorted(tuple(p.shape) for p in list(gm.parameters()) + list(gm.buffers()) if p.ndim == 4)
     assert torch_shapes == onnx_shapes
@@ -225,13 +228,88 @@ def test_models_from_torch_front_ends_get_the_plan_found_on_onnx(user_model, tmp
     np.testing.assert_allclose(runner(out / program)(x.numpy())[0], want, atol=1e-4, rtol=1e-4)
 
 
-def test_autotune_and_onnx_sources_are_refused(repo_root, tmp_path):
+@pytest.fixture
+def fake_program_timings(monkeypatch):
+    """--autotune's per-layer timings on a program target, made up so that the test does not
+    depend on the CPU: layers on maps of 8x8 or less are faster dense. Records each call."""
+    from structexport.passes import autotune
+    calls = []
+
+    def fake(layer, pool, in_shape, runtime, threads=1, repeat=30, dense=False,
+             candidates=autotune.PROGRAM_CANDIDATES):
+        calls.append({"shape": tuple(in_shape), "runtime": runtime.name, "dense": dense,
+                      "candidates": candidates})
+        small = in_shape[-1] <= 8
+        return {"banded": 0.5 if small else 0.2, **({"dense": 0.4} if dense else {})}
+    monkeypatch.setattr(autotune, "measure_program", fake)
+    return calls
+
+
+@pytest.mark.parametrize("front_end", ["zoo", ".pt2"])
+def test_autotune_weighs_bands_against_dense_on_the_runtime(front_end, fake_program_timings, user_model,
+                                                             repo_root, tmp_path):
+    """--autotune on executorch: per layer, the banded form against the dense conv, timed on
+    ExecuTorch (here: made-up timings); a layer measured slower structured ships dense, in
+    the plan and in the program, on both pipelines."""
+    tmp, _net = user_model
+    source = str(repo_root / TRAINED) if front_end == "zoo" else str(tmp / "net.pt2")
+    cache = tmp_path / "tune.json"
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, ["convert", source, "--target", "executorch", "--autotune",
+                                  "--tuning-cache", str(cache), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert fake_program_timings and all(c["runtime"] == "executorch" and c["dense"] and c["candidates"] == ("banded",)
+                                        for c in fake_program_timings)
+    m = json.loads((out / "manifest.json").read_text())
+    plan = StructurePlan.from_dict(m["structure_plan"])
+    convs = {k: e for k, e in plan.layers.items() if e.kind == "structured conv"}
+    dense = sorted(k for k, e in convs.items() if e.form == "dense")
+    if front_end == "zoo":      # stage 3 reads 8x8 maps, but its first conv (stride 2) reads 16x16
+        assert dense == sorted(k for k in convs if k.startswith("stage_3.") and k != "stage_3.0.conv_a")
+        assert len(dense) == 5
+    else:                       # the user model's two layers run on 32x32 and 16x16 maps
+        assert dense == []
+    for entry in convs.values():
+        assert entry.details["chosen_by"] == "measurement"
+        if entry.form == "dense":
+            assert entry.reason == "measured 0.5000 ms structured against 0.4000 ms dense"
+        else:
+            assert entry.realization == "banded"
+    # the program holds exactly the plan's structured layers, and reproduces the source
+    delegation = m["target_build"]["delegation"]
+    assert delegation["structured_layers"] == len(plan.decomposed())
+    assert delegation["structured_layers_not_delegated"] == []
+    assert all(d["passed"] for d in m["deployed_verification"])
+    # the timings are cached under ExecuTorch's key: converting again measures nothing
+    keys = list(json.loads(cache.read_text()))
+    assert len(keys) == 1 and keys[0].startswith("executorch|ExecuTorch ")
+    fake_program_timings.clear()
+    r = CliRunner().invoke(main, ["convert", source, "--target", "executorch", "--autotune",
+                                  "--tuning-cache", str(cache), "-o", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    assert fake_program_timings == []
+
+
+def test_autotune_times_a_layer_under_executorch(tmp_path):
+    """The real timing: one layer lowered banded and dense to ExecuTorch programs and timed."""
+    from structexport.passes import PassContext
+    from structexport.passes.autotune import Tuner
+    from structexport.targets import get_target
+    layer = decompose(16, torch.randn(16, 8, 2, 2), None, 3, 1, 1, 1, "banded")
+    ctx = PassContext("executorch", (1, 16, 16, 16), {"tuning_cache": str(tmp_path / "t.json"),
+                                                      "program_runtime": get_target("executorch")})
+    tuner = Tuner(ctx)
+    choice, times, cached = tuner.choose_layer(layer, layer.pool, (16, 16), 1, dense=True)
+    assert set(times) == {"banded", "dense"} and all(0 < t < 100 for t in times.values())
+    assert choice == ("dense" if times["dense"] < times["banded"] * 1.05 else "banded") and not cached
+    assert layer.pool.realization == "banded"        # the layer is left as it was
+    tuner.save()
+    again = Tuner(ctx).choose_layer(layer, layer.pool, (16, 16), 1, dense=True)
+    assert again == (choice, times, True)
+
+
+def test_onnx_sources_are_refused(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["convert", str(repo_root / TRAINED), "--target", "executorch", "--autotune",
-                               "-o", str(tmp_path / "a")])
-    assert res.exit_code == 2, res.output
-    assert "--autotune times sum-pool forms under ONNX Runtime" in res.output
-    assert not (tmp_path / "a").exists()
     # a model from elsewhere (its structure would be found in ONNX): refused, naming the targets that take it
     onnx_path = tmp_path / "m.onnx"
     torch.onnx.export(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), (torch.randn(1, 3, 8, 8),), str(onnx_path),

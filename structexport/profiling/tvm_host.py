@@ -43,7 +43,7 @@ def _var_name(v) -> str | None:
     return getattr(v, "name_hint", None) or getattr(v, "name", None)
 
 
-def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = False) -> dict:
+def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = False, plan=None) -> dict:
     """Compile ``onnx_path`` for the host with weights as named inputs; return the VM
     executable, the weights (in ``main``'s order) and the PrimFunc calls of the lowered
     ``main`` in execution order, each with the weights it reads and its data inputs/outputs.
@@ -51,7 +51,9 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = Fa
     ``fuse``: ``onnx_path`` is a composed graph and its structured convs become the fused
     operator (:func:`structexport.tvm_fused.fuse_structured_convs`), as model.so's were;
     each ``structured_sum_pool`` call is listed as reading the weight of the conv it
-    replaced (its small conv reads a constant), so that it maps to that layer."""
+    replaced (its small conv reads a constant), so that it maps to that layer. ``plan``: the
+    package's structure plan, which says what is fused (None: an older package, whose
+    structure is discovered in the kernels, as its build did)."""
     import onnx
     tvm, relax = tvm_modules()
     from tvm.relax.frontend.onnx import from_onnx
@@ -61,13 +63,15 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = Fa
     fused_weights: list[str] = []
     try:
         with quiet_native_stderr():
-            mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=True)
+            graph = onnx.load(str(onnx_path))
+            mod = from_onnx(graph, keep_params_in_input=True)
             mod, params = relax.frontend.detach_params(mod)
             if fuse:
                 from structexport.tvm_fused import fuse_structured_convs
                 names_in = [_var_name(p) for p in mod["main"].params]
                 values = {n: w.numpy() for n, w in zip(names_in[1:], params.get("main", []))}
-                mod, records = fuse_structured_convs(mod, target=target, weights=values)
+                mod, records = fuse_structured_convs(mod, target=target, weights=values,
+                                                     plan=_kernel_plans(plan, graph))
                 fused_weights = [r["weight_param"] for r in records if r.get("fused")]
             with target:
                 lowered = relax.get_pipeline("default")(mod)
@@ -87,6 +91,14 @@ def tvm_program(onnx_path: Path, tvm_target: dict | None = None, fuse: bool = Fa
     return {"executable": executable, "weights": weights, "input": names[0], "calls": calls,
             "device": tvm.cpu(0), "target": target, "lowered": lowered,
             "fused_convs": len(fused_weights)}
+
+
+def _kernel_plans(plan, graph):
+    """The structure plan by kernel value for ``graph``'s weights (None without a plan)."""
+    if plan is None:
+        return None
+    from structexport.structure_plan import onnx_weights
+    return plan.by_kernel(onnx_weights(graph))
 
 
 def _walk_calls(lowered, onnx_path: Path, weight_of, fused_weights: list | None) -> list[dict]:
@@ -198,10 +210,11 @@ def _conv_weights(mod, weight_of) -> list[str | None]:
     return out
 
 
-def tuned_program(onnx_path: Path, tvm_target: dict | None, database: Path, fuse: bool = False) -> dict:
+def tuned_program(onnx_path: Path, tvm_target: dict | None, database: Path, fuse: bool = False,
+                  plan=None) -> dict:
     """Compile ``onnx_path`` as a tuned model.so was compiled (``targets/tvm_targets.py``,
     :func:`structexport.tuning.tune_and_compile`): weights bound as constants, structured
-    convs fused (``fuse``), the tuning pipeline (:func:`structexport.tuning.tunable_tasks`),
+    convs fused (``fuse``, as the structure ``plan`` says), the tuning pipeline (:func:`structexport.tuning.tunable_tasks`),
     the records of ``database`` applied, pre-packed weights split off and folded, the
     default pipeline. The database is read from a copy: profiling writes nothing to it.
 
@@ -236,7 +249,8 @@ def tuned_program(onnx_path: Path, tvm_target: dict | None, database: Path, fuse
                 if fuse:
                     from structexport.tvm_fused import fuse_structured_convs
                     convs = _conv_weights(mod, weight_of)
-                    mod, records = fuse_structured_convs(mod)   # as the target's build does
+                    mod, records = fuse_structured_convs(   # as the target's build does
+                        mod, target=target, plan=_kernel_plans(plan, model))
                     if len(records) != len(convs):
                         raise TvmError(f"{onnx_path.name} has {len(convs)} convs and the fusion "
                                        f"recorded {len(records)}", "report this with the model")
@@ -318,16 +332,17 @@ def measure_tvm(structured: Path, dense: Path, feed, opts: ProfileOptions, say,
         tvm.get_global_func("runtime.config_threadpool")(1, opts.threads)
     except Exception:  # an older or trimmed runtime: its default pool
         pass
+    plan = package.structure_plan if fuse and package is not None else None
     has_library = artifact is not None and artifact.is_file()
     database = tuned_database(package) if has_library else None
     if database is not None:
         say(f"compile as model.so was (weights bound, the tuning database {database} applied), "
             "to map its calls to layers")
-        programs = {"structured": tuned_program(structured, tvm_target, database, fuse=fuse),
+        programs = {"structured": tuned_program(structured, tvm_target, database, fuse=fuse, plan=plan),
                     "dense": tuned_program(dense, tvm_target, database)}
     else:
         say("compile for TVM (weights as inputs, to map calls to layers)")
-        programs = {"structured": tvm_program(structured, tvm_target, fuse=fuse),
+        programs = {"structured": tvm_program(structured, tvm_target, fuse=fuse, plan=plan),
                     "dense": tvm_program(dense, tvm_target)}
     vms, args = {}, {}
     for n, p in programs.items():

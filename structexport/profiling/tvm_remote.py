@@ -29,7 +29,8 @@ def profile_remote(structured: Path, dense: Path, feed, opts: ProfileOptions, sa
     from structexport.targets.tvm_targets import quiet_native_stderr
     target = get_target(target_name, {"tvm_target": tvm_target} if tvm_target else {})
     say(f"compile for TVM ({target_name}, weights as inputs, to map calls to layers)")
-    programs = {"structured": tvm_program(structured, target.tvm_target(), fuse=fuse),
+    plan = package.structure_plan if fuse and package is not None else None
+    programs = {"structured": tvm_program(structured, target.tvm_target(), fuse=fuse, plan=plan),
                 "dense": tvm_program(dense, target.tvm_target())}
     files = {}
     for n, p in programs.items():
