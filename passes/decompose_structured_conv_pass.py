@@ -33,6 +33,7 @@ from structexport.layer_cost import (DENSE_BY_COST_TARGETS, LayerShape, decide, 
 from structexport.layers.structured import box_window
 from structexport.layers.sumpool import MEASURABLE_REALIZATIONS, SumPool
 from structexport.onnx_sumpool import GraphBuilder, emit_sumpool
+from structexport.structure_plan import layer_of_weight
 
 from .infra import LayerRecord, Pass, PassContext, PassError, PassResult
 
@@ -74,8 +75,7 @@ def conv_layers(model: ir.Model) -> list[str]:
 def layer_name(weight: ir.Value) -> str:
     """The source layer a conv belongs to: its weight's name without ``.weight`` (the
     name the profile's layer mapping finds again as a prefix of the new weights)."""
-    name = weight.name or "conv"
-    return name[: -len(".weight")] if name.endswith(".weight") else name
+    return layer_of_weight(weight.name or "conv")
 
 
 def _int_list(node: ir.Node, key: str, default):

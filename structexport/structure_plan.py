@@ -14,8 +14,8 @@ IR is then emitted from it:
   ``(c, n)`` per layer, matched to the composed graph's kernels by value
   (:meth:`StructurePlan.by_kernel`), instead of discovering the structure again.
 
-Layer names are the weight's name without ``.weight`` (a torch module path for models
-exported from torch), the same in every pipeline.
+Layer names are the weight's name without ``.weight`` (:func:`layer_of_weight`; a torch
+module path for models exported from torch), the same in every pipeline.
 """
 from __future__ import annotations
 
@@ -122,19 +122,14 @@ class StructurePlan:
         array}``, e.g. the composed graph's initializers): what a compiler that sees only
         constant values (TVM's Relax import) does with each conv it meets. Raises when a
         structured layer of the plan has no weight there."""
-        out, missing = {}, []
-        for layer, entry in self.decomposed().items():
-            if f"{layer}.weight" not in weights:
-                missing.append(layer)
+        kernels = {layer_of_weight(name): np.asarray(array) for name, array in weights.items()
+                   if np.asarray(array).ndim == 4}
+        out, missing = {}, [layer for layer in self.decomposed() if layer not in kernels]
         if missing:
             raise PlanError(f"{len(missing)} structured layer(s) of the plan have no weight in the composed "
                             f"graph ({', '.join(missing[:3])})",
                             "report this; --tvm-structured decomposed builds the decomposed graph instead")
-        for name, array in weights.items():
-            array = np.asarray(array)
-            if array.ndim != 4 or not name.endswith(".weight"):
-                continue
-            layer = name[: -len(".weight")]
+        for layer, array in kernels.items():
             entry = self.layers.get(layer)
             out[kernel_digest(array)] = KernelPlan(layer, entry.fused_structure if entry else None,
                                                    _why_unfused(entry))
@@ -157,6 +152,12 @@ def _why_unfused(entry: PlannedLayer | None) -> str | None:
     if entry.form == DENSE:
         return f"kept dense by the plan: {entry.reason}" if entry.reason else "kept dense by the plan"
     return f"{entry.kind} ({entry.realization}) in the plan"
+
+
+def layer_of_weight(name: str) -> str:
+    """The layer a weight belongs to: its name without ``.weight`` (``conv1.weight`` ->
+    ``conv1``); a weight named otherwise (``onnx::Conv_38``) is its own layer."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 def kernel_digest(array) -> str:

@@ -100,6 +100,10 @@ def test_kernels_are_matched_by_value_and_a_missing_weight_is_an_error():
     assert kernel_digest(wp) != kernel_digest(wp.astype(np.float16))
     with pytest.raises(PlanError, match=r"1 structured layer\(s\) of the plan have no weight .*\(p\)"):
         plan.by_kernel({"q.weight": wq})
+    # a weight without ".weight" (a TorchScript export's "onnx::Conv_38") is its own layer
+    traced = StructurePlan.from_runs([{"name": "decompose_structured_conv", "records": [
+        {"layer": "onnx::Conv_38", "action": "decomposed", "details": {"c": 4, "n": 2, "C": 8, "N": 3}}]}], "onnx")
+    assert traced.by_kernel({"onnx::Conv_38": wp})[kernel_digest(wp)].structure == (4, 2)
 
 
 def two_structured_convs():
