@@ -405,12 +405,13 @@ def plan_conv(x_shape, w: np.ndarray, strides, padding, groups: int,
 
 
 def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: float, records: list,
-                   weights: dict | None = None, lanes_of=None, plan: dict[str, KernelPlan] | None = None):
+                   weights: dict | None = None, lanes_of=None, plan: dict[str, KernelPlan] | None = None,
+                   plan_errors: list | None = None):
     tvm, relax, _, _ = _tvm()
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
-    plan_errors = []
+    plan_errors = plan_errors if plan_errors is not None else []
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -497,9 +498,7 @@ def _make_rewriter(mod, max_residual: float, box_in_conv: bool, min_saving: floa
             return bb.call_te(box_conv, x, alpha_const, groups=groups, box=box, stride=stride,
                               pads=pads, primfunc_name_hint=BOX_CONV)
 
-    rewriter = _Rewriter(mod)
-    rewriter.plan_errors = plan_errors
-    return rewriter
+    return _Rewriter(mod)
 
 
 def _kept_for_target(mod, kind: str) -> list[dict]:
@@ -575,12 +574,14 @@ def fuse_structured_convs(mod, *, max_residual: float = EXACT, box_in_conv: bool
         if dtype not in lanes:
             lanes[dtype] = vector_lanes(tgt, dtype)
         return lanes[dtype]
-    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights, lanes_of, plan)
+    plan_errors: list = []
+    rewriter = _make_rewriter(mod, max_residual, box_in_conv, min_saving, records, weights, lanes_of, plan,
+                              plan_errors)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    if rewriter.plan_errors:
-        raise rewriter.plan_errors[0]
+    if plan_errors:
+        raise plan_errors[0]
     if plan is not None:
         planned = {p.layer for p in plan.values() if p.structure is not None}
         missing = sorted(planned - {r.get("layer") for r in records if r.get("fused")})
