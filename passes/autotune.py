@@ -121,61 +121,56 @@ def dense_form(layer: nn.Module) -> nn.Module | None:
     return composed_conv(layer)
 
 
+def _time_forms(layer: nn.Module, pool, x: torch.Tensor, build, feed, repeat: int, dense: bool,
+                candidates: tuple[str, ...]) -> dict[str, float]:
+    """Median ms of ``layer`` (in a network) with each realization of ``pool`` in
+    ``candidates`` and, with ``dense``, of its dense conv, timed interleaved. ``build(module,
+    stem)`` writes the module (a path ``stem`` in a temporary folder) and returns a workload
+    :func:`~structexport.timing.time_interleaved` times on ``feed``."""
+    original = pool.realization
+    composed = dense_form(layer) if dense else None
+    workloads = {}
+    with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
+        try:
+            for cand in candidates:
+                pool.realization = cand
+                workloads[cand] = build(in_network(layer, x), Path(tmp) / cand)
+        finally:
+            pool.realization = original
+        if composed is not None:
+            workloads["dense"] = build(in_network(composed, x), Path(tmp) / "dense")
+        stats = time_interleaved(workloads, feed, repeat, warmup=5)
+    return {name: stats[name]["median"] for name in workloads}
+
+
 def measure(layer: nn.Module, pool, in_shape: tuple[int, ...], threads: int = 1,
             repeat: int = 30, dense: bool = False,
             candidates: tuple[str, ...] = CANDIDATES) -> dict[str, float]:
     """Median milliseconds of ``layer`` (in a network, :class:`InNetwork`) with each
     realization of ``pool`` in ``candidates``, and with ``dense`` of the dense conv it
-    composes to (``"dense"``), all timed interleaved."""
+    composes to (``"dense"``), all timed interleaved under ONNX Runtime."""
     from structexport.export import export_onnx
-    original = pool.realization
-    sessions = {}
     param = next(layer.parameters(), None)  # a lone SumPool has buffers only
     x = torch.randn(in_shape, dtype=param.dtype if param is not None else torch.float32)
-    composed = dense_form(layer) if dense else None
-    with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
-        try:
-            for cand in candidates:
-                pool.realization = cand
-                path = Path(tmp) / f"{cand}.onnx"
-                export_onnx(in_network(layer, x), x.float(), path, simplify=False)
-                sessions[cand] = ort_session(path, threads)
-        finally:
-            pool.realization = original
-        if composed is not None:
-            path = Path(tmp) / "dense.onnx"
-            export_onnx(in_network(composed, x), x.float(), path, simplify=False)
-            sessions["dense"] = ort_session(path, threads)
-        stats = time_interleaved(sessions, x.float().numpy(), repeat, warmup=5)
-    return {cand: stats[cand]["median"] for cand in sessions}
+
+    def build(module, stem):
+        export_onnx(module, x.float(), stem.with_suffix(".onnx"), simplify=False)
+        return ort_session(stem.with_suffix(".onnx"), threads)
+    return _time_forms(layer, pool, x, build, x.float().numpy(), repeat, dense, candidates)
 
 
 def measure_program(layer: nn.Module, pool, in_shape: tuple[int, ...], runtime, threads: int = 1,
                     repeat: int = 30, dense: bool = False,
                     candidates: tuple[str, ...] = PROGRAM_CANDIDATES) -> dict[str, float]:
     """:func:`measure` under a program target's runtime (``runtime``: the ExecuTorch or LiteRT
-    target, which lowers a torch module to its program and times it): each candidate, and
-    with ``dense`` the dense conv, lowered to a program and timed interleaved."""
-    original = pool.realization
+    target, which lowers a torch module to its program and times it)."""
     x = torch.randn(in_shape)
     suffix = Path(next(iter(runtime.programs.values()))).suffix
-    composed = dense_form(layer) if dense else None
-    timers = {}
-    with tempfile.TemporaryDirectory(prefix="structexport-autotune-") as tmp:
-        try:
-            for cand in candidates:
-                pool.realization = cand
-                path = Path(tmp) / f"{cand}{suffix}"
-                runtime.lower(in_network(layer, x), x, path)
-                timers[cand] = runtime.timer(path, x.numpy(), threads)
-        finally:
-            pool.realization = original
-        if composed is not None:
-            path = Path(tmp) / f"dense{suffix}"
-            runtime.lower(in_network(composed, x), x, path)
-            timers["dense"] = runtime.timer(path, x.numpy(), threads)
-        stats = time_interleaved(timers, None, repeat, warmup=5)
-    return {name: stats[name]["median"] for name in timers}
+
+    def build(module, stem):
+        runtime.lower(module, x, stem.with_suffix(suffix))
+        return runtime.timer(stem.with_suffix(suffix), x.numpy(), threads)
+    return _time_forms(layer, pool, x, build, None, repeat, dense, candidates)
 
 
 class Tuner:

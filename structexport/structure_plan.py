@@ -183,6 +183,20 @@ def _zoo_decomposed(plan, layer, action, d):
     entry.residual, entry.projected = d.get("residual"), bool(d.get("residual"))
 
 
+def _copy_decision(entry, d):
+    """What decided the layer's form, from a record's details."""
+    entry.details.update({k: d[k] for k in ("theoretical_speedup", "predicted_speedup", "chosen_by") if k in d})
+
+
+def _block_sparse(plan, layer, action, d, origin):
+    entry = plan._get(layer, "block sparse")
+    entry.origin = origin
+    if action == "lowered":
+        entry.realization = "grouped convs"
+    else:
+        entry.form, entry.reason = DENSE, d.get("reason")
+
+
 def _zoo_realized(plan, layer, action, d):
     owner = layer.rpartition(".")[0] if layer.endswith(".pool") else layer
     entry = plan.layers.get(owner)
@@ -192,24 +206,13 @@ def _zoo_realized(plan, layer, action, d):
         entry.form, entry.reason, entry.realization = DENSE, d.get("reason"), None
     else:
         entry.realization = d.get("realization")
-    for key in ("theoretical_speedup", "predicted_speedup", "chosen_by"):
-        if key in d:
-            entry.details[key] = d[key]
+    _copy_decision(entry, d)
 
 
 def _csg(plan, layer, action, d):
     entry = plan._get(layer, "csg")
     entry.origin = ZOO_CLASS
     entry.realization = "precomputed kernel" if action == "materialized" else "codes at run time"
-
-
-def _zoo_ssc(plan, layer, action, d):
-    entry = plan._get(layer, "block sparse")
-    entry.origin = ZOO_CLASS
-    if action == "lowered":
-        entry.realization = "grouped convs"
-    else:
-        entry.form, entry.reason = DENSE, d.get("reason")
 
 
 def _onnx_projected(plan, layer, action, d):
@@ -230,28 +233,17 @@ def _onnx_decomposed(plan, layer, action, d):
         entry.realization = d.get("realization")
     else:
         entry.form, entry.reason = DENSE, d.get("reason")
-    for key in ("theoretical_speedup", "predicted_speedup", "chosen_by"):
-        if key in d:
-            entry.details[key] = d[key]
-
-
-def _onnx_sparse(plan, layer, action, d):
-    entry = plan._get(layer, "block sparse")
-    entry.origin = DISCOVERED
-    if action == "lowered":
-        entry.realization = "grouped convs"
-    else:
-        entry.form, entry.reason = DENSE, d.get("reason")
+    _copy_decision(entry, d)
 
 
 _READERS = {
     "decompose_structured": _zoo_decomposed,
     "realize_sumpool": _zoo_realized,
     "materialize_csg": _csg,
-    "lower_ssc": _zoo_ssc,
+    "lower_ssc": lambda plan, layer, action, d: _block_sparse(plan, layer, action, d, ZOO_CLASS),
     "project_structured_weights": _onnx_projected,
     "decompose_structured_conv": _onnx_decomposed,
-    "lower_sparse_conv": _onnx_sparse,
+    "lower_sparse_conv": lambda plan, layer, action, d: _block_sparse(plan, layer, action, d, DISCOVERED),
 }
 
 

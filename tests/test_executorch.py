@@ -290,20 +290,25 @@ def test_autotune_weighs_bands_against_dense_on_the_runtime(front_end, fake_prog
     assert fake_program_timings == []
 
 
-def test_autotune_times_a_layer_under_executorch(tmp_path):
-    """The real timing: one layer lowered banded and dense to ExecuTorch programs and timed."""
+@pytest.mark.parametrize("target,runtime", [("executorch", "ExecuTorch"), ("litert", "LiteRT")])
+def test_autotune_times_a_layer_under_the_runtime(target, runtime, tmp_path):
+    """The real timing: one layer lowered banded and dense to the target's programs, timed
+    under its runtime, the choice under the 1.05x margin, cached under the runtime's key."""
     from structexport.passes import PassContext
     from structexport.passes.autotune import Tuner
     from structexport.targets import get_target
+    if target == "litert":
+        pytest.importorskip("litert_torch", reason="the litert extra is part of make setup")
     layer = decompose(16, torch.randn(16, 8, 2, 2), None, 3, 1, 1, 1, "banded")
-    ctx = PassContext("executorch", (1, 16, 16, 16), {"tuning_cache": str(tmp_path / "t.json"),
-                                                      "program_runtime": get_target("executorch")})
+    ctx = PassContext(target, (1, 16, 16, 16), {"tuning_cache": str(tmp_path / "t.json"),
+                                                "program_runtime": get_target(target)})
     tuner = Tuner(ctx)
     choice, times, cached = tuner.choose_layer(layer, layer.pool, (16, 16), 1, dense=True)
     assert set(times) == {"banded", "dense"} and all(0 < t < 100 for t in times.values())
     assert choice == ("dense" if times["dense"] < times["banded"] * 1.05 else "banded") and not cached
     assert layer.pool.realization == "banded"        # the layer is left as it was
     tuner.save()
+    assert list(json.loads((tmp_path / "t.json").read_text()))[0].startswith(f"{target}|{runtime} ")
     again = Tuner(ctx).choose_layer(layer, layer.pool, (16, 16), 1, dense=True)
     assert again == (choice, times, True)
 

@@ -128,23 +128,6 @@ def test_a_structured_layer_left_to_builtin_kernels_is_reported(tmp_path):
             assert report["ops_delegated_share"] == 1.0 and report["delegate_calls"] == 1
 
 
-def test_autotune_times_a_layer_under_litert(tmp_path):
-    """--autotune on litert: one layer converted banded and dense to .tflite and timed under
-    LiteRT, the choice under the 1.05x margin, cached under LiteRT's key."""
-    from structexport.passes import PassContext
-    from structexport.passes.autotune import Tuner
-    from structexport.targets import get_target
-    layer = decompose(16, torch.randn(16, 8, 2, 2), None, 3, 1, 1, 1, "banded")
-    ctx = PassContext("litert", (1, 16, 16, 16), {"tuning_cache": str(tmp_path / "t.json"),
-                                                  "program_runtime": get_target("litert")})
-    tuner = Tuner(ctx)
-    choice, times, cached = tuner.choose_layer(layer, layer.pool, (16, 16), 1, dense=True)
-    assert set(times) == {"banded", "dense"} and all(0 < t < 100 for t in times.values())
-    assert choice == ("dense" if times["dense"] < times["banded"] * 1.05 else "banded") and not cached
-    tuner.save()
-    assert list(json.loads((tmp_path / "t.json").read_text()))[0].startswith("litert|LiteRT ")
-
-
 def test_missing_litert_names_the_extra(monkeypatch):
     import builtins
 

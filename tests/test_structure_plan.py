@@ -14,7 +14,7 @@ from structexport.cli import main
 from structexport.structure_plan import (DECLARED, DENSE, DISCOVERED, STRUCTURED, ZOO_CLASS, PlanError,
                                          StructurePlan, kernel_digest)
 
-from test_tvm_fused import TOL, run, structured_weight, tvm_env  # noqa: F401  (fixture)
+from test_tvm_fused import TOL, run, structured_weight, two_conv_module, tvm_env  # noqa: F401  (fixture)
 
 
 def zoo_runs():
@@ -107,18 +107,9 @@ def test_kernels_are_matched_by_value_and_a_missing_weight_is_an_error():
 
 
 def two_structured_convs():
-    """Relax module with two exactly structured convs (weights w1, w2) and the model."""
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm.relax.frontend.onnx import from_onnx
+    """Relax module with two exactly structured convs (weights l1.weight, l2.weight)."""
     w1, w2 = structured_weight(8, 8, 3, 4, 2, seed=1), structured_weight(8, 8, 3, 4, 2, seed=2)
-    nodes = [helper.make_node("Conv", ["input", "l1.weight"], ["a"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["a"], ["r"]),
-             helper.make_node("Conv", ["r", "l2.weight"], ["output"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w1, "l1.weight"), numpy_helper.from_array(w2, "l2.weight")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return from_onnx(model, keep_params_in_input=False), w1, w2
+    return two_conv_module(w1, w2, ("l1.weight", "l2.weight")), w1, w2
 
 
 def plan_of(**layers) -> StructurePlan:

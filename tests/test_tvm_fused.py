@@ -304,24 +304,29 @@ def test_small_savings_are_left_alone(tvm_env):
     assert records[0]["fused"] and max(err.values()) <= TOL, err
 
 
+def two_conv_module(w1, w2, names=("w1", "w2")):
+    """Relax module (weights as constants) of conv(w1) -> ReLU -> conv(w2) on a 1x8x8x8
+    input, both 3x3 with padding 1; ``names``: the weights' initializer names."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm.relax.frontend.onnx import from_onnx
+    nodes = [helper.make_node("Conv", ["input", names[0]], ["a"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", names[1]], ["output"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w1, names[0]), numpy_helper.from_array(w2, names[1])])
+    return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                     keep_params_in_input=False)
+
+
 def test_two_layers_one_structured(tvm_env):
     """A model with a structured conv, a ReLU and an unstructured conv: one record each,
     only the first rewritten, the whole model still right."""
     tvm, target = tvm_env
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm.relax.frontend.onnx import from_onnx
-
     from structexport.tvm_fused import fuse_structured_convs
     w1 = structured_weight(8, 8, 3, 4, 2)
     w2 = np.random.default_rng(3).standard_normal((4, 8, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["input", "w1"], ["a"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["a"], ["r"]),
-             helper.make_node("Conv", ["r", "w2"], ["output"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    mod = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                    keep_params_in_input=False)
+    mod = two_conv_module(w1, w2)
     fused, records = fuse_structured_convs(mod)
     assert [r["fused"] for r in records] == [True, False]
     x = np.random.default_rng(4).standard_normal((1, 8, 8, 8)).astype(np.float32)
