@@ -254,3 +254,54 @@ def test_profile_of_a_tuned_library_adds_up_to_its_latency(tmp_path):
     ops = {op for r in layers for op in r["structured_ops"]}
     assert any(op.endswith("_prepacked") for op in ops), ops
     assert sum(r["structured_ms"] for r in report["layers"]) == pytest.approx(s["profiled_ms"], rel=1e-9)
+
+
+def test_a_fused_small_conv_with_the_residual_add_maps_to_its_own_layer(tmp_path):
+    """A stride-2 residual block as ResNet-18 has, compiled as a tuned model.so is: the
+    second structured conv's small conv is fused with the residual add, whose other input is
+    the shortcut's 1x1 conv, run just before it. The small conv reads coefficients the fusion
+    made (no ONNX weight): it is placed by its pool's weight, so its time is ``block.conv2``'s,
+    not the shortcut's (which took it, and showed ResNet-18's downsample convs at 0.24x)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from structexport.layers.structured import compose_kernel
+    from structexport.profiling.layermap import tvm_owner
+    from structexport.profiling.tvm_host import tuned_program
+
+    def structured(O, C, seed):
+        g = torch.Generator().manual_seed(seed)
+        alpha = torch.randn(O, C // 2, 2, 2, generator=g, dtype=torch.float64)
+        return compose_kernel(alpha, C, 3).float().numpy()
+    down = np.random.default_rng(2).standard_normal((16, 8, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(structured(16, 8, 0), "block.conv1.weight"),
+             numpy_helper.from_array(structured(16, 16, 1), "block.conv2.weight"),
+             numpy_helper.from_array(down, "block.down.weight")]
+    nodes = [helper.make_node("Conv", ["x", "block.conv1.weight"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "block.conv2.weight"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "block.down.weight"], ["d"], strides=[2, 2]),
+             helper.make_node("Add", ["b", "d"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "block.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    db = tmp_path / "db"   # no records: the tuning pipeline's fusion, default schedules
+    db.mkdir()
+    for name in ("workloads.json", "records.json"):
+        (db / name).write_text("")
+
+    program = tuned_program(path, {"kind": "llvm", "num-cores": 1}, db, fuse=True)
+    assert program["fused_convs"] == 2
+    calls = program["calls"]
+    owner = tvm_owner(calls, {"block.conv1", "block.conv2", "block.down"})
+    by_layer: dict[str, list[str]] = {}
+    for k, c in enumerate(calls):
+        by_layer.setdefault(owner({"name": f"{c['symbol']}#{k}"}), []).append(c["symbol"])
+    assert sorted(by_layer) == ["block.conv1", "block.conv2", "block.down"], by_layer
+    # the shortcut: its 1x1 conv alone; block.conv2: its pool and its small conv with the add
+    assert len(by_layer["block.down"]) == 1 and "add" not in by_layer["block.down"][0], by_layer
+    assert sum(s.startswith("structured_sum_pool") for s in by_layer["block.conv2"]) == 1, by_layer
+    assert any("conv2d" in s and "add" in s for s in by_layer["block.conv2"]), by_layer

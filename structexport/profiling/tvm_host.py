@@ -106,7 +106,12 @@ def _walk_calls(lowered, onnx_path: Path, weight_of, fused_weights: list | None)
     it reads (``weight_of(arg)``: a weight's ONNX name, else None), its data inputs and
     outputs. A call that reads only weights (a weight transposed or reshaped at run time)
     passes the weight on to its output. ``fused_weights``: the weights of the fused
-    structured convs in order, one per ``structured_sum_pool`` call (None: not fused)."""
+    structured convs in order, one per ``structured_sum_pool`` call (None: not fused).
+
+    A fused conv's small conv reads coefficients the fusion made, which are no ONNX weight:
+    it is listed as reading its pool's weight (the pool passing it on, ``alias``). Without
+    that it would be placed by its inputs, and where a residual add is fused into it, the
+    shortcut's 1x1 conv, run just before, took its time (ResNet-18's stride-2 blocks)."""
     tvm, relax = tvm_modules()
     from structexport.targets.tvm_targets import TvmError
     main = lowered["main"]
@@ -116,6 +121,7 @@ def _walk_calls(lowered, onnx_path: Path, weight_of, fused_weights: list | None)
     written: set[str] = set()
     calls = []
     pools = 0
+    pooled: dict[str, str] = {}   # a fused pool's output -> the weight of the conv it pools for
     for block in main.body.blocks:
         for b in block.bindings:
             v, var = b.value, _var_name(b.var)
@@ -136,11 +142,20 @@ def _walk_calls(lowered, onnx_path: Path, weight_of, fused_weights: list | None)
                 data = [n for k, n in args if k == "d" and n not in outs]
                 if reads and not data:  # a weight transposed or reshaped: still that weight
                     alias.update({o: ("w", reads[0]) for o in outs})
+                passes_on = False
                 if fused_weights is not None and op.name_hint.startswith(POOL) and pools < len(fused_weights):
                     found = fused_weights[pools]
                     reads, pools = ([found] if found else []), pools + 1   # the layer it pools for
-                calls.append({"symbol": op.name_hint, "weights": reads, "inputs": data,
-                              "outputs": outs, "arg_specs": [_arg_spec(a) for a in v.args]})
+                    if found:
+                        pooled.update({o: found for o in outs})
+                        passes_on = True
+                elif not reads and (fed := next((pooled[n] for n in data if n in pooled), None)):
+                    reads = [fed]   # the fused small conv: its pool's layer
+                call = {"symbol": op.name_hint, "weights": reads, "inputs": data,
+                        "outputs": outs, "arg_specs": [_arg_spec(a) for a in v.args]}
+                if passes_on:
+                    call["alias"] = True   # one layer's weight, read once (by its small conv)
+                calls.append(call)
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_tensor":
                 allocated.add(var)
             elif isinstance(op, relax.ExternFunc) and args:
