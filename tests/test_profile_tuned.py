@@ -263,20 +263,15 @@ def test_a_fused_small_conv_with_the_residual_add_maps_to_its_own_layer(tmp_path
     made (no ONNX weight): it is placed by its pool's weight, so its time is ``block.conv2``'s,
     not the shortcut's (which took it, and showed ResNet-18's downsample convs at 0.24x)."""
     import onnx
-    import torch
     from onnx import TensorProto, helper, numpy_helper
+    from test_tvm_fused import structured_weight
 
-    from structexport.layers.structured import compose_kernel
     from structexport.profiling.layermap import tvm_owner
     from structexport.profiling.tvm_host import tuned_program
 
-    def structured(O, C, seed):
-        g = torch.Generator().manual_seed(seed)
-        alpha = torch.randn(O, C // 2, 2, 2, generator=g, dtype=torch.float64)
-        return compose_kernel(alpha, C, 3).float().numpy()
     down = np.random.default_rng(2).standard_normal((16, 8, 1, 1)).astype(np.float32)
-    inits = [numpy_helper.from_array(structured(16, 8, 0), "block.conv1.weight"),
-             numpy_helper.from_array(structured(16, 16, 1), "block.conv2.weight"),
+    inits = [numpy_helper.from_array(structured_weight(16, 8, 3, 4, 2, seed=0), "block.conv1.weight"),
+             numpy_helper.from_array(structured_weight(16, 16, 3, 8, 2, seed=1), "block.conv2.weight"),
              numpy_helper.from_array(down, "block.down.weight")]
     nodes = [helper.make_node("Conv", ["x", "block.conv1.weight"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Relu", ["a"], ["r"]),
